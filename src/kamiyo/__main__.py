@@ -1,0 +1,3 @@
+from kamiyo.cli.main import main
+
+raise SystemExit(main())

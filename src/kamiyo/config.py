@@ -1,0 +1,161 @@
+"""Typed settings, read once from the environment (and an optional ``.env`` file).
+
+Every value is parsed and checked here, so a malformed setting stops the process at start
+with a message naming the variable, never at the first webhook.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dotenv import dotenv_values
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from kamiyo.domain.tiers import TierMap, parse_price_tiers
+from kamiyo.errors import ConfigError
+
+DEFAULT_DATABASE_URL = "sqlite:///data/kamiyo.db"
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_SECRET_RE = re.compile(r"whsec_[A-Za-z0-9+/=_-]+")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from its environment."""
+
+    webhook_secrets: tuple[str, ...] = ()
+    price_tiers: TierMap = field(default_factory=TierMap)
+    database_url: str = DEFAULT_DATABASE_URL
+    host: str = "0.0.0.0"
+    port: int = 8000
+    log_level: str = "INFO"
+    max_body_bytes: int = 1024 * 1024
+    signature_tolerance: int = 300
+    worker_in_process: bool = True
+    worker_batch_size: int = 200
+    worker_max_attempts: int = 8
+    worker_poll_seconds: float = 0.25
+    retry_base_seconds: float = 2.0
+    sqlite_synchronous: str = "FULL"
+
+    def __repr__(self) -> str:  # never print secrets, even by accident
+        url = _redact_url(self.database_url)
+        return f"Settings(database_url={url!r}, port={self.port}, secrets={len(self.webhook_secrets)})"
+
+
+def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")) -> Settings:
+    """Read settings from ``environ`` (default: the process environment) over ``env_file``.
+
+    Real environment variables win over the file, as in Docker and most process managers.
+    """
+    values: dict[str, str] = {}
+    if env_file is not None and env_file.is_file():
+        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    values.update(os.environ if environ is None else environ)
+
+    return Settings(
+        webhook_secrets=_secrets(values.get("STRIPE_WEBHOOK_SECRET", "")),
+        price_tiers=_tiers(values.get("STRIPE_PRICE_TIERS", "")),
+        database_url=_database_url(values.get("DATABASE_URL", "") or DEFAULT_DATABASE_URL),
+        host=values.get("HOST", "0.0.0.0") or "0.0.0.0",
+        port=_int(values, "PORT", 8000, low=1, high=65535),
+        log_level=_choice(values, "LOG_LEVEL", "INFO", _LOG_LEVELS),
+        max_body_bytes=_int(values, "WEBHOOK_MAX_BODY_BYTES", 1024 * 1024, low=1024, high=64 * 1024 * 1024),
+        signature_tolerance=_int(values, "WEBHOOK_TOLERANCE_SECONDS", 300, low=1, high=86400),
+        worker_in_process=_bool(values, "WORKER_IN_PROCESS", True),
+        worker_batch_size=_int(values, "WORKER_BATCH_SIZE", 200, low=1, high=5000),
+        worker_max_attempts=_int(values, "WORKER_MAX_ATTEMPTS", 8, low=1, high=100),
+        worker_poll_seconds=_float(values, "WORKER_POLL_SECONDS", 0.25, low=0.01, high=60),
+        retry_base_seconds=_float(values, "WORKER_RETRY_BASE_SECONDS", 2.0, low=0.0, high=3600),
+        sqlite_synchronous=_choice(values, "SQLITE_SYNCHRONOUS", "FULL", ("FULL", "NORMAL", "EXTRA")),
+    )
+
+
+def _secrets(raw: str) -> tuple[str, ...]:
+    secrets = []
+    for position, secret in enumerate((s for s in raw.split(",") if s.strip()), start=1):
+        if secret != secret.strip() or any(q in secret for q in "\"'"):
+            raise ConfigError(
+                f"STRIPE_WEBHOOK_SECRET: secret #{position} has surrounding whitespace or quotes "
+                "(a paste error?); it must be exactly the whsec_... value from the Stripe Dashboard"
+            )
+        if not _SECRET_RE.fullmatch(secret):
+            raise ConfigError(
+                f"STRIPE_WEBHOOK_SECRET: secret #{position} must look like whsec_... (letters and digits)"
+            )
+        secrets.append(secret)
+    return tuple(secrets)
+
+
+def _tiers(raw: str) -> TierMap:
+    try:
+        return parse_price_tiers(raw)
+    except ValueError as exc:
+        raise ConfigError(f"STRIPE_PRICE_TIERS: {exc}") from None
+
+
+def _database_url(raw: str) -> str:
+    try:
+        url: URL = make_url(raw)
+    except ArgumentError:
+        raise ConfigError(f"DATABASE_URL: cannot parse {raw!r} as a database URL") from None
+    if url.drivername in ("postgres", "postgresql", "postgresql+psycopg"):
+        url = url.set(drivername="postgresql+psycopg")
+    elif url.drivername not in ("sqlite", "sqlite+pysqlite"):
+        raise ConfigError(f"DATABASE_URL: unsupported database {url.drivername!r} (use sqlite:/// or postgresql://)")
+    return url.render_as_string(hide_password=False)
+
+
+def _int(values: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:
+    raw = values.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        number = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+    if not low <= number <= high:
+        raise ConfigError(f"{name}: {number} is outside {low}..{high}")
+    return number
+
+
+def _float(values: Mapping[str, str], name: str, default: float, *, low: float, high: float) -> float:
+    raw = values.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        number = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+    if not low <= number <= high:
+        raise ConfigError(f"{name}: {number} is outside {low}..{high}")
+    return number
+
+
+def _bool(values: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = values.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {raw!r}")
+
+
+def _choice(values: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = values.get(name, "").strip().upper()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
+def _redact_url(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)

@@ -1,0 +1,67 @@
+"""Engine construction: SQLite in WAL mode with immediate write transactions, or PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+from kamiyo.config import Settings
+
+
+def make_engine(settings: Settings, **kwargs: Any) -> Engine:
+    """Build the engine for ``settings.database_url``; creates the SQLite file's folder."""
+    url = make_url(settings.database_url)
+    if url.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, **kwargs)
+
+    if url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)
+    synchronous = settings.sqlite_synchronous
+    # SQLite allows one writer. Inside one process, writers queue on this lock and are handed
+    # the database the moment it is free, instead of polling in SQLite's busy handler (whose
+    # sleeps grow to 100 ms and would show up as latency on the webhook endpoint).
+    write_lock = threading.Lock()
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the driver, decide when a transaction begins (see _on_begin).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        # A write transaction takes the write lock up front: two writers that both began reading
+        # would otherwise deadlock on the upgrade (SQLITE_BUSY, no retry possible).
+        if connection.get_execution_options().get("readonly"):
+            connection.exec_driver_sql("BEGIN")
+            return
+        write_lock.acquire()
+        connection.info["kamiyo_write_lock"] = True
+        try:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            _release(connection)
+            raise
+
+    def _release(connection: Any, *_args: Any) -> None:
+        if connection.info.pop("kamiyo_write_lock", False):
+            write_lock.release()
+
+    event.listen(engine, "commit", _release)
+    event.listen(engine, "rollback", _release)
+
+    return engine
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"

@@ -1,0 +1,130 @@
+"""The tables. Stripe timestamps stay integers (Unix seconds), as Stripe sends them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import cast
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Stable constraint names, so migrations on SQLite and PostgreSQL name things the same way.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit key.
+_BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class User(Base):
+    """The runbook's ``users`` table: the tier and status the application reads."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
+    # Stored lower-cased by the application, so the unique constraint is case-insensitive.
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    stripe_customer_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    subscription_tier: Mapped[str] = mapped_column(String(32), default="free", server_default="free")
+    subscription_status: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.current_timestamp())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.current_timestamp())
+
+
+class Customer(Base):
+    """A Stripe customer and the user it is linked to (None until an event names its email)."""
+
+    __tablename__ = "stripe_customers"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
+    email: Mapped[str | None] = mapped_column(String(320))
+    # `created` of the event that last set the email: an older event never overwrites a newer one.
+    email_seen_at: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    linked_by: Mapped[str | None] = mapped_column(String(32))
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.current_timestamp())
+
+
+class Subscription(Base):
+    """The newest known snapshot of one Stripe subscription.
+
+    ``version_*`` is the snapshot's order key, compared as a tuple inside the upsert itself:
+    (terminal, event created, status rank, event type rank, event id). See domain/versions.py.
+    """
+
+    __tablename__ = "stripe_subscriptions"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    customer_id: Mapped[str] = mapped_column(ForeignKey("stripe_customers.id"), index=True)
+    status: Mapped[str] = mapped_column(String(32))
+    tier: Mapped[str] = mapped_column(String(32))
+    price_ids: Mapped[str] = mapped_column(String(2048), default="", server_default="")
+    livemode: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    stripe_created: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    current_period_end: Mapped[int | None] = mapped_column(BigInteger)
+    cancel_at_period_end: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    cancel_at: Mapped[int | None] = mapped_column(BigInteger)
+    canceled_at: Mapped[int | None] = mapped_column(BigInteger)
+    ended_at: Mapped[int | None] = mapped_column(BigInteger)
+    trial_end: Mapped[int | None] = mapped_column(BigInteger)
+    version_terminal: Mapped[int] = mapped_column(Integer)
+    version_created: Mapped[int] = mapped_column(BigInteger)
+    version_rank: Mapped[int] = mapped_column(Integer)
+    version_event_id: Mapped[str] = mapped_column(String(255))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.current_timestamp())
+
+
+class WebhookEvent(Base):
+    """The inbox: every accepted event, stored before the endpoint answers."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (Index("ix_webhook_events_claim", "status", "available_at"),)
+
+    id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
+    stripe_event_id: Mapped[str] = mapped_column(String(255), unique=True)
+    type: Mapped[str] = mapped_column(String(255), index=True)
+    api_version: Mapped[str | None] = mapped_column(String(64))
+    created: Mapped[int] = mapped_column(BigInteger)
+    livemode: Mapped[bool] = mapped_column(Boolean)
+    object_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    payload: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(16), default="webhook", server_default="webhook")
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # pending → applied | ignored | failed (parked after the last attempt). Replay sets pending again.
+    status: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Unix seconds (float) before which the worker leaves it alone: the retry backoff.
+    available_at: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[str | None] = mapped_column(Text)
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# The Core tables, typed as such, for the hot paths that use SQL expressions directly.
+users_table = cast(Table, User.__table__)
+customers_table = cast(Table, Customer.__table__)
+subscriptions_table = cast(Table, Subscription.__table__)
+events_table = cast(Table, WebhookEvent.__table__)

@@ -1,0 +1,162 @@
+"""The worker: claims pending events from the inbox and applies them.
+
+Transaction boundary: one transaction claims a batch, applies each event inside its own
+SAVEPOINT, records every outcome, and commits. Claim, effect and outcome therefore commit
+together or not at all: a crash mid-batch leaves the events pending for the next worker, and
+no event is ever applied twice. On PostgreSQL, ``FOR UPDATE SKIP LOCKED`` gives concurrent
+workers disjoint batches; on SQLite the write lock serialises them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Engine, bindparam, select, update
+from sqlalchemy.exc import DBAPIError
+
+from kamiyo.config import Settings
+from kamiyo.db.models import events_table
+from kamiyo.errors import ApplyError, UnmappedPrice
+from kamiyo.processing.handlers import HANDLERS, StoredEvent
+from kamiyo.processing.store import Store
+
+log = logging.getLogger("kamiyo.worker")
+_events = events_table
+_MAX_BACKOFF = 3600.0
+
+
+@dataclass
+class _Outcome:
+    _id: int
+    status: str
+    attempts: int
+    available_at: float
+    last_error: str | None
+    detail: str | None
+    processed_at: datetime | None
+
+
+class Worker:
+    """Applies pending inbox events, in batches, until told to stop."""
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self._pg = engine.dialect.name == "postgresql"
+
+    def run_once(self, now: float | None = None) -> int:
+        """Claim and apply one batch; return how many events it handled."""
+        now = time.time() if now is None else now
+        claim = (
+            select(
+                _events.c.id,
+                _events.c.stripe_event_id,
+                _events.c.type,
+                _events.c.created,
+                _events.c.payload,
+                _events.c.attempts,
+            )
+            .where(_events.c.status == "pending", _events.c.available_at <= now)
+            .order_by(_events.c.id)
+            .limit(self.settings.worker_batch_size)
+        )
+        if self._pg:
+            claim = claim.with_for_update(skip_locked=True)
+        with self.engine.begin() as connection:
+            rows = connection.execute(claim).all()
+            if not rows:
+                return 0
+            store = Store(connection, self.settings.price_tiers)
+            outcomes = [self._apply(connection, store, row, now) for row in rows]
+            connection.execute(
+                update(_events)
+                .where(_events.c.id == bindparam("_id"))
+                .values(
+                    status=bindparam("status"),
+                    attempts=bindparam("attempts"),
+                    available_at=bindparam("available_at"),
+                    last_error=bindparam("last_error"),
+                    detail=bindparam("detail"),
+                    processed_at=bindparam("processed_at"),
+                ),
+                [o.__dict__ for o in outcomes],
+            )
+        return len(rows)
+
+    def _apply(self, connection: Any, store: Store, row: Any, now: float) -> _Outcome:
+        attempts = row.attempts + 1
+        handler = HANDLERS.get(row.type)
+        if handler is None:
+            return _Outcome(row.id, "ignored", attempts, 0.0, None, "event type not handled", datetime.now(UTC))
+        try:
+            obj = orjson.loads(row.payload)["data"]["object"]
+            event = StoredEvent(row.id, row.stripe_event_id, row.type, row.created, obj)
+            with connection.begin_nested():
+                detail = handler(store, event)
+        except DBAPIError:
+            raise  # the database itself failed: the whole batch rolls back and is retried
+        except Exception as exc:  # noqa: BLE001 - any handler failure is recorded, never lost
+            error = f"{exc.__class__.__name__}: {exc}"
+            parked = isinstance(exc, UnmappedPrice) or attempts >= self.settings.worker_max_attempts
+            if parked:
+                log.error(
+                    "webhook event failed, parked event=%s type=%s attempts=%d error=%s",
+                    row.stripe_event_id,
+                    row.type,
+                    attempts,
+                    error,
+                )
+                return _Outcome(row.id, "failed", attempts, 0.0, error[:2000], None, datetime.now(UTC))
+            delay = self._backoff(attempts)
+            log.warning(
+                "webhook event failed, retry in %.0fs event=%s type=%s attempts=%d error=%s",
+                delay,
+                row.stripe_event_id,
+                row.type,
+                attempts,
+                error,
+            )
+            return _Outcome(row.id, "pending", attempts, now + delay, error[:2000], None, None)
+        log.info("webhook event applied event=%s type=%s %s", row.stripe_event_id, row.type, detail)
+        return _Outcome(row.id, "applied", attempts, 0.0, None, detail[:2000], datetime.now(UTC))
+
+    def _backoff(self, attempts: int) -> float:
+        base = self.settings.retry_base_seconds * (2 ** (attempts - 1))
+        return float(min(base, _MAX_BACKOFF) * random.uniform(0.5, 1.0))
+
+    def run(self, stop: threading.Event, wake: threading.Event | None = None) -> None:
+        """Apply events until ``stop`` is set; ``wake`` cuts the idle wait short."""
+        wake = wake or threading.Event()
+        failures = 0
+        log.info("worker started database=%s", self.engine.dialect.name)
+        while not stop.is_set():
+            try:
+                handled = self.run_once()
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - a database outage must not end the worker
+                failures += 1
+                pause = min(0.5 * 2**failures, 30.0)
+                log.error("worker batch failed, retry in %.1fs: %s: %s", pause, exc.__class__.__name__, exc)
+                stop.wait(pause)
+                continue
+            if handled < self.settings.worker_batch_size:
+                wake.wait(self.settings.worker_poll_seconds)
+                wake.clear()
+        log.info("worker stopped")
+
+
+def replay(engine: Engine, *, event_id: str | None = None, failed: bool = False) -> int:
+    """Make events pending again (one by id, or every parked failure); return how many."""
+    if (event_id is None) == (not failed):
+        raise ApplyError("replay needs exactly one of an event id or --failed")
+    stmt = update(_events).values(status="pending", available_at=0.0, attempts=0, last_error=None)
+    stmt = stmt.where(_events.c.stripe_event_id == event_id) if event_id else stmt.where(_events.c.status == "failed")
+    with engine.begin() as connection:
+        return int(connection.execute(stmt).rowcount)

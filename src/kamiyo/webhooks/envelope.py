@@ -1,0 +1,52 @@
+"""The few fields of a Stripe event the inbox indexes, read from the verified raw body."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from kamiyo.errors import PayloadError
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    event_id: str
+    type: str
+    api_version: str | None
+    created: int
+    livemode: bool
+    object_id: str | None
+
+
+def read_envelope(body: bytes) -> tuple[Envelope, dict[str, Any]]:
+    """Parse ``body`` as a Stripe event; raise PayloadError naming what is wrong."""
+    try:
+        event = orjson.loads(body)  # also rejects bodies that are not UTF-8
+    except orjson.JSONDecodeError as exc:
+        raise PayloadError(f"body is not a JSON Stripe event: {exc}") from None
+    if not isinstance(event, dict):
+        raise PayloadError("body is not a JSON Stripe event: expected an object")
+    event_id, event_type, created = event.get("id"), event.get("type"), event.get("created")
+    if not isinstance(event_id, str) or not 0 < len(event_id) <= 255:
+        raise PayloadError("body is not a JSON Stripe event: missing or invalid id")
+    if not isinstance(event_type, str) or not 0 < len(event_type) <= 255:
+        raise PayloadError("body is not a JSON Stripe event: missing or invalid type")
+    if not isinstance(created, int) or isinstance(created, bool) or created < 0:
+        raise PayloadError("body is not a JSON Stripe event: missing or invalid created")
+    data = event.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    if not isinstance(obj, dict):
+        raise PayloadError("body is not a JSON Stripe event: missing data.object")
+    api_version = event.get("api_version")
+    obj_id = obj.get("id")
+    envelope = Envelope(
+        event_id=event_id,
+        type=event_type,
+        api_version=api_version if isinstance(api_version, str) and len(api_version) <= 64 else None,
+        created=created,
+        livemode=event.get("livemode") is True,
+        object_id=obj_id if isinstance(obj_id, str) and len(obj_id) <= 255 else None,
+    )
+    return envelope, event

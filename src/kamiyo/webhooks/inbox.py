@@ -1,0 +1,150 @@
+"""Durable storage of accepted events, with group commit.
+
+Each request hands its row to one writer thread and waits. The thread takes every row that is
+waiting (up to ``max_batch``), inserts them in ONE transaction with
+``ON CONFLICT (stripe_event_id) DO NOTHING RETURNING stripe_event_id`` and commits, then wakes
+the requests. A commit (an fsync on SQLite) is paid once per batch rather than once per request,
+and no request is answered before its row is committed: the endpoint's 2xx means durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.dialects import postgresql, sqlite
+
+from kamiyo.db.models import events_table
+from kamiyo.webhooks.envelope import Envelope
+
+log = logging.getLogger("kamiyo.inbox")
+_table = events_table
+
+
+@dataclass(slots=True)
+class _Pending:
+    row: dict[str, Any]
+    future: asyncio.Future[bool]
+    loop: asyncio.AbstractEventLoop
+
+
+def inbox_row(envelope: Envelope, body: bytes, *, status: str, source: str = "webhook") -> dict[str, Any]:
+    """The inbox row for one verified event (``body`` is known to be UTF-8 JSON)."""
+    return {
+        "stripe_event_id": envelope.event_id,
+        "type": envelope.type,
+        "api_version": envelope.api_version,
+        "created": envelope.created,
+        "livemode": envelope.livemode,
+        "object_id": envelope.object_id,
+        "payload": body.decode("utf-8"),
+        "source": source,
+        "received_at": datetime.now(UTC),
+        "status": status,
+        "attempts": 0,
+        "available_at": 0.0,
+    }
+
+
+def insert_new_events(connection: Any, rows: list[dict[str, Any]]) -> set[str]:
+    """Insert ``rows`` in the open transaction; return the event ids that were new."""
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    stmt: Any = dialect.insert(_table).on_conflict_do_nothing(index_elements=["stripe_event_id"])
+    result = connection.execute(stmt.returning(_table.c.stripe_event_id), rows)
+    return set(result.scalars().all())
+
+
+class InboxWriter:
+    """One thread that commits batches of inbox rows for the event loop's requests."""
+
+    def __init__(self, engine: Engine, *, max_batch: int = 512, on_commit: Callable[[], None] | None = None) -> None:
+        self._engine = engine
+        self._max_batch = max_batch
+        self._on_commit = on_commit
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="kamiyo-inbox", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish what is queued, then stop."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    async def store(self, row: dict[str, Any]) -> bool:
+        """Commit ``row``; True if the event is new, False if its id was already stored."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        self._queue.put(_Pending(row, future, loop))
+        return await future
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self._max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._commit(batch)
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            # Two deliveries of one event in the same batch: the first is inserted, the rest
+            # answer "duplicate", exactly as if they had come in separate batches.
+            unique: dict[str, dict[str, Any]] = {}
+            for item in batch:
+                unique.setdefault(item.row["stripe_event_id"], item.row)
+            with self._engine.begin() as connection:
+                new_ids = insert_new_events(connection, list(unique.values()))
+        except Exception as exc:  # noqa: BLE001 - storage down: every waiting request must hear it
+            log.error("inbox commit failed for %d event(s): %s", len(batch), exc.__class__.__name__)
+            _resolve(batch, None, exc)
+            return
+        outcomes: list[bool] = []
+        for item in batch:
+            event_id = item.row["stripe_event_id"]
+            outcomes.append(event_id in new_ids)
+            new_ids.discard(event_id)
+        _resolve(batch, outcomes, None)
+        if self._on_commit is not None and any(outcomes):
+            self._on_commit()
+
+
+def _resolve(batch: list[_Pending], outcomes: list[bool] | None, error: BaseException | None) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[bool], bool | None]]] = {}
+    for index, item in enumerate(batch):
+        outcome = outcomes[index] if outcomes is not None else None
+        by_loop.setdefault(item.loop, []).append((item.future, outcome))
+    for loop, pairs in by_loop.items():
+        # One wake-up of the event loop per batch, not one per request.
+        loop.call_soon_threadsafe(_settle, pairs, error)
+
+
+def _settle(pairs: list[tuple[asyncio.Future[bool], bool | None]], error: BaseException | None) -> None:
+    for future, outcome in pairs:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(bool(outcome))

@@ -1,0 +1,76 @@
+"""Shared test support: throwaway databases, settings, and signing exactly as Stripe does."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from kamiyo.config import Settings
+from kamiyo.domain.tiers import parse_price_tiers
+from kamiyo.webhooks.signature import signature_header
+
+SECRET = "whsec_test_primary_0123456789abcdef"
+OLD_SECRET = "whsec_test_rolled_fedcba9876543210"
+PRICE_TIERS = "price_basic=basic,price_pro_monthly=pro,ent_yearly=enterprise"
+PG_ADMIN_URL = os.environ.get("KAMIYO_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_postgres() -> None:
+    """Skip when PostgreSQL is unreachable on a developer machine; fail in CI (CI=true)."""
+    try:
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
+            return
+    except psycopg.OperationalError as exc:
+        message = f"PostgreSQL unreachable at {PG_ADMIN_URL}: {exc}"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@contextmanager
+def throwaway_postgres() -> Iterator[str]:
+    """Create a fresh database, yield its SQLAlchemy URL, drop it afterwards."""
+    require_postgres()
+    name = f"kamiyo_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg", database=name)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def make_settings(database_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "webhook_secrets": (SECRET,),
+        "price_tiers": parse_price_tiers(PRICE_TIERS),
+        "worker_poll_seconds": 0.05,
+        "retry_base_seconds": 0.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def signed(
+    event: dict[str, Any], secret: str = SECRET, *, timestamp: int | None = None
+) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of a delivery of ``event``, signed as Stripe signs it."""
+    body = orjson.dumps(event)
+    header = signature_header(body, secret, int(time.time()) if timestamp is None else timestamp)
+    return body, {"Stripe-Signature": header, "Content-Type": "application/json; charset=utf-8"}

@@ -141,7 +141,13 @@ class Store:
         self.connection.execute(update(_users).where(_users.c.id == target).values(stripe_customer_id=customer_id))
         log.info("customer linked customer=%s user_id=%s by=%s", customer_id, target, how)
         if row.user_id is not None:
-            self.recompute_user(row.user_id)
+            # The previous user loses this customer's subscriptions: with none left, back to free.
+            self.connection.execute(
+                update(_users)
+                .where(_users.c.id == row.user_id, _users.c.stripe_customer_id == customer_id)
+                .values(stripe_customer_id=None)
+            )
+            self.recompute_user(row.user_id, reset_when_none=True)
         self.recompute_user(target)
         return f"customer {customer_id} linked to user {target} by {how}"
 
@@ -164,8 +170,12 @@ class Store:
         self.connection.execute(stmt.on_conflict_do_nothing(index_elements=["email"]))
         return int(self.connection.execute(select(_users.c.id).where(_users.c.email == email)).scalar_one())
 
-    def recompute_user(self, user_id: int) -> UserChange | None:
-        """Derive the user's tier and status from all of their subscriptions; write if changed."""
+    def recompute_user(self, user_id: int, *, reset_when_none: bool = False) -> UserChange | None:
+        """Derive the user's tier and status from all of their subscriptions; write if changed.
+
+        A user with no subscriptions at all is left as is (nothing we know contradicts it),
+        unless ``reset_when_none``: their subscriptions just moved to another user.
+        """
         user = self.connection.execute(
             select(_users.c.email, _users.c.subscription_tier, _users.c.subscription_status)
             .where(_users.c.id == user_id)
@@ -178,6 +188,8 @@ class Store:
         ).all()
         after = user_state((SubscriptionState(r.id, r.status, r.tier, r.stripe_created) for r in rows), self.tiers)
         before = UserState(tier=user.subscription_tier, status=user.subscription_status)
+        if after is None and reset_when_none:
+            after = UserState(tier="free", status=None)
         if after is None or after == before:
             return None
         self.connection.execute(

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Engine, bindparam, select, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from kamiyo.config import Settings
 from kamiyo.db.models import events_table
@@ -50,10 +50,37 @@ class Worker:
         self.engine = engine
         self.settings = settings
         self._pg = engine.dialect.name == "postgresql"
+        self._limit = settings.worker_batch_size
+        self._claimed: list[Any] = []
 
     def run_once(self, now: float | None = None) -> int:
-        """Claim and apply one batch; return how many events it handled."""
+        """Claim and apply one batch; return how many events it handled.
+
+        A database error that a savepoint could not contain rolls back the whole batch. The
+        worker then applies one event per batch until the culprit is found, and records the
+        failed attempt of that one event in a transaction of its own, so that a poison event is
+        retried with backoff and parked like any other, and never blocks the queue.
+        """
         now = time.time() if now is None else now
+        try:
+            handled = self._run_batch(now)
+        except DBAPIError as exc:
+            if self._limit > 1:
+                self._limit = 1
+                log.warning("worker batch rolled back (%s); isolating events one at a time", exc.__class__.__name__)
+                raise
+            if not self._claimed:
+                raise
+            row = self._claimed[0]
+            outcome = self._failure(row, f"{exc.__class__.__name__}: {exc.orig or exc}", now, parked=False)
+            with self.engine.begin() as connection:
+                self._record(connection, [outcome])
+            return 1
+        self._limit = self.settings.worker_batch_size
+        return handled
+
+    def _run_batch(self, now: float) -> int:
+        self._claimed = []
         claim = (
             select(
                 _events.c.id,
@@ -65,7 +92,7 @@ class Worker:
             )
             .where(_events.c.status == "pending", _events.c.available_at <= now)
             .order_by(_events.c.id)
-            .limit(self.settings.worker_batch_size)
+            .limit(self._limit)
         )
         if self._pg:
             claim = claim.with_for_update(skip_locked=True)
@@ -73,22 +100,26 @@ class Worker:
             rows = connection.execute(claim).all()
             if not rows:
                 return 0
+            self._claimed = list(rows)
             store = Store(connection, self.settings.price_tiers)
             outcomes = [self._apply(connection, store, row, now) for row in rows]
-            connection.execute(
-                update(_events)
-                .where(_events.c.id == bindparam("_id"))
-                .values(
-                    status=bindparam("status"),
-                    attempts=bindparam("attempts"),
-                    available_at=bindparam("available_at"),
-                    last_error=bindparam("last_error"),
-                    detail=bindparam("detail"),
-                    processed_at=bindparam("processed_at"),
-                ),
-                [o.__dict__ for o in outcomes],
-            )
+            self._record(connection, outcomes)
         return len(rows)
+
+    def _record(self, connection: Any, outcomes: list[_Outcome]) -> None:
+        connection.execute(
+            update(_events)
+            .where(_events.c.id == bindparam("_id"))
+            .values(
+                status=bindparam("status"),
+                attempts=bindparam("attempts"),
+                available_at=bindparam("available_at"),
+                last_error=bindparam("last_error"),
+                detail=bindparam("detail"),
+                processed_at=bindparam("processed_at"),
+            ),
+            [o.__dict__ for o in outcomes],
+        )
 
     def _apply(self, connection: Any, store: Store, row: Any, now: float) -> _Outcome:
         attempts = row.attempts + 1
@@ -100,32 +131,35 @@ class Worker:
             event = StoredEvent(row.id, row.stripe_event_id, row.type, row.created, obj)
             with connection.begin_nested():
                 detail = handler(store, event)
-        except DBAPIError:
-            raise  # the database itself failed: the whole batch rolls back and is retried
+        except (OperationalError, InterfaceError):
+            raise  # the database itself failed (lock, disconnect): the whole batch is retried
         except Exception as exc:  # noqa: BLE001 - any handler failure is recorded, never lost
-            error = f"{exc.__class__.__name__}: {exc}"
-            parked = isinstance(exc, UnmappedPrice) or attempts >= self.settings.worker_max_attempts
-            if parked:
-                log.error(
-                    "webhook event failed, parked event=%s type=%s attempts=%d error=%s",
-                    row.stripe_event_id,
-                    row.type,
-                    attempts,
-                    error,
-                )
-                return _Outcome(row.id, "failed", attempts, 0.0, error[:2000], None, datetime.now(UTC))
-            delay = self._backoff(attempts)
-            log.warning(
-                "webhook event failed, retry in %.0fs event=%s type=%s attempts=%d error=%s",
-                delay,
+            return self._failure(row, f"{exc.__class__.__name__}: {exc}", now, parked=isinstance(exc, UnmappedPrice))
+        log.info("webhook event applied event=%s type=%s %s", row.stripe_event_id, row.type, detail)
+        return _Outcome(row.id, "applied", attempts, 0.0, None, detail[:2000], datetime.now(UTC))
+
+    def _failure(self, row: Any, error: str, now: float, *, parked: bool) -> _Outcome:
+        """The outcome of a failed attempt: retry later with backoff, or park after the last."""
+        attempts = row.attempts + 1
+        if parked or attempts >= self.settings.worker_max_attempts:
+            log.error(
+                "webhook event failed, parked event=%s type=%s attempts=%d error=%s",
                 row.stripe_event_id,
                 row.type,
                 attempts,
                 error,
             )
-            return _Outcome(row.id, "pending", attempts, now + delay, error[:2000], None, None)
-        log.info("webhook event applied event=%s type=%s %s", row.stripe_event_id, row.type, detail)
-        return _Outcome(row.id, "applied", attempts, 0.0, None, detail[:2000], datetime.now(UTC))
+            return _Outcome(row.id, "failed", attempts, 0.0, error[:2000], None, datetime.now(UTC))
+        delay = self._backoff(attempts)
+        log.warning(
+            "webhook event failed, retry in %.0fs event=%s type=%s attempts=%d error=%s",
+            delay,
+            row.stripe_event_id,
+            row.type,
+            attempts,
+            error,
+        )
+        return _Outcome(row.id, "pending", attempts, now + delay, error[:2000], None, None)
 
     def _backoff(self, attempts: int) -> float:
         base = self.settings.retry_base_seconds * (2 ** (attempts - 1))

@@ -123,8 +123,44 @@ class WebhookEvent(Base):
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class ReconcileRun(Base):
+    """One run of ``kamiyo sync`` or ``kamiyo backfill``: progress, cursor for --resume, outcome."""
+
+    __tablename__ = "reconcile_runs"
+
+    id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))  # sync | backfill
+    status: Mapped[str] = mapped_column(String(16), default="running", server_default="running")
+    dry_run: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    scope: Mapped[str | None] = mapped_column(String(400))  # e.g. customer=cus_... or email=...
+    cursor: Mapped[str | None] = mapped_column(String(255))  # last object id fully processed
+    seen: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    changed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class DeliveryStat(Base):
+    """Webhook deliveries counted per minute, outcome, reason and event type.
+
+    Bounded in size whatever the traffic (one row per combination per minute), shared by every
+    process that serves the endpoint, and kept for incident reports and health ratios.
+    """
+
+    __tablename__ = "webhook_delivery_stats"
+
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # Unix seconds // 60 * 60
+    outcome: Mapped[str] = mapped_column(String(16), primary_key=True)  # accepted|duplicate|rejected
+    reason: Mapped[str] = mapped_column(String(32), primary_key=True, default="")  # rejection reason or ""
+    event_type: Mapped[str] = mapped_column(String(255), primary_key=True, default="")  # "" when unknown
+    count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
 # The Core tables, typed as such, for the hot paths that use SQL expressions directly.
 users_table = cast(Table, User.__table__)
 customers_table = cast(Table, Customer.__table__)
 subscriptions_table = cast(Table, Subscription.__table__)
 events_table = cast(Table, WebhookEvent.__table__)
+reconcile_runs_table = cast(Table, ReconcileRun.__table__)
+delivery_stats_table = cast(Table, DeliveryStat.__table__)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from kamiyo import __version__
-from kamiyo.config import Settings, load_settings
 from kamiyo.errors import KamiyoError
+
+if TYPE_CHECKING:
+    from kamiyo.config import Settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from kamiyo.config import load_settings  # after parsing: `--help` needs no database libraries
+
     try:
         settings = load_settings()
     except KamiyoError as exc:

@@ -29,11 +29,13 @@ def read_envelope(body: bytes) -> tuple[Envelope, dict[str, Any]]:
     if not isinstance(event, dict):
         raise PayloadError("body is not a JSON Stripe event: expected an object")
     event_id, event_type, created = event.get("id"), event.get("type"), event.get("created")
-    if not isinstance(event_id, str) or not 0 < len(event_id) <= 255:
+    # NUL is refused here: PostgreSQL text cannot hold it, and the insert would fail as a 5xx.
+    if not isinstance(event_id, str) or not 0 < len(event_id) <= 255 or "\x00" in event_id:
         raise PayloadError("body is not a JSON Stripe event: missing or invalid id")
-    if not isinstance(event_type, str) or not 0 < len(event_type) <= 255:
+    if not isinstance(event_type, str) or not 0 < len(event_type) <= 255 or "\x00" in event_type:
         raise PayloadError("body is not a JSON Stripe event: missing or invalid type")
-    if not isinstance(created, int) or isinstance(created, bool) or created < 0:
+    # orjson reads integers up to 2**64 - 1; the column (and SQLite) hold at most 2**63 - 1.
+    if not isinstance(created, int) or isinstance(created, bool) or not 0 <= created < 2**63:
         raise PayloadError("body is not a JSON Stripe event: missing or invalid created")
     data = event.get("data")
     obj = data.get("object") if isinstance(data, dict) else None
@@ -44,9 +46,13 @@ def read_envelope(body: bytes) -> tuple[Envelope, dict[str, Any]]:
     envelope = Envelope(
         event_id=event_id,
         type=event_type,
-        api_version=api_version if isinstance(api_version, str) and len(api_version) <= 64 else None,
+        api_version=api_version if _storable(api_version, 64) else None,
         created=created,
         livemode=event.get("livemode") is True,
-        object_id=obj_id if isinstance(obj_id, str) and len(obj_id) <= 255 else None,
+        object_id=obj_id if _storable(obj_id, 255) else None,
     )
     return envelope, event
+
+
+def _storable(value: object, max_length: int) -> bool:
+    return isinstance(value, str) and len(value) <= max_length and "\x00" not in value

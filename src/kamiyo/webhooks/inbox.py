@@ -109,25 +109,36 @@ class InboxWriter:
 
     def _commit(self, batch: list[_Pending]) -> None:
         try:
-            # Two deliveries of one event in the same batch: the first is inserted, the rest
-            # answer "duplicate", exactly as if they had come in separate batches.
-            unique: dict[str, dict[str, Any]] = {}
-            for item in batch:
-                unique.setdefault(item.row["stripe_event_id"], item.row)
-            with self._engine.begin() as connection:
-                new_ids = insert_new_events(connection, list(unique.values()))
-        except Exception as exc:  # noqa: BLE001 - storage down: every waiting request must hear it
-            log.error("inbox commit failed for %d event(s): %s", len(batch), exc.__class__.__name__)
+            outcomes = self._insert(batch)
+        except Exception as exc:  # noqa: BLE001 - storage failed: every waiting request must hear it
+            if len(batch) > 1:
+                # One row the database refuses must not fail the deliveries batched with it.
+                log.warning("inbox batch of %d failed (%s); storing one by one", len(batch), exc.__class__.__name__)
+                for item in batch:
+                    self._commit([item])
+                return
+            log.error("inbox commit failed for event %s: %s", batch[0].row["stripe_event_id"], exc.__class__.__name__)
             _resolve(batch, None, exc)
             return
+        _resolve(batch, outcomes, None)
+        if self._on_commit is not None and any(outcomes):
+            self._on_commit()
+
+    def _insert(self, batch: list[_Pending]) -> list[bool]:
+        """Insert the batch in one transaction; per item, True if its event was new."""
+        # Two deliveries of one event in the same batch: the first is inserted, the rest
+        # answer "duplicate", exactly as if they had come in separate batches.
+        unique: dict[str, dict[str, Any]] = {}
+        for item in batch:
+            unique.setdefault(item.row["stripe_event_id"], item.row)
+        with self._engine.begin() as connection:
+            new_ids = insert_new_events(connection, list(unique.values()))
         outcomes: list[bool] = []
         for item in batch:
             event_id = item.row["stripe_event_id"]
             outcomes.append(event_id in new_ids)
             new_ids.discard(event_id)
-        _resolve(batch, outcomes, None)
-        if self._on_commit is not None and any(outcomes):
-            self._on_commit()
+        return outcomes
 
 
 def _resolve(batch: list[_Pending], outcomes: list[bool] | None, error: BaseException | None) -> None:

@@ -20,6 +20,7 @@ from kamiyo.domain.tiers import TierMap, parse_price_tiers
 from kamiyo.errors import ConfigError
 
 DEFAULT_DATABASE_URL = "sqlite:///data/kamiyo.db"
+DEFAULT_STRIPE_API_BASE = "https://api.stripe.com"
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _SECRET_RE = re.compile(r"whsec_[A-Za-z0-9+/=_-]+")
 
@@ -42,6 +43,11 @@ class Settings:
     worker_poll_seconds: float = 0.25
     retry_base_seconds: float = 2.0
     sqlite_synchronous: str = "FULL"
+    # Delivery telemetry: Prometheus counters and the per-minute delivery stats (issue 4).
+    metrics_enabled: bool = True
+    # Stripe's API (a restricted or secret key); None turns every API feature off.
+    stripe_secret_key: str | None = None
+    stripe_api_base: str = DEFAULT_STRIPE_API_BASE
 
     def __repr__(self) -> str:  # never print secrets, even by accident
         url = _redact_url(self.database_url)
@@ -73,6 +79,9 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         worker_poll_seconds=_float(values, "WORKER_POLL_SECONDS", 0.25, low=0.01, high=60),
         retry_base_seconds=_float(values, "WORKER_RETRY_BASE_SECONDS", 2.0, low=0.0, high=3600),
         sqlite_synchronous=_choice(values, "SQLITE_SYNCHRONOUS", "FULL", ("FULL", "NORMAL", "EXTRA")),
+        metrics_enabled=_bool(values, "METRICS_ENABLED", True),
+        stripe_secret_key=values.get("STRIPE_SECRET_KEY", "").strip() or None,
+        stripe_api_base=_api_base(values.get("STRIPE_API_BASE", "")),
     )
 
 
@@ -102,13 +111,21 @@ def _tiers(raw: str) -> TierMap:
 def _database_url(raw: str) -> str:
     try:
         url: URL = make_url(raw)
-    except ArgumentError:
-        raise ConfigError(f"DATABASE_URL: cannot parse {raw!r} as a database URL") from None
+    except (ArgumentError, ValueError):  # ValueError: a non-numeric port
+        # The raw value is not echoed: it may hold the database password.
+        raise ConfigError("DATABASE_URL: not a database URL (expected sqlite:///path or postgresql://...)") from None
     if url.drivername in ("postgres", "postgresql", "postgresql+psycopg"):
         url = url.set(drivername="postgresql+psycopg")
     elif url.drivername not in ("sqlite", "sqlite+pysqlite"):
         raise ConfigError(f"DATABASE_URL: unsupported database {url.drivername!r} (use sqlite:/// or postgresql://)")
     return url.render_as_string(hide_password=False)
+
+
+def _api_base(raw: str) -> str:
+    base = raw.strip().rstrip("/") or DEFAULT_STRIPE_API_BASE
+    if not base.startswith(("https://", "http://")):
+        raise ConfigError(f"STRIPE_API_BASE: expected an http(s):// URL, got {base!r}")
+    return base
 
 
 def _int(values: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:

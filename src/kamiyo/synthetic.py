@@ -68,7 +68,9 @@ def subscription(
     created: int | None = None,
     api_version: str = LATEST_API_VERSION,
     cancel_at_period_end: bool = False,
+    extra_prices: tuple[dict[str, Any], ...] = (),
 ) -> dict[str, Any]:
+    """A subscription with one item per price: ``price_obj`` first, then ``extra_prices`` (add-ons)."""
     created = int(time.time()) if created is None else created
     period = {"current_period_start": created, "current_period_end": created + _MONTH}
     item: dict[str, Any] = {
@@ -78,6 +80,7 @@ def subscription(
         "quantity": 1,
         "subscription": sub_id,
     }
+    items = [item] + [{**item, "id": f"{item['id']}_{n}", "price": p} for n, p in enumerate(extra_prices, start=2)]
     sub: dict[str, Any] = {
         "id": sub_id,
         "object": "subscription",
@@ -95,13 +98,14 @@ def subscription(
         "metadata": {},
         "items": {
             "object": "list",
-            "data": [item],
+            "data": items,
             "has_more": False,
             "url": f"/v1/subscription_items?subscription={sub_id}",
         },
     }
     if is_basil_or_later(api_version):
-        item.update(period)
+        for each in items:
+            each.update(period)
     else:
         sub.update(period)
         sub["plan"] = {"id": item["price"]["id"], "object": "plan"}

@@ -34,7 +34,7 @@ def normalize_email(value: Any) -> str | None:
 def link_hint(event_type: str, obj: Mapping[str, Any]) -> LinkHint:
     """The customer and email that an event's object names, if any."""
     kind = event_type.split(".", 1)[0]
-    if kind == "customer" and not event_type.startswith("customer.subscription."):
+    if event_type in ("customer.created", "customer.updated", "customer.deleted"):
         return LinkHint(customer_id=object_id(obj.get("id")), email=normalize_email(obj.get("email")))
     if kind == "checkout":
         details = obj.get("customer_details")

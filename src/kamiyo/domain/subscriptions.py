@@ -96,20 +96,18 @@ def read_subscription(
         raise ValueError("subscription object without id, customer or status")
 
     prices = [_price_of(item) for item in _items(obj)]
-    best_tier: str | None = None
-    for price in prices:
-        tier = tiers.tier_for_price(price)
-        if tier is None:
-            label = price.get("lookup_key") or price.get("id") or "<no price id>"
-            names = f"{price.get('id')} (lookup_key {price.get('lookup_key')})" if price.get("lookup_key") else label
-            raise UnmappedPrice(
-                f"price {names} of {sub_id} maps to no tier: add it to STRIPE_PRICE_TIERS "
-                "or set metadata.tier on the price, then replay this event"
-            )
-        if best_tier is None or tiers.rank(tier) > tiers.rank(best_tier):
-            best_tier = tier
-    if best_tier is None:
+    if not prices:
         raise UnmappedPrice(f"subscription {sub_id} has no priced items to map to a tier")
+    # An item whose price names no tier (seats, metered add-ons) grants nothing; the best
+    # mapped item decides. Only when no item maps is the tier unknown.
+    mapped = [tier for tier in map(tiers.tier_for_price, prices) if tier is not None]
+    if not mapped:
+        names = ", ".join(_price_label(price) for price in prices)
+        raise UnmappedPrice(
+            f"price {names} of {sub_id} maps to no tier: add it to STRIPE_PRICE_TIERS "
+            "or set metadata.tier on the price, then replay this event"
+        )
+    best_tier = max(mapped, key=tiers.rank)
 
     return SubscriptionSnapshot(
         id=sub_id,
@@ -127,6 +125,12 @@ def read_subscription(
         trial_end=_int(obj.get("trial_end")),
         version=version_for(status, created, event_type, event_id),
     )
+
+
+def _price_label(price: Mapping[str, Any]) -> str:
+    price_id = price.get("id") or "<no price id>"
+    lookup_key = price.get("lookup_key")
+    return f"{price_id} (lookup_key {lookup_key})" if lookup_key else str(price_id)
 
 
 def _items(obj: Mapping[str, Any]) -> list[Mapping[str, Any]]:

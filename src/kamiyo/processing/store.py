@@ -87,7 +87,8 @@ class Store:
             set_={k: getattr(stmt.excluded, k) for k in values if k != "id"},
             where=stored < incoming,
         )
-        return bool(self.connection.execute(stmt).rowcount)
+        # RETURNING, not rowcount: psycopg reports rowcount -1 for this upsert, which is truthy.
+        return self.connection.execute(stmt.returning(_subs.c.id)).first() is not None
 
     # -- customers and users ---------------------------------------------------------------
 

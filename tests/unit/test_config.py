@@ -1,0 +1,156 @@
+"""Settings from the environment and an optional .env file; a malformed value fails loudly, by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kamiyo.config import DEFAULT_DATABASE_URL, Settings, load_settings
+from kamiyo.domain.tiers import FREE
+from kamiyo.errors import ConfigError
+
+SECRET = "whsec_test_primary_0123456789abcdef"
+OLD_SECRET = "whsec_test_rolled_fedcba9876543210"
+
+
+def load(environ: dict[str, str], env_file: Path | None = None) -> Settings:
+    return load_settings(environ=environ, env_file=env_file)
+
+
+def test_an_empty_environment_gives_the_defaults() -> None:
+    settings = load({})
+    assert settings.webhook_secrets == ()
+    assert settings.database_url == DEFAULT_DATABASE_URL
+    assert (settings.host, settings.port, settings.log_level) == ("0.0.0.0", 8000, "INFO")
+    assert settings.max_body_bytes == 1024 * 1024
+    assert settings.signature_tolerance == 300
+    assert settings.worker_in_process is True
+    assert dict(settings.price_tiers.ranks) == {FREE: 0}
+    assert dict(settings.price_tiers.by_key) == {}
+
+
+def test_a_missing_env_file_is_not_an_error(tmp_path: Path) -> None:
+    assert load({}, env_file=tmp_path / "absent.env").port == 8000
+
+
+def test_values_are_read_from_the_env_file(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        f"STRIPE_WEBHOOK_SECRET={SECRET}\nSTRIPE_PRICE_TIERS=price_pro=pro\nPORT=9000\nLOG_LEVEL=debug\n"
+    )
+    settings = load({}, env_file=env_file)
+    assert settings.webhook_secrets == (SECRET,)
+    assert settings.price_tiers.tier_for_price({"id": "price_pro"}) == "pro"
+    assert (settings.port, settings.log_level) == (9000, "DEBUG")
+
+
+def test_a_real_environment_variable_wins_over_the_env_file(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"PORT=9000\nSTRIPE_WEBHOOK_SECRET={OLD_SECRET}\n")
+    settings = load({"PORT": "9100"}, env_file=env_file)
+    assert settings.port == 9100
+    assert settings.webhook_secrets == (OLD_SECRET,)
+
+
+def test_quotes_in_the_env_file_are_dotenv_syntax_not_part_of_the_secret(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(f'STRIPE_WEBHOOK_SECRET="{SECRET}"\n')
+    assert load({}, env_file=env_file).webhook_secrets == (SECRET,)
+
+
+def test_comma_separated_secrets_are_all_kept_in_order() -> None:
+    settings = load({"STRIPE_WEBHOOK_SECRET": f"{SECRET},{OLD_SECRET}"})
+    assert settings.webhook_secrets == (SECRET, OLD_SECRET)
+
+
+def test_empty_entries_between_commas_are_ignored() -> None:
+    assert load({"STRIPE_WEBHOOK_SECRET": f",{SECRET},,"}).webhook_secrets == (SECRET,)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgres://kamiyo:pw@db.internal:5432/kamiyo",
+        "postgresql://kamiyo:pw@db.internal:5432/kamiyo",
+        "postgresql+psycopg://kamiyo:pw@db.internal:5432/kamiyo",
+    ],
+)
+def test_a_postgres_url_is_normalised_to_psycopg_3(url: str) -> None:
+    assert load({"DATABASE_URL": url}).database_url == "postgresql+psycopg://kamiyo:pw@db.internal:5432/kamiyo"
+
+
+def test_a_sqlite_url_is_kept() -> None:
+    assert load({"DATABASE_URL": "sqlite:////var/lib/kamiyo.db"}).database_url == "sqlite:////var/lib/kamiyo.db"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PORT", "abc"),
+        ("PORT", "0"),
+        ("PORT", "65536"),
+        ("PORT", "80.5"),
+        ("STRIPE_WEBHOOK_SECRET", "sk_test_51HnotAWebhookSecret"),
+        ("STRIPE_WEBHOOK_SECRET", "whsec_"),
+        ("STRIPE_WEBHOOK_SECRET", f'"{SECRET}"'),
+        ("STRIPE_WEBHOOK_SECRET", f"'{SECRET}'"),
+        ("STRIPE_WEBHOOK_SECRET", f" {SECRET}"),
+        ("STRIPE_WEBHOOK_SECRET", f"{SECRET}\n"),
+        ("STRIPE_WEBHOOK_SECRET", f"{SECRET},whsec_bad secret"),
+        ("STRIPE_PRICE_TIERS", "price_pro"),
+        ("STRIPE_PRICE_TIERS", "price_pro=Pro"),
+        ("STRIPE_PRICE_TIERS", "price_pro=pro,price_pro=basic"),
+        ("DATABASE_URL", "mysql://kamiyo@db/kamiyo"),
+        ("DATABASE_URL", "postgresql+asyncpg://kamiyo@db/kamiyo"),
+        ("DATABASE_URL", "not a url"),
+        ("DATABASE_URL", "postgresql://kamiyo:pw@db:notaport/kamiyo"),
+        ("LOG_LEVEL", "verbose"),
+        ("WEBHOOK_MAX_BODY_BYTES", "1"),
+        ("WEBHOOK_TOLERANCE_SECONDS", "-5"),
+        ("WORKER_IN_PROCESS", "maybe"),
+        ("WORKER_POLL_SECONDS", "soon"),
+        ("WORKER_POLL_SECONDS", "nan"),
+        ("SQLITE_SYNCHRONOUS", "OFF"),
+    ],
+)
+def test_a_malformed_value_raises_config_error_naming_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{name}: "):
+        load({name: value})
+
+
+def test_a_malformed_value_in_the_env_file_also_names_the_variable(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("PORT=eighty\n")
+    with pytest.raises(ConfigError, match=r"^PORT: "):
+        load({}, env_file=env_file)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "secret"),
+    [
+        ("STRIPE_WEBHOOK_SECRET", f" {SECRET}", SECRET),
+        ("STRIPE_WEBHOOK_SECRET", "sk_live_51HrealApiKeyPastedHere", "sk_live_51HrealApiKeyPastedHere"),
+        ("DATABASE_URL", "postgresql://kamiyo:hunter2@db:notaport/kamiyo", "hunter2"),
+        ("DATABASE_URL", "not a url hunter2", "hunter2"),
+    ],
+)
+def test_a_config_error_never_echoes_a_secret(name: str, value: str, secret: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load({name: value})
+    assert secret not in str(caught.value)
+
+
+def test_repr_never_shows_a_webhook_secret_or_the_database_password() -> None:
+    settings = load(
+        {
+            "STRIPE_WEBHOOK_SECRET": f"{SECRET},{OLD_SECRET}",
+            "DATABASE_URL": "postgresql://kamiyo:hunter2@db.internal:5432/kamiyo",
+        }
+    )
+    for text in (repr(settings), str(settings), f"{settings}", f"{settings!r}"):
+        assert SECRET not in text
+        assert OLD_SECRET not in text
+        assert "hunter2" not in text
+    assert "secrets=2" in repr(settings)
+    assert "db.internal" in repr(settings)

@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from sqlalchemy.engine import URL, make_url
@@ -23,6 +24,10 @@ DEFAULT_DATABASE_URL = "sqlite:///data/kamiyo.db"
 DEFAULT_STRIPE_API_BASE = "https://api.stripe.com"
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _SECRET_RE = re.compile(r"whsec_[A-Za-z0-9+/=_-]+")
+_STRIPE_KEY_RE = re.compile(r"(sk|rk)_[A-Za-z0-9_]+")
+DEFAULT_STRIPE_RATE_LIMIT = 20.0
+DEFAULT_BACKFILL_INTERVAL = 600  # with an API key; without one the scheduled backfill is off
+ADMIN_TOKEN_MIN_LENGTH = 16
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,12 @@ class Settings:
     # Stripe's API (a restricted or secret key); None turns every API feature off.
     stripe_secret_key: str | None = None
     stripe_api_base: str = DEFAULT_STRIPE_API_BASE
+    # Reconcile (issue 3): requests/s to Stripe's API, API-verified events, scheduled backfill (0 = off).
+    stripe_rate_limit: float = DEFAULT_STRIPE_RATE_LIMIT
+    stripe_verify_events: bool = False
+    backfill_interval_seconds: int = 0
+    # The operator console and admin API (issue 5); None turns both off (their routes are 404).
+    admin_token: str | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:  # never print secrets, even by accident
         url = _redact_url(self.database_url)
@@ -64,6 +75,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
     values.update(os.environ if environ is None else environ)
 
+    stripe_key = _stripe_key(values.get("STRIPE_SECRET_KEY", ""))
     return Settings(
         webhook_secrets=_secrets(values.get("STRIPE_WEBHOOK_SECRET", "")),
         price_tiers=_tiers(values.get("STRIPE_PRICE_TIERS", "")),
@@ -80,8 +92,14 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         retry_base_seconds=_float(values, "WORKER_RETRY_BASE_SECONDS", 2.0, low=0.0, high=3600),
         sqlite_synchronous=_choice(values, "SQLITE_SYNCHRONOUS", "FULL", ("FULL", "NORMAL", "EXTRA")),
         metrics_enabled=_bool(values, "METRICS_ENABLED", True),
-        stripe_secret_key=values.get("STRIPE_SECRET_KEY", "").strip() or None,
+        stripe_secret_key=stripe_key,
         stripe_api_base=_api_base(values.get("STRIPE_API_BASE", "")),
+        stripe_rate_limit=_float(values, "STRIPE_RATE_LIMIT", DEFAULT_STRIPE_RATE_LIMIT, low=0.1, high=100_000),
+        stripe_verify_events=_bool(values, "STRIPE_VERIFY_EVENTS", False),
+        backfill_interval_seconds=_int(
+            values, "BACKFILL_INTERVAL_SECONDS", DEFAULT_BACKFILL_INTERVAL if stripe_key else 0, low=0, high=30 * 86400
+        ),
+        admin_token=_admin_token(values.get("KAMIYO_ADMIN_TOKEN", "")),
     )
 
 
@@ -121,11 +139,39 @@ def _database_url(raw: str) -> str:
     return url.render_as_string(hide_password=False)
 
 
+def _stripe_key(raw: str) -> str | None:
+    """A secret (``sk_``) or restricted (``rk_``) API key, or None. Never echoed: it is a credential."""
+    key = raw.strip()
+    if not key:
+        return None
+    if not _STRIPE_KEY_RE.fullmatch(key):
+        raise ConfigError(
+            "STRIPE_SECRET_KEY: expected a secret key (sk_live_... / sk_test_...) or a restricted key "
+            "(rk_live_... / rk_test_...) from the Stripe Dashboard; a publishable key (pk_...) cannot read the API"
+        )
+    return key
+
+
 def _api_base(raw: str) -> str:
     base = raw.strip().rstrip("/") or DEFAULT_STRIPE_API_BASE
-    if not base.startswith(("https://", "http://")):
+    if not base.startswith(("https://", "http://")) or not urlsplit(base).hostname:
         raise ConfigError(f"STRIPE_API_BASE: expected an http(s):// URL, got {base!r}")
     return base
+
+
+def _admin_token(raw: str) -> str | None:
+    """The console's bearer token: empty turns the console off; a weak one stops the start."""
+    if not raw:
+        return None
+    # Never echoed (it is a credential). It travels in an HTTP header: printable ASCII only.
+    if not (raw.isascii() and raw.isprintable()) or any(c.isspace() or c in "\"'" for c in raw):
+        raise ConfigError("KAMIYO_ADMIN_TOKEN: contains whitespace, quotes or non-ASCII characters (a paste error?)")
+    if len(raw) < ADMIN_TOKEN_MIN_LENGTH:
+        raise ConfigError(
+            f"KAMIYO_ADMIN_TOKEN: {len(raw)} characters is too short; use at least {ADMIN_TOKEN_MIN_LENGTH} "
+            "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+        )
+    return raw
 
 
 def _int(values: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:

@@ -6,8 +6,10 @@
     │   ├── SignatureError           missing / malformed header, no matching v1, stale timestamp
     │   ├── PayloadError             the signed body is not a JSON Stripe event
     │   └── PayloadTooLarge          body over the configured limit
-    └── ApplyError                   an event cannot be applied yet; it is retried, then parked
-        └── UnmappedPrice            a price that no tier is configured for
+    ├── ApplyError                   an event cannot be applied yet; it is retried, then parked
+    │   └── UnmappedPrice            a price that no tier is configured for
+    └── StripeApiError               Stripe's API refused a request, or kept failing through the retries
+        └── StripeCursorGone         a list cursor names an object Stripe no longer has (30-day events)
 
 Only the web edge turns these into HTTP status codes; the CLI turns them into exit codes.
 """
@@ -60,3 +62,13 @@ class ApplyError(KamiyoError):
 
 class UnmappedPrice(ApplyError):
     """A subscription's price maps to no tier (neither ``STRIPE_PRICE_TIERS`` nor ``metadata.tier``)."""
+
+
+class StripeApiError(KamiyoError):
+    """A Stripe API request failed for good: refused (bad key, missing permission, bad request), or
+    still failing (429, 5xx, network) after every retry. The message never contains the API key."""
+
+
+class StripeCursorGone(StripeApiError):
+    """``ending_before`` / ``starting_after`` names an object Stripe does not have (an event past its
+    30-day retention, say)."""

@@ -39,6 +39,13 @@ KAMIYO_ENV_KEYS = (
     "WORKER_POLL_SECONDS",
     "WORKER_RETRY_BASE_SECONDS",
     "SQLITE_SYNCHRONOUS",
+    "KAMIYO_ADMIN_TOKEN",
+    # Stripe's API (issue 3): a key in the developer's shell must never reach a test server.
+    "STRIPE_SECRET_KEY",
+    "STRIPE_API_BASE",
+    "STRIPE_RATE_LIMIT",
+    "STRIPE_VERIFY_EVENTS",
+    "BACKFILL_INTERVAL_SECONDS",
 )
 WEBHOOK_PATH = "/api/v1/payments/webhook"
 START_TIMEOUT = 30.0

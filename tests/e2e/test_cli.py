@@ -48,6 +48,12 @@ HELP_COMMANDS = [
     ["events", "show"],
     ["replay"],
     ["trigger"],
+    ["users"],
+    ["users", "set-tier"],
+    ["users", "clear-override"],
+    ["users", "show"],
+    ["users", "drift"],
+    ["audit"],
 ]
 
 
@@ -162,7 +168,7 @@ def test_replay_by_id_applies_the_event_again(server: KamiyoServer) -> None:
         return server.rows("SELECT processed_at FROM webhook_events WHERE stripe_event_id = :id", id=event_id)[0][0]
 
     first = wait_until(processed_at, what=f"{event_id} processed")
-    assert "1 event(s) queued again" in _ok(server.cli("replay", event_id))
+    assert "1 event(s) replayed: 1 applied" in _ok(server.cli("replay", event_id))
     wait_until(lambda: processed_at() not in (None, first), what=f"{event_id} applied again")
     assert server.event_status(event_id) == "applied"
 
@@ -187,10 +193,10 @@ def test_replay_failed_applies_a_parked_event_once_the_price_is_configured(serve
     server.wait_for_user(email, ("free", None))
 
     server.restart(STRIPE_PRICE_TIERS=PRICE_TIERS + ",price_legacy_gold=enterprise")
-    assert "1 event(s) queued again" in _ok(server.cli("replay", "--failed"))
+    assert "1 event(s) replayed: 1 applied" in _ok(server.cli("replay", "--failed"))
     server.wait_for_user(email, ("enterprise", "active"))
     assert server.event_status(parked["id"]) == "applied"
-    assert "0 event(s) queued again" in _ok(server.cli("replay", "--failed"))
+    assert "0 event(s) replayed" in _ok(server.cli("replay", "--failed"))
 
 
 # -- configuration errors ----------------------------------------------------------------------

@@ -134,10 +134,15 @@ def shared_engine(shared_settings: Settings) -> Iterator[Engine]:
 
 
 def delete_all_rows(engine: Engine) -> None:
-    """Empty every table of the models, children first (the schema and alembic_version stay)."""
+    """Empty every table of the models, children first (the schema and alembic_version stay).
+
+    Append-only tables (``audit_log``) are left alone: the database rejects deleting from them,
+    so tests that read them look only at their own entries.
+    """
     with engine.begin() as connection:
         for table in reversed(Base.metadata.sorted_tables):
-            connection.execute(table.delete())
+            if not table.info.get("append_only"):
+                connection.execute(table.delete())
 
 
 @pytest.fixture

@@ -145,16 +145,6 @@ def events_show(settings: Settings, event_id: str) -> int:
     return 0
 
 
-def replay(settings: Settings, *, event_id: str | None, failed: bool) -> int:
-    engine = make_engine(settings)
-    count = worker_module.replay(engine, event_id=event_id, failed=failed)
-    engine.dispose()
-    if event_id and count == 0:
-        raise KamiyoError(f"no event {event_id} in the inbox")
-    print(f"{count} event(s) queued again; a running worker applies them")
-    return 0
-
-
 def trigger(
     settings: Settings,
     event_type: str,

@@ -47,10 +47,68 @@ def _parser() -> argparse.ArgumentParser:
     ev_show = ev_commands.add_parser("show", help="one event: status, error, outcome and payload")
     ev_show.add_argument("event_id")
 
-    replay = commands.add_parser("replay", help="apply an event again (by id), or every parked failure")
-    target = replay.add_mutually_exclusive_group(required=True)
-    target.add_argument("event_id", nargs="?", help="the evt_... id")
-    target.add_argument("--failed", action="store_true", help="every event parked as failed")
+    replay = commands.add_parser(
+        "replay", help="apply stored events again (by id, --failed, --type, --since); --dry-run shows what would change"
+    )
+    replay.add_argument("event_id", nargs="?", help="the evt_... id (on its own)")
+    replay.add_argument("--failed", action="store_true", help="every event parked as failed")
+    replay.add_argument("--type", dest="event_type", help="events of this type, e.g. customer.subscription.updated")
+    replay.add_argument("--since", help="events received since: 2h, 1d (ago), 2026-11-27T10:00 (UTC), Unix seconds")
+    replay.add_argument("--dry-run", action="store_true", help="apply in a transaction that is rolled back")
+    replay.add_argument("--limit", type=int, help="at most this many events, oldest first")
+    replay.add_argument("--by", help="who replays, for the audit log (default: the OS user)")
+    replay.add_argument("--reason", help="why, for the audit log")
+    replay.add_argument("--json", action="store_true", help="machine-readable output")
+
+    users = commands.add_parser("users", help="a user's tier, subscriptions and events; manual overrides; drift")
+    users_commands = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    set_tier = users_commands.add_parser(
+        "set-tier", help="override a user's tier; wins over webhooks and syncs until it expires or is cleared"
+    )
+    set_tier.add_argument("email")
+    set_tier.add_argument("tier")
+    set_tier.add_argument("--reason", required=True, help="why (required; kept in the audit log)")
+    set_tier.add_argument("--expires", help="24h, 30m, 7d from now, or a time (UTC); default: until cleared")
+    set_tier.add_argument("--by", help="who (default: the OS user)")
+    set_tier.add_argument("--json", action="store_true", help="machine-readable output")
+    clear = users_commands.add_parser(
+        "clear-override", help="remove a user's override: back to the tier Stripe's state gives"
+    )
+    clear.add_argument("email")
+    clear.add_argument("--reason", help="why, for the audit log")
+    clear.add_argument("--by", help="who (default: the OS user)")
+    clear.add_argument("--json", action="store_true", help="machine-readable output")
+    show = users_commands.add_parser("show", help="tier, status, subscriptions, recent events, override, drift")
+    show.add_argument("email")
+    show.add_argument("--events", type=int, default=20, help="how many recent events (default 20)")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    drift = users_commands.add_parser(
+        "drift", help="users whose stored tier no subscription, override or audit entry explains (exit 1 if any)"
+    )
+    drift.add_argument("--all", action="store_true", help="also list drift an audit entry explains")
+    drift.add_argument("--json", action="store_true", help="machine-readable output")
+
+    audit = commands.add_parser("audit", help="the append-only log of manual actions, newest first")
+    audit.add_argument("--since", help="2h, 1d (ago), 2026-11-27T10:00 (UTC) or Unix seconds")
+    audit.add_argument("--target", help="only entries about this email or event id")
+    audit.add_argument("--limit", type=int, default=200, help="at most this many entries (default 200)")
+    audit.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sync = commands.add_parser(
+        "sync", help="converge every user's tier and status on Stripe's API (STRIPE_SECRET_KEY); print the drift"
+    )
+    sync.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
+    sync_scope = sync.add_mutually_exclusive_group()
+    sync_scope.add_argument("--customer", help="only this customer's subscriptions (cus_...)")
+    sync_scope.add_argument("--email", help="only the subscriptions of the customers with this email")
+    sync_scope.add_argument("--resume", action="store_true", help="continue the last full sync that did not finish")
+
+    backfill = commands.add_parser(
+        "backfill", help="fetch the events Stripe did not deliver (last 30 days) into the inbox and apply them"
+    )
+    backfill.add_argument(
+        "--since", help="start of the gap: 2h, 3d (ago), 2026-11-27T10:00 (UTC), Unix seconds (default: last backfill)"
+    )
 
     trigger = commands.add_parser("trigger", help="sign and post a realistic test event, like `stripe trigger`")
     trigger.add_argument("event_type", help="e.g. payment_intent.succeeded, customer.subscription.created")
@@ -59,6 +117,18 @@ def _parser() -> argparse.ArgumentParser:
     trigger.add_argument("--email", default="trigger@example.com", help="customer email in the event")
     trigger.add_argument("--customer", help="customer id to use (default: a new cus_test...)")
     trigger.add_argument("--api-version", default=None, help="payload shape, e.g. 2024-06-20 or 2026-10-28.endive")
+
+    doctor = commands.add_parser("doctor", help="diagnose the running service as the runbook does; name the option")
+    doctor.add_argument("--url", help="the service's base URL (default: http://127.0.0.1:PORT)")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--apply-timeout", type=float, default=15.0, help="seconds to wait for the test event")
+
+    report = commands.add_parser(
+        "incident-report", help="document failed webhooks and the recovery (from the database)"
+    )
+    report.add_argument("--since", required=True, help="2h, 1d (ago), 2026-11-27T10:00 (UTC) or Unix seconds")
+    report.add_argument("--until", default="now", help="end of the range (default: now)")
+    report.add_argument("--format", choices=("md", "json"), default="md", help="markdown (default) or JSON")
     return parser
 
 
@@ -69,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
     except KamiyoError as exc:
+        if args.command == "doctor":  # a malformed setting is exactly what doctor must report
+            from kamiyo.cli import operate
+
+            return operate.doctor_unconfigured(exc, url=args.url, as_json=args.json)
         print(f"kamiyo: configuration error: {exc}", file=sys.stderr)
         return 2
     from kamiyo.logs import configure_logging
@@ -96,8 +170,18 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         if args.events_command == "list":
             return commands.events_list(settings, status=args.status, event_type=args.type, limit=args.limit)
         return commands.events_show(settings, args.event_id)
-    if args.command == "replay":
-        return commands.replay(settings, event_id=args.event_id, failed=args.failed)
+    if args.command in ("replay", "users", "audit"):
+        from kamiyo.cli import operators
+
+        return operators.dispatch(args, settings)
+    if args.command in ("sync", "backfill"):
+        from kamiyo.cli import reconcile
+
+        if args.command == "sync":
+            return reconcile.sync(
+                settings, dry_run=args.dry_run, customer=args.customer, email=args.email, resume=args.resume
+            )
+        return reconcile.backfill(settings, since=args.since)
     if args.command == "trigger":
         return commands.trigger(
             settings,
@@ -108,4 +192,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             customer_id=args.customer,
             api_version=args.api_version,
         )
+    if args.command in ("doctor", "incident-report"):
+        from kamiyo.cli import operate
+
+        if args.command == "doctor":
+            return operate.doctor(settings, url=args.url, as_json=args.json, apply_timeout=args.apply_timeout)
+        return operate.incident_report(settings, since=args.since, until=args.until, fmt=args.format)
     raise AssertionError(args.command)

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import cast
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     DateTime,
@@ -121,6 +122,8 @@ class WebhookEvent(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     detail: Mapped[str | None] = mapped_column(Text)
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When `kamiyo replay` last queued it again (for incident reports); None if never replayed.
+    replayed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class ReconcileRun(Base):
@@ -157,6 +160,55 @@ class DeliveryStat(Base):
     count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
+class WorkerHeartbeat(Base):
+    """One row per running worker, touched every few seconds: is anything applying events?"""
+
+    __tablename__ = "worker_heartbeats"
+
+    worker_id: Mapped[str] = mapped_column(String(128), primary_key=True)  # host:pid:random
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[float] = mapped_column(Float)  # Unix seconds
+    seen_at: Mapped[float] = mapped_column(Float, index=True)  # Unix seconds of the last beat
+
+
+class UserOverride(Base):
+    """An operator's manual tier for one user (``kamiyo users set-tier``).
+
+    While active (``expires_at`` is None or in the future) it wins over every subscription, in
+    ``Store.recompute_user``; the worker deletes it once expired. Its history is in ``audit_log``.
+    """
+
+    __tablename__ = "user_overrides"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    tier: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text)
+    set_by: Mapped[str] = mapped_column(String(255))
+    set_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class AuditRecord(Base):
+    """Append-only log of manual actions: who, when, why, and the state before and after.
+
+    Triggers created by migration 0005 reject UPDATE and DELETE (and TRUNCATE on PostgreSQL),
+    so ``info["append_only"]`` tells test helpers not to try to empty it.
+    """
+
+    __tablename__ = "audit_log"
+    __table_args__ = ({"info": {"append_only": True}},)
+
+    id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    action: Mapped[str] = mapped_column(String(64))  # override.set, override.clear, replay, sync, ...
+    actor: Mapped[str] = mapped_column(String(255))  # --by, or the OS user
+    reason: Mapped[str | None] = mapped_column(Text)
+    target: Mapped[str | None] = mapped_column(String(400), index=True)  # an email, an event id, a scope
+    before: Mapped[dict[str, object] | None] = mapped_column(JSON)
+    after: Mapped[dict[str, object] | None] = mapped_column(JSON)
+
+
 # The Core tables, typed as such, for the hot paths that use SQL expressions directly.
 users_table = cast(Table, User.__table__)
 customers_table = cast(Table, Customer.__table__)
@@ -164,3 +216,6 @@ subscriptions_table = cast(Table, Subscription.__table__)
 events_table = cast(Table, WebhookEvent.__table__)
 reconcile_runs_table = cast(Table, ReconcileRun.__table__)
 delivery_stats_table = cast(Table, DeliveryStat.__table__)
+worker_heartbeats_table = cast(Table, WorkerHeartbeat.__table__)
+user_overrides_table = cast(Table, UserOverride.__table__)
+audit_log_table = cast(Table, AuditRecord.__table__)

@@ -9,23 +9,135 @@ closes the write-skew gaps between two workers applying events of one customer a
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, select, tuple_, update
+from sqlalchemy import Connection, bindparam, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from kamiyo.db.models import customers_table, subscriptions_table, users_table
+from kamiyo.db.models import customers_table, subscriptions_table, user_overrides_table, users_table
 from kamiyo.domain.entitlement import SubscriptionState, UserState, user_state
+from kamiyo.domain.overrides import override_in_force, override_state
 from kamiyo.domain.subscriptions import SubscriptionSnapshot
-from kamiyo.domain.tiers import TierMap
+from kamiyo.domain.tiers import FREE, TierMap
 
 log = logging.getLogger("kamiyo.state")
 _users = users_table
 _customers = customers_table
 _subs = subscriptions_table
+_overrides = user_overrides_table
+
+
+def subscription_row(snap: SubscriptionSnapshot) -> dict[str, Any]:
+    """The ``stripe_subscriptions`` row of a snapshot."""
+    return {
+        "id": snap.id,
+        "customer_id": snap.customer_id,
+        "status": snap.status,
+        "tier": snap.tier,
+        "price_ids": ",".join(snap.price_ids)[:2048],
+        "livemode": snap.livemode,
+        "stripe_created": snap.stripe_created,
+        "current_period_end": snap.current_period_end,
+        "cancel_at_period_end": snap.cancel_at_period_end,
+        "cancel_at": snap.cancel_at,
+        "canceled_at": snap.canceled_at,
+        "ended_at": snap.ended_at,
+        "trial_end": snap.trial_end,
+        "version_terminal": snap.version.terminal,
+        "version_created": snap.version.created,
+        "version_rank": snap.version.rank,
+        "version_event_id": snap.version.event_id,
+        "updated_at": datetime.now(UTC),
+    }
+
+
+@functools.cache
+def subscription_upsert(dialect: Any) -> Any:
+    """INSERT ... ON CONFLICT DO UPDATE with the stale-write guard: a row is only replaced by a
+    greater version. Built once per dialect; executed with one row, or with a page of rows
+    (``reconcile/apply.py``), it is the same statement either way."""
+    stmt = dialect.insert(_subs)
+    stored = tuple_(_subs.c.version_terminal, _subs.c.version_created, _subs.c.version_rank, _subs.c.version_event_id)
+    incoming = tuple_(
+        stmt.excluded.version_terminal,
+        stmt.excluded.version_created,
+        stmt.excluded.version_rank,
+        stmt.excluded.version_event_id,
+    )
+    columns = [column.name for column in _subs.columns if column.name != "id"]
+    return stmt.on_conflict_do_update(
+        index_elements=["id"],
+        set_={name: getattr(stmt.excluded, name) for name in columns},
+        where=stored < incoming,
+    )
+
+
+class _Statements:
+    """Every statement of the apply path, built once per dialect and run with bound parameters.
+
+    Building a Core statement and computing its cache key costs several times more than
+    running it; on the worker's hot path that was most of the time an event took.
+    """
+
+    def __init__(self, dialect: Any) -> None:
+        self.upsert_subscription = subscription_upsert(dialect).returning(_subs.c.id)
+        self.ensure_customer = dialect.insert(_customers).on_conflict_do_nothing(index_elements=["id"])
+        self.customer_user = select(_customers.c.user_id).where(_customers.c.id == bindparam("cid")).with_for_update()
+        self.customer_row = (
+            select(_customers.c.user_id, _customers.c.email, _customers.c.email_seen_at)
+            .where(_customers.c.id == bindparam("cid"))
+            .with_for_update()
+        )
+        self.set_customer_email = (
+            update(_customers)
+            .where(_customers.c.id == bindparam("cid"))
+            .values(email=bindparam("new_email"), email_seen_at=bindparam("seen_at"))
+        )
+        self.link_customer = (
+            update(_customers)
+            .where(_customers.c.id == bindparam("cid"))
+            .values(user_id=bindparam("uid"), linked_by=bindparam("how"))
+        )
+        self.set_user_customer = (
+            update(_users).where(_users.c.id == bindparam("uid")).values(stripe_customer_id=bindparam("cid"))
+        )
+        self.unset_user_customer = (
+            update(_users)
+            .where(_users.c.id == bindparam("uid"), _users.c.stripe_customer_id == bindparam("cid"))
+            .values(stripe_customer_id=None)
+        )
+        self.user_by_id = select(_users.c.id).where(_users.c.id == bindparam("uid"))
+        self.user_by_email = select(_users.c.id).where(_users.c.email == bindparam("address"))
+        self.insert_user = dialect.insert(_users).on_conflict_do_nothing(index_elements=["email"])
+        self.user_state = (
+            select(_users.c.email, _users.c.subscription_tier, _users.c.subscription_status)
+            .where(_users.c.id == bindparam("uid"))
+            .with_for_update()
+        )
+        self.set_user_state = (
+            update(_users)
+            .where(_users.c.id == bindparam("uid"))
+            .values(
+                subscription_tier=bindparam("tier"),
+                subscription_status=bindparam("status"),
+                updated_at=bindparam("now"),
+            )
+        )
+        self.user_subscriptions = (
+            select(_subs.c.id, _subs.c.status, _subs.c.tier, _subs.c.stripe_created)
+            .join(_customers, _customers.c.id == _subs.c.customer_id)
+            .where(_customers.c.user_id == bindparam("uid"))
+        )
+        self.user_override = select(_overrides.c.tier, _overrides.c.expires_at).where(
+            _overrides.c.user_id == bindparam("uid")
+        )
+
+
+_STATEMENTS = {"postgresql": _Statements(postgresql), "sqlite": _Statements(sqlite)}
 
 
 @dataclass(frozen=True)
@@ -43,6 +155,7 @@ class Store:
         self.connection = connection
         self.tiers = tiers
         self._dialect: Any = postgresql if connection.dialect.name == "postgresql" else sqlite
+        self._sql = _STATEMENTS["postgresql" if connection.dialect.name == "postgresql" else "sqlite"]
 
     # -- subscriptions ---------------------------------------------------------------------
 
@@ -52,55 +165,17 @@ class Store:
         The stale-write guard lives in the upsert's WHERE, so it holds under any concurrency.
         """
         self.ensure_customer(snap.customer_id)
-        values = {
-            "id": snap.id,
-            "customer_id": snap.customer_id,
-            "status": snap.status,
-            "tier": snap.tier,
-            "price_ids": ",".join(snap.price_ids)[:2048],
-            "livemode": snap.livemode,
-            "stripe_created": snap.stripe_created,
-            "current_period_end": snap.current_period_end,
-            "cancel_at_period_end": snap.cancel_at_period_end,
-            "cancel_at": snap.cancel_at,
-            "canceled_at": snap.canceled_at,
-            "ended_at": snap.ended_at,
-            "trial_end": snap.trial_end,
-            "version_terminal": snap.version.terminal,
-            "version_created": snap.version.created,
-            "version_rank": snap.version.rank,
-            "version_event_id": snap.version.event_id,
-            "updated_at": datetime.now(UTC),
-        }
-        stmt = self._dialect.insert(_subs).values(values)
-        stored = tuple_(
-            _subs.c.version_terminal, _subs.c.version_created, _subs.c.version_rank, _subs.c.version_event_id
-        )
-        incoming = tuple_(
-            stmt.excluded.version_terminal,
-            stmt.excluded.version_created,
-            stmt.excluded.version_rank,
-            stmt.excluded.version_event_id,
-        )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["id"],
-            set_={k: getattr(stmt.excluded, k) for k in values if k != "id"},
-            where=stored < incoming,
-        )
         # RETURNING, not rowcount: psycopg reports rowcount -1 for this upsert, which is truthy.
-        return self.connection.execute(stmt.returning(_subs.c.id)).first() is not None
+        return self.connection.execute(self._sql.upsert_subscription, subscription_row(snap)).first() is not None
 
     # -- customers and users ---------------------------------------------------------------
 
     def ensure_customer(self, customer_id: str) -> None:
-        stmt = self._dialect.insert(_customers).values(id=customer_id).on_conflict_do_nothing(index_elements=["id"])
-        self.connection.execute(stmt)
+        self.connection.execute(self._sql.ensure_customer, {"id": customer_id})
 
     def customer_user(self, customer_id: str) -> int | None:
         """The user a customer is linked to, locking the customer row."""
-        row = self.connection.execute(
-            select(_customers.c.user_id).where(_customers.c.id == customer_id).with_for_update()
-        ).first()
+        row = self.connection.execute(self._sql.customer_user, {"cid": customer_id}).first()
         return row.user_id if row is not None else None
 
     def link_customer(self, customer_id: str, email: str | None, user_ref: str | None, seen_at: int) -> str:
@@ -111,14 +186,10 @@ class Store:
         moves it. Users whose subscriptions change hands are recomputed.
         """
         self.ensure_customer(customer_id)
-        row = self.connection.execute(
-            select(_customers.c.user_id, _customers.c.email, _customers.c.email_seen_at)
-            .where(_customers.c.id == customer_id)
-            .with_for_update()
-        ).one()
+        row = self.connection.execute(self._sql.customer_row, {"cid": customer_id}).one()
         if email and seen_at >= row.email_seen_at and email != row.email:
             self.connection.execute(
-                update(_customers).where(_customers.c.id == customer_id).values(email=email, email_seen_at=seen_at)
+                self._sql.set_customer_email, {"cid": customer_id, "new_email": email, "seen_at": seen_at}
             )
 
         target: int | None = None
@@ -136,18 +207,12 @@ class Store:
                 else f"customer {customer_id} not linked (no email yet)"
             )
 
-        self.connection.execute(
-            update(_customers).where(_customers.c.id == customer_id).values(user_id=target, linked_by=how)
-        )
-        self.connection.execute(update(_users).where(_users.c.id == target).values(stripe_customer_id=customer_id))
+        self.connection.execute(self._sql.link_customer, {"cid": customer_id, "uid": target, "how": how})
+        self.connection.execute(self._sql.set_user_customer, {"uid": target, "cid": customer_id})
         log.info("customer linked customer=%s user_id=%s by=%s", customer_id, target, how)
         if row.user_id is not None:
             # The previous user loses this customer's subscriptions: with none left, back to free.
-            self.connection.execute(
-                update(_users)
-                .where(_users.c.id == row.user_id, _users.c.stripe_customer_id == customer_id)
-                .values(stripe_customer_id=None)
-            )
+            self.connection.execute(self._sql.unset_user_customer, {"uid": row.user_id, "cid": customer_id})
             self.recompute_user(row.user_id, reset_when_none=True)
         self.recompute_user(target)
         return f"customer {customer_id} linked to user {target} by {how}"
@@ -156,47 +221,37 @@ class Store:
         from kamiyo.domain.links import normalize_email
 
         if ref.isdigit() and len(ref) < 19:
-            found = self.connection.execute(select(_users.c.id).where(_users.c.id == int(ref))).scalar()
+            found = self.connection.execute(self._sql.user_by_id, {"uid": int(ref)}).scalar()
             if found is not None:
                 return int(found)
         email = normalize_email(ref)
         if email is not None:
-            found = self.connection.execute(select(_users.c.id).where(_users.c.email == email)).scalar()
+            found = self.connection.execute(self._sql.user_by_email, {"address": email}).scalar()
             return int(found) if found is not None else None
         return None
 
     def _user_for_email(self, email: str) -> int:
         """The user with ``email``, created (tier free) if there is none."""
-        stmt = self._dialect.insert(_users).values(email=email, subscription_tier="free")
-        self.connection.execute(stmt.on_conflict_do_nothing(index_elements=["email"]))
-        return int(self.connection.execute(select(_users.c.id).where(_users.c.email == email)).scalar_one())
+        self.connection.execute(self._sql.insert_user, {"email": email, "subscription_tier": FREE})
+        return int(self.connection.execute(self._sql.user_by_email, {"address": email}).scalar_one())
 
     def recompute_user(self, user_id: int, *, reset_when_none: bool = False) -> UserChange | None:
         """Derive the user's tier and status from all of their subscriptions; write if changed.
 
-        A user with no subscriptions at all is left as is (nothing we know contradicts it),
-        unless ``reset_when_none``: their subscriptions just moved to another user.
+        A manual override in force (``kamiyo users set-tier``) wins over the subscriptions, and
+        since every path that applies a change ends here (webhooks, replay, sync), over all of
+        them. A user with no subscriptions at all is left as is (nothing we know contradicts
+        it), unless ``reset_when_none``: their subscriptions just moved to another user, or
+        their override ended.
         """
-        user = self.connection.execute(
-            select(_users.c.email, _users.c.subscription_tier, _users.c.subscription_status)
-            .where(_users.c.id == user_id)
-            .with_for_update()
-        ).one()
-        rows = self.connection.execute(
-            select(_subs.c.id, _subs.c.status, _subs.c.tier, _subs.c.stripe_created)
-            .join(_customers, _customers.c.id == _subs.c.customer_id)
-            .where(_customers.c.user_id == user_id)
-        ).all()
-        after = user_state((SubscriptionState(r.id, r.status, r.tier, r.stripe_created) for r in rows), self.tiers)
+        user = self.connection.execute(self._sql.user_state, {"uid": user_id}).one()
+        after = self.derived_state(user_id, reset_when_none=reset_when_none)
         before = UserState(tier=user.subscription_tier, status=user.subscription_status)
-        if after is None and reset_when_none:
-            after = UserState(tier="free", status=None)
         if after is None or after == before:
             return None
         self.connection.execute(
-            update(_users)
-            .where(_users.c.id == user_id)
-            .values(subscription_tier=after.tier, subscription_status=after.status, updated_at=datetime.now(UTC))
+            self._sql.set_user_state,
+            {"uid": user_id, "tier": after.tier, "status": after.status, "now": datetime.now(UTC)},
         )
         log.info(
             "user state changed user_id=%s email=%s tier=%s->%s status=%s->%s",
@@ -208,3 +263,26 @@ class Store:
             after.status,
         )
         return UserChange(user_id, user.email, before, after)
+
+    def derived_state(self, user_id: int, *, reset_when_none: bool = False) -> UserState | None:
+        """What the user's tier and status should be: an override in force, else Stripe's state."""
+        override_tier = self.override_tier(user_id)
+        if override_tier is not None:
+            return override_state(override_tier)
+        state = self.stripe_state(user_id)
+        if state is None and reset_when_none:
+            return UserState(tier=FREE, status=None)
+        return state
+
+    def stripe_state(self, user_id: int) -> UserState | None:
+        """The tier and status the user's subscriptions give; None when they have none."""
+        rows = self.connection.execute(self._sql.user_subscriptions, {"uid": user_id}).all()
+        return user_state((SubscriptionState(r.id, r.status, r.tier, r.stripe_created) for r in rows), self.tiers)
+
+    def override_tier(self, user_id: int) -> str | None:
+        """The tier of the user's manual override if one is in force now (an expired one is ignored
+        even before the worker's sweep deletes it)."""
+        row = self.connection.execute(self._sql.user_override, {"uid": user_id}).first()
+        if row is None or not override_in_force(row.expires_at, datetime.now(UTC)):
+            return None
+        return str(row.tier)

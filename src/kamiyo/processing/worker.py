@@ -13,6 +13,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,13 +24,21 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from kamiyo.config import Settings
 from kamiyo.db.models import events_table
+from kamiyo.domain.links import link_hint
 from kamiyo.errors import ApplyError, UnmappedPrice
+from kamiyo.operations.overrides import expire_overrides
 from kamiyo.processing.handlers import HANDLERS, StoredEvent
 from kamiyo.processing.store import Store
+from kamiyo.reconcile.gateway import StripeGateway
+from kamiyo.reconcile.schedule import BackfillSchedule
+from kamiyo.reconcile.verify import event_verifier
+from kamiyo.telemetry.heartbeat import Heartbeat
+from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX, WebhookMetrics, process_metrics
 
 log = logging.getLogger("kamiyo.worker")
 _events = events_table
 _MAX_BACKOFF = 3600.0
+_OVERRIDE_SWEEP_SECONDS = 1.0  # how soon an expired manual override gives way to Stripe's state
 
 
 @dataclass
@@ -46,12 +55,25 @@ class _Outcome:
 class Worker:
     """Applies pending inbox events, in batches, until told to stop."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        *,
+        metrics: WebhookMetrics | None = None,
+        gateway: StripeGateway | None = None,
+    ) -> None:
         self.engine = engine
         self.settings = settings
+        # Stripe's API (issue 3): customer look-ups, STRIPE_VERIFY_EVENTS, the scheduled backfill.
+        self.gateway = gateway
+        self.verifier = event_verifier(settings, gateway)
+        self.metrics = (metrics or process_metrics()) if settings.metrics_enabled else None
+        self.heartbeat = Heartbeat(engine)
         self._pg = engine.dialect.name == "postgresql"
         self._limit = settings.worker_batch_size
         self._claimed: list[Any] = []
+        self._next_override_sweep = 0.0
 
     def run_once(self, now: float | None = None) -> int:
         """Claim and apply one batch; return how many events it handled.
@@ -62,6 +84,8 @@ class Worker:
         retried with backoff and parked like any other, and never blocks the queue.
         """
         now = time.time() if now is None else now
+        if self.verifier is not None:
+            self.verifier.prepare(self.engine, self._limit, now)  # API calls: before any lock is taken
         try:
             handled = self._run_batch(now)
         except DBAPIError as exc:
@@ -75,6 +99,7 @@ class Worker:
             outcome = self._failure(row, f"{exc.__class__.__name__}: {exc.orig or exc}", now, parked=False)
             with self.engine.begin() as connection:
                 self._record(connection, [outcome])
+            self._count([row], [outcome], [0.0])
             return 1
         self._limit = self.settings.worker_batch_size
         return handled
@@ -101,10 +126,31 @@ class Worker:
             if not rows:
                 return 0
             self._claimed = list(rows)
+            if self._pg:
+                # Concurrent workers take their row locks customer by customer in one global order,
+                # so that two batches touching the same customers queue instead of deadlocking.
+                rows = sorted(rows, key=_lock_order)
             store = Store(connection, self.settings.price_tiers)
-            outcomes = [self._apply(connection, store, row, now) for row in rows]
+            outcomes, seconds = [], []
+            for row in rows:
+                started = time.perf_counter()
+                outcomes.append(self._apply(connection, store, row, now))
+                seconds.append(time.perf_counter() - started)
             self._record(connection, outcomes)
+        self._count(rows, outcomes, seconds)
         return len(rows)
+
+    def _count(self, rows: Sequence[Any], outcomes: list[_Outcome], seconds: list[float]) -> None:
+        """Metrics of a committed batch (doctor's probe event left out)."""
+        if self.metrics is not None:
+            self.metrics.events_processed(
+                (
+                    (outcome.status, row.type, row.created, took)
+                    for row, outcome, took in zip(rows, outcomes, seconds, strict=True)
+                    if not row.stripe_event_id.startswith(PROBE_EVENT_PREFIX)
+                ),
+                time.time(),
+            )
 
     def _record(self, connection: Any, outcomes: list[_Outcome]) -> None:
         connection.execute(
@@ -129,6 +175,8 @@ class Worker:
         try:
             obj = orjson.loads(row.payload)["data"]["object"]
             event = StoredEvent(row.id, row.stripe_event_id, row.type, row.created, obj)
+            if self.verifier is not None:
+                event = self.verifier.verified(event)
             with connection.begin_nested():
                 detail = handler(store, event)
         except (OperationalError, InterfaceError):
@@ -165,12 +213,33 @@ class Worker:
         base = self.settings.retry_base_seconds * (2 ** (attempts - 1))
         return float(min(base, _MAX_BACKOFF) * random.uniform(0.5, 1.0))
 
+    def apply_again(self, connection: Any, store: Store, row: Any, now: float) -> _Outcome:
+        """Apply one inbox row in its own savepoint and record its outcome, in the caller's
+        transaction: the path ``kamiyo replay`` shares with the worker (operations/replay.py)."""
+        outcome = self._apply(connection, store, row, now)
+        self._record(connection, [outcome])
+        return outcome
+
+    def sweep_expired_overrides(self, now: float | None = None) -> None:
+        """At most every second: users whose manual override expired return to Stripe's state."""
+        now = time.time() if now is None else now
+        if now < self._next_override_sweep:
+            return
+        self._next_override_sweep = now + _OVERRIDE_SWEEP_SECONDS
+        try:
+            expire_overrides(self.engine, self.settings.price_tiers, now=datetime.fromtimestamp(now, UTC))
+        except Exception as exc:  # noqa: BLE001 - retried at the next sweep; never ends the worker
+            log.error("override expiry failed: %s: %s", exc.__class__.__name__, exc)
+
     def run(self, stop: threading.Event, wake: threading.Event | None = None) -> None:
         """Apply events until ``stop`` is set; ``wake`` cuts the idle wait short."""
         wake = wake or threading.Event()
         failures = 0
         log.info("worker started database=%s", self.engine.dialect.name)
+        backfill = BackfillSchedule.start(self.engine, self.settings, stop, wake, gateway=self.gateway)
         while not stop.is_set():
+            self.heartbeat.beat()
+            self.sweep_expired_overrides()
             try:
                 handled = self.run_once()
                 failures = 0
@@ -183,14 +252,29 @@ class Worker:
             if handled < self.settings.worker_batch_size:
                 wake.wait(self.settings.worker_poll_seconds)
                 wake.clear()
+        self.heartbeat.stop()
+        if backfill is not None:
+            backfill.join()
         log.info("worker stopped")
+
+
+def _lock_order(row: Any) -> tuple[str, int]:
+    """The customer an event touches (its rows are locked in this order), then the inbox order."""
+    try:
+        obj = orjson.loads(row.payload)["data"]["object"]
+        customer = link_hint(row.type, obj).customer_id if isinstance(obj, dict) else None
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        customer = None
+    return customer or "", row.id
 
 
 def replay(engine: Engine, *, event_id: str | None = None, failed: bool = False) -> int:
     """Make events pending again (one by id, or every parked failure); return how many."""
     if (event_id is None) == (not failed):
         raise ApplyError("replay needs exactly one of an event id or --failed")
-    stmt = update(_events).values(status="pending", available_at=0.0, attempts=0, last_error=None)
+    stmt = update(_events).values(
+        status="pending", available_at=0.0, attempts=0, last_error=None, replayed_at=datetime.now(UTC)
+    )
     stmt = stmt.where(_events.c.stripe_event_id == event_id) if event_id else stmt.where(_events.c.status == "failed")
     with engine.begin() as connection:
         return int(connection.execute(stmt).rowcount)

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ from sqlalchemy import Engine
 from sqlalchemy.dialects import postgresql, sqlite
 
 from kamiyo.db.models import events_table
+from kamiyo.telemetry.delivery_stats import DeliveryKey, add_delivery_counts, minute_of
 from kamiyo.webhooks.envelope import Envelope
 
 log = logging.getLogger("kamiyo.inbox")
@@ -33,6 +35,14 @@ class _Pending:
     row: dict[str, Any]
     future: asyncio.Future[bool]
     loop: asyncio.AbstractEventLoop
+    counted: bool = True
+
+
+@dataclass(slots=True)
+class _Count:
+    """A rejected delivery to add to the delivery stats; nobody waits for it."""
+
+    key: DeliveryKey
 
 
 def inbox_row(envelope: Envelope, body: bytes, *, status: str, source: str = "webhook") -> dict[str, Any]:
@@ -62,13 +72,28 @@ def insert_new_events(connection: Any, rows: list[dict[str, Any]]) -> set[str]:
 
 
 class InboxWriter:
-    """One thread that commits batches of inbox rows for the event loop's requests."""
+    """One thread that commits batches of inbox rows for the event loop's requests.
 
-    def __init__(self, engine: Engine, *, max_batch: int = 512, on_commit: Callable[[], None] | None = None) -> None:
+    With ``count_deliveries`` it also keeps ``webhook_delivery_stats``: accepted and duplicate
+    deliveries are counted in the transaction that stores them, and rejections
+    (``count_rejection``) ride along with the next batch, so neither costs a write of its own.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch: int = 512,
+        on_commit: Callable[[], None] | None = None,
+        count_deliveries: bool = True,
+    ) -> None:
         self._engine = engine
         self._max_batch = max_batch
         self._on_commit = on_commit
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._count_deliveries = count_deliveries
+        # Rejections not yet committed (kept across a failed batch, so an outage loses none).
+        self._rejections: dict[DeliveryKey, int] = {}
+        self._queue: queue.SimpleQueue[_Pending | _Count | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -82,12 +107,20 @@ class InboxWriter:
             self._thread.join(timeout=30)
             self._thread = None
 
-    async def store(self, row: dict[str, Any]) -> bool:
-        """Commit ``row``; True if the event is new, False if its id was already stored."""
+    async def store(self, row: dict[str, Any], *, counted: bool = True) -> bool:
+        """Commit ``row``; True if the event is new, False if its id was already stored.
+
+        ``counted=False`` leaves the delivery out of the delivery stats (doctor's probe).
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
-        self._queue.put(_Pending(row, future, loop))
+        self._queue.put(_Pending(row, future, loop, counted))
         return await future
+
+    def count_rejection(self, reason: str, event_type: str = "") -> None:
+        """Count a rejected delivery with the next batch; returns at once, never touches the database."""
+        if self._count_deliveries:
+            self._queue.put(_Count((minute_of(time.time()), "rejected", reason, event_type)))
 
     def _run(self) -> None:
         stopping = False
@@ -95,7 +128,7 @@ class InboxWriter:
             first = self._queue.get()
             if first is None:
                 break
-            batch = [first]
+            batch: list[_Pending | _Count] = [first]
             while len(batch) < self._max_batch:
                 try:
                     item = self._queue.get_nowait()
@@ -105,7 +138,13 @@ class InboxWriter:
                     stopping = True
                     break
                 batch.append(item)
-            self._commit(batch)
+            pending: list[_Pending] = []
+            for item in batch:
+                if isinstance(item, _Count):
+                    self._rejections[item.key] = self._rejections.get(item.key, 0) + 1
+                else:
+                    pending.append(item)
+            self._commit(pending)
 
     def _commit(self, batch: list[_Pending]) -> None:
         try:
@@ -116,6 +155,9 @@ class InboxWriter:
                 log.warning("inbox batch of %d failed (%s); storing one by one", len(batch), exc.__class__.__name__)
                 for item in batch:
                     self._commit([item])
+                return
+            if not batch:
+                log.error("delivery stats not stored (kept for the next batch): %s", exc.__class__.__name__)
                 return
             log.error("inbox commit failed for event %s: %s", batch[0].row["stripe_event_id"], exc.__class__.__name__)
             _resolve(batch, None, exc)
@@ -132,13 +174,30 @@ class InboxWriter:
         for item in batch:
             unique.setdefault(item.row["stripe_event_id"], item.row)
         with self._engine.begin() as connection:
-            new_ids = insert_new_events(connection, list(unique.values()))
-        outcomes: list[bool] = []
-        for item in batch:
-            event_id = item.row["stripe_event_id"]
-            outcomes.append(event_id in new_ids)
-            new_ids.discard(event_id)
+            new_ids = insert_new_events(connection, list(unique.values())) if unique else set()
+            outcomes: list[bool] = []
+            for item in batch:
+                event_id = item.row["stripe_event_id"]
+                outcomes.append(event_id in new_ids)
+                new_ids.discard(event_id)
+            if self._count_deliveries:
+                # In the inserts' transaction: a delivery is counted exactly when it is stored.
+                add_delivery_counts(connection, _with_stored(self._rejections, batch, outcomes))
+        self._rejections = {}
         return outcomes
+
+
+def _with_stored(
+    rejections: dict[DeliveryKey, int], batch: list[_Pending], outcomes: list[bool]
+) -> dict[DeliveryKey, int]:
+    """The rejections plus one accepted or duplicate count per stored delivery, by minute and type."""
+    counts = dict(rejections)
+    for item, new in zip(batch, outcomes, strict=True):
+        if item.counted:
+            row = item.row
+            key = (minute_of(row["received_at"].timestamp()), "accepted" if new else "duplicate", "", row["type"])
+            counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def _resolve(batch: list[_Pending], outcomes: list[bool] | None, error: BaseException | None) -> None:

@@ -1,0 +1,1 @@
+"""``api.payments``: the runbook's payments entry points."""

@@ -1,0 +1,41 @@
+"""The runbook's recovery entry point, exactly as it is written there::
+
+    docker exec kamiyo python -c "
+    from api.payments.stripe_client import sync_all_subscriptions
+    sync_all_subscriptions()
+    "
+
+It reads the settings like every kamiyo command (environment, then ``.env``), lists every
+subscription from Stripe's API and converges each user's tier and status on it, printing the
+drift report. It is ``kamiyo sync``; see ``kamiyo.reconcile.sync``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from kamiyo.reconcile.sync import SyncSummary
+
+__all__ = ["sync_all_subscriptions"]
+
+
+def sync_all_subscriptions(
+    *, dry_run: bool = False, customer: str | None = None, email: str | None = None, resume: bool = False
+) -> SyncSummary:
+    """Sync every subscription (or one customer's, or one email's) from Stripe's API; print what changed.
+
+    A setting, API or database failure prints one line naming it and exits with status 1
+    (this runs from ``python -c``, where a traceback would only hide the message).
+    """
+    from kamiyo.cli.reconcile import run_sync
+    from kamiyo.config import load_settings
+    from kamiyo.errors import KamiyoError
+    from kamiyo.logs import configure_logging
+
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_level)
+        return run_sync(settings, dry_run=dry_run, customer=customer, email=email, resume=resume)
+    except KamiyoError as exc:
+        print(f"sync_all_subscriptions: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,0 +1,265 @@
+"""What ``kamiyo users``, ``kamiyo audit`` and ``kamiyo replay`` do (issue 5). Imported lazily by main.
+
+Thin: parse times, call ``kamiyo.operations``, print. ``--json`` prints the same dataclasses the
+admin API serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from kamiyo.config import Settings
+from kamiyo.db.engine import make_engine
+from kamiyo.diagnosis.incident_report import parse_time
+from kamiyo.errors import KamiyoError
+from kamiyo.operations.audit import AuditEntry, default_actor, list_audit
+from kamiyo.operations.overrides import clear_override, set_override
+from kamiyo.operations.replay import ReplayResult, replay_events
+from kamiyo.operations.users import DriftView, StateView, UserReport, drift, show_user
+
+_DURATION = re.compile(r"(\d+)\s*([smhdw])")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "replay":
+        return replay(settings, args)
+    if args.command == "audit":
+        return audit(settings, since=args.since, target=args.target, limit=args.limit, as_json=args.json)
+    if args.users_command == "set-tier":
+        return users_set_tier(settings, args)
+    if args.users_command == "clear-override":
+        return users_clear_override(settings, args)
+    if args.users_command == "show":
+        return users_show(settings, args.email, events=args.events, as_json=args.json)
+    return users_drift(settings, show_all=args.all, as_json=args.json)
+
+
+def expiry_time(text: str, *, now: datetime) -> datetime:
+    """``--expires``: a duration from now (``24h``, ``30m``, ``7d``) or a moment (ISO 8601 UTC, Unix seconds)."""
+    duration = _DURATION.fullmatch(text.strip())
+    if duration:
+        return now + timedelta(seconds=int(duration.group(1)) * _SECONDS[duration.group(2)])
+    return parse_time(text, now=now)
+
+
+# -- users ---------------------------------------------------------------------------------------
+
+
+def users_set_tier(settings: Settings, args: argparse.Namespace) -> int:
+    expires = expiry_time(args.expires, now=datetime.now(UTC)) if args.expires else None
+    engine = make_engine(settings)
+    try:
+        report = set_override(
+            engine,
+            email=args.email,
+            tier=args.tier,
+            reason=args.reason,
+            expires_at=expires,
+            actor=args.by or default_actor(),
+            tiers=settings.price_tiers,
+        )
+    finally:
+        engine.dispose()
+    return _print_user(report, args.json)
+
+
+def users_clear_override(settings: Settings, args: argparse.Namespace) -> int:
+    engine = make_engine(settings)
+    try:
+        report = clear_override(
+            engine, email=args.email, actor=args.by or default_actor(), reason=args.reason, tiers=settings.price_tiers
+        )
+    finally:
+        engine.dispose()
+    return _print_user(report, args.json)
+
+
+def users_show(settings: Settings, email: str, *, events: int, as_json: bool) -> int:
+    engine = make_engine(settings)
+    try:
+        with engine.connect().execution_options(readonly=True) as connection:
+            report = show_user(connection, email, tiers=settings.price_tiers, events=events)
+    finally:
+        engine.dispose()
+    if report is None:
+        raise KamiyoError(f"no user {email.strip().lower()}")
+    return _print_user(report, as_json)
+
+
+def users_drift(settings: Settings, *, show_all: bool, as_json: bool) -> int:
+    """Exit 1 when some user's stored tier is unexplained, so that it can run from cron or CI."""
+    engine = make_engine(settings)
+    try:
+        with engine.connect().execution_options(readonly=True) as connection:
+            found = drift(connection, tiers=settings.price_tiers)
+    finally:
+        engine.dispose()
+    unexplained = [d for d in found if d.explained_by is None]
+    shown = found if show_all else unexplained
+    if as_json:
+        _print_json(shown)
+    else:
+        if not shown:
+            print("no unexplained drift: every user's stored tier is what subscriptions and overrides give")
+        for item in shown:
+            print(_drift_line(item))
+        if unexplained:
+            print(
+                f"{len(unexplained)} user(s) with unexplained drift (a direct UPDATE users?): make it an audited "
+                "override with `kamiyo users set-tier`, or return them to Stripe's state with "
+                "`kamiyo users clear-override`"
+            )
+    return 1 if unexplained else 0
+
+
+def _print_user(report: UserReport, as_json: bool) -> int:
+    if as_json:
+        _print_json(report)
+        return 0
+    print(f"user {report.email} (id {report.user_id})")
+    print(f"  stored    {_state(StateView(report.tier, report.status)):<24} what the application reads")
+    print(f"  expected  {_state(report.expected):<24} what subscriptions and override give")
+    stripe = _state(report.stripe_state) if report.stripe_state else "no subscriptions"
+    print(f"  stripe    {stripe:<24} what the subscriptions alone give")
+    if report.override:
+        o = report.override
+        until = f"until {_time(o.expires_at)}" if o.expires_at else "until cleared"
+        print(f"  override  {o.tier} {until}, set by {o.set_by} at {_time(o.set_at)}: {o.reason}")
+    else:
+        print("  override  none")
+    if report.drift:
+        print(f"  drift     {_drift_line(report.drift)}")
+    print(f"  customers {', '.join(report.customer_ids) or 'none'}")
+    print("subscriptions:" if report.subscriptions else "subscriptions: none")
+    for sub in report.subscriptions:
+        flags = " cancel_at_period_end" if sub.cancel_at_period_end else ""
+        print(
+            f"  {sub.id}  {sub.status:<18} {sub.tier:<10} prices={','.join(sub.price_ids) or '-'} "
+            f"created={_unix(sub.created)} period_end={_unix(sub.current_period_end)}{flags} "
+            f"customer={sub.customer_id} from={sub.last_event_id}"
+        )
+    print("recent events, newest first:" if report.recent_events else "recent events: none")
+    for event in report.recent_events:
+        outcome = event.error if event.status in ("failed", "pending") and event.error else event.detail or ""
+        print(f"  {_time(event.received_at)}  {event.status:<8} {event.type:<36} {event.event_id}  {outcome[:160]}")
+    print("manual actions, newest first:" if report.audit else "manual actions: none")
+    for entry in report.audit:
+        print(f"  {_audit_line(entry)}")
+    return 0
+
+
+# -- audit ---------------------------------------------------------------------------------------
+
+
+def audit(settings: Settings, *, since: str | None, target: str | None, limit: int, as_json: bool) -> int:
+    moment = parse_time(since, now=datetime.now(UTC)) if since else None
+    engine = make_engine(settings)
+    try:
+        with engine.connect().execution_options(readonly=True) as connection:
+            entries = list_audit(connection, since=moment, limit=limit, target=target)
+    finally:
+        engine.dispose()
+    if as_json:
+        _print_json(entries)
+        return 0
+    if not entries:
+        print("no manual actions recorded" + (f" since {_time(moment)}" if moment else ""))
+    for entry in entries:
+        print(_audit_line(entry))
+        print(f"    before: {_compact(entry.before)}")
+        print(f"    after:  {_compact(entry.after)}")
+    return 0
+
+
+# -- replay --------------------------------------------------------------------------------------
+
+
+def replay(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 1 when an applied replay leaves an event failing (a dry run always exits 0)."""
+    since = parse_time(args.since, now=datetime.now(UTC)) if args.since else None
+    engine = make_engine(settings)
+    try:
+        results = replay_events(
+            engine,
+            event_id=args.event_id,
+            failed=args.failed,
+            event_type=args.event_type,
+            since=since,
+            dry_run=args.dry_run,
+            actor=args.by or default_actor(),
+            reason=args.reason,
+            settings=settings,
+            limit=args.limit,
+        )
+    finally:
+        engine.dispose()
+    if args.json:
+        _print_json(results)
+    else:
+        for result in results:
+            print(_replay_line(result))
+        print(_replay_summary(results, dry_run=args.dry_run))
+    failing = [r for r in results if r.status_after in ("failed", "pending")]
+    return 1 if failing and not args.dry_run else 0
+
+
+def _replay_line(result: ReplayResult) -> str:
+    line = f"{result.event_id}  {result.type}  {result.status_before} -> {result.status_after}"
+    if result.error:
+        line += f"  error: {result.error[:200]}"
+    elif result.detail:
+        line += f"  {result.detail[:200]}"
+    for change in result.changes:
+        line += f"\n    user {change.email}: {_state(change.before)} -> {_state(change.after)}"
+    return line
+
+
+def _replay_summary(results: Sequence[ReplayResult], *, dry_run: bool) -> str:
+    counts: dict[str, int] = {}
+    for result in results:
+        counts[result.status_after] = counts.get(result.status_after, 0) + 1
+    names = {"pending": "failed (the worker retries)"}
+    detail = ", ".join(f"{n} {names.get(status, status)}" for status, n in sorted(counts.items()))
+    if dry_run:
+        return f"dry run: {len(results)} event(s) would be replayed{': ' + detail if detail else ''}; nothing changed"
+    return f"{len(results)} event(s) replayed{': ' + detail if detail else ''}"
+
+
+# -- formatting ----------------------------------------------------------------------------------
+
+
+def _print_json(value: Any) -> None:
+    print(orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_UTC_Z).decode())
+
+
+def _state(state: StateView) -> str:
+    return f"{state.tier}/{state.status or '-'}"
+
+
+def _time(moment: datetime | None) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else "-"
+
+
+def _unix(seconds: int | None) -> str:
+    return _time(datetime.fromtimestamp(seconds, UTC)) if seconds else "-"
+
+
+def _drift_line(item: DriftView) -> str:
+    why = f"explained by audit entry #{item.explained_by}" if item.explained_by else "no audit entry explains it"
+    return f"{item.email}: stored {_state(item.stored)}, subscriptions and override give {_state(item.expected)}; {why}"
+
+
+def _audit_line(entry: AuditEntry) -> str:
+    reason = f": {entry.reason}" if entry.reason else ""
+    return f"#{entry.id} {_time(entry.at)}  {entry.action:<16} by {entry.actor}  on {entry.target or '-'}{reason}"
+
+
+def _compact(value: dict[str, Any] | None) -> str:
+    return orjson.dumps(value).decode() if value is not None else "-"

@@ -1,0 +1,329 @@
+"""Sync every subscription from Stripe's API: the runbook's ``sync_all_subscriptions``, ``kamiyo sync``.
+
+Stripe's list (``status=all``, pages of 100, customers expanded) is streamed: a fetcher thread
+reads the next page while the current one is applied, and at most two pages are ever held, so
+memory stays flat however many subscriptions there are. Each subscription becomes a snapshot
+exactly as a webhook's payload does (``read_subscription``), versioned as state verified at
+the time of the read, and each page is applied in one transaction (``apply.apply_page``) that
+also moves the run's cursor, so ``--resume`` continues after the last page that took effect.
+
+A user whose subscriptions fall on different pages is recomputed on each of those pages; in
+between, their state reflects only the pages applied so far. ``--dry-run`` rolls each page back,
+so it judges every page against the stored state, not against the earlier pages of the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import OperationalError
+
+from kamiyo.db.models import customers_table, users_table
+from kamiyo.domain.links import normalize_email
+from kamiyo.domain.subscriptions import read_subscription
+from kamiyo.domain.tiers import TierMap
+from kamiyo.errors import ApplyError, KamiyoError
+from kamiyo.reconcile import runs
+from kamiyo.reconcile.apply import PageResult, SyncItem, UserDrift, apply_page
+from kamiyo.reconcile.gateway import Page, StripeGateway, read_version_created
+
+log = logging.getLogger("kamiyo.reconcile")
+SYNC_EVENT_TYPE = "sync"
+_KEPT = 1000  # drift entries and problems a summary keeps in memory (all of them are streamed)
+_PAGE_ATTEMPTS = 3  # a page's transaction is retried after a deadlock or a lock timeout
+
+
+@dataclass(frozen=True)
+class SyncScope:
+    """All subscriptions, or those of one customer, or of the customers with one email."""
+
+    customer: str | None = None
+    email: str | None = None
+
+    def label(self) -> str | None:
+        if self.customer:
+            return f"customer={self.customer}"
+        if self.email:
+            return f"email={self.email}"
+        return None
+
+
+@dataclass
+class SyncSummary:
+    run_id: int
+    dry_run: bool
+    scope: str | None
+    resumed_after: str | None = None
+    status: str = runs.RUNNING
+    seen: int = 0  # subscriptions read from the API
+    stored: int = 0  # snapshots written
+    kept: int = 0  # snapshots older than what was stored (a newer webhook won)
+    linked: int = 0  # customers linked to users by email
+    changed: int = 0  # users whose tier or status changed
+    skipped: int = 0  # subscriptions that could not be applied (see problems)
+    drift: list[UserDrift] = field(default_factory=list)  # the first _KEPT
+    problems: list[str] = field(default_factory=list)  # the first _KEPT
+    seconds: float = 0.0
+    error: str | None = None
+
+
+class SyncListener:
+    """What a sync reports while it runs; the CLI draws progress and prints drift from it."""
+
+    def on_page(self, summary: SyncSummary) -> None:
+        """A page was applied (or, in a dry run, judged)."""
+
+    def on_drift(self, drift: UserDrift) -> None:
+        """A user's tier or status changed (or, in a dry run, would)."""
+
+    def on_problem(self, problem: str) -> None:
+        """A subscription was skipped."""
+
+
+def sync_subscriptions(
+    engine: Engine,
+    gateway: StripeGateway,
+    tiers: TierMap,
+    *,
+    scope: SyncScope | None = None,
+    dry_run: bool = False,
+    resume: bool = False,
+    listener: SyncListener | None = None,
+) -> SyncSummary:
+    """List subscriptions from the API and converge the database on them; return what changed.
+
+    ``resume`` continues the latest full sync that did not finish, after its last committed
+    page. Raises ``KamiyoError`` when the API or the database fails for good; the run is then
+    recorded as failed, and a full sync can be resumed.
+    """
+    scope = scope or SyncScope()
+    listener = listener or SyncListener()
+    if resume and (scope.label() is not None or dry_run):
+        raise KamiyoError("--resume continues a full sync: it cannot be combined with --customer, --email or --dry-run")
+    run, cursor = _open_run(engine, scope, dry_run=dry_run, resume=resume)
+    summary = SyncSummary(run_id=run.id, dry_run=dry_run, scope=scope.label(), resumed_after=cursor)
+    if resume:
+        summary.seen, summary.changed = run.seen, run.changed
+    label = f"sync:{run.id}"
+    log.info("sync started run=%d scope=%s dry_run=%s resume_after=%s", run.id, summary.scope or "all", dry_run, cursor)
+    started = time.monotonic()
+    pages = _Prefetched(_subscription_pages(engine, gateway, scope, cursor))
+    try:
+        for page in pages:
+            items = _read_items(page, tiers, label, summary, listener)
+            result = _apply(engine, tiers, run.id, items, page, dry_run=dry_run)
+            summary.seen += len(page.data)
+            summary.stored += result.stored
+            summary.kept += result.kept
+            summary.linked += result.linked
+            summary.changed += len(result.drift)
+            for drift in result.drift:
+                if len(summary.drift) < _KEPT:
+                    summary.drift.append(drift)
+                listener.on_drift(drift)
+            summary.seconds = time.monotonic() - started
+            listener.on_page(summary)
+    except KeyboardInterrupt:
+        pages.close()
+        _finish(engine, summary, runs.INTERRUPTED, started, "interrupted")
+        raise
+    except Exception as exc:
+        pages.close()
+        _finish(engine, summary, runs.FAILED, started, f"{exc.__class__.__name__}: {exc}")
+        if isinstance(exc, KamiyoError):
+            raise
+        raise KamiyoError(f"sync failed: {exc.__class__.__name__}: {exc}") from exc
+    _finish(engine, summary, runs.DONE, started, None)
+    return summary
+
+
+def _open_run(engine: Engine, scope: SyncScope, *, dry_run: bool, resume: bool) -> tuple[runs.Run, str | None]:
+    if not resume:
+        return runs.start_run(engine, "sync", dry_run=dry_run, scope=scope.label()), None
+    run = runs.resumable_sync(engine)
+    if run is None:
+        raise KamiyoError("nothing to resume: the latest full sync finished (run `kamiyo sync` for a new one)")
+    runs.reopen_run(engine, run.id)
+    return run, run.cursor
+
+
+def _finish(engine: Engine, summary: SyncSummary, status: str, started: float, error: str | None) -> None:
+    summary.status, summary.error = status, error
+    summary.seconds = time.monotonic() - started
+    # A dry run's counts are recorded at the end only: its pages are rolled back.
+    seen, changed = (summary.seen, summary.changed) if summary.dry_run else (None, None)
+    try:
+        runs.finish_run(engine, summary.run_id, status, error=error, seen=seen, changed=changed)
+    except Exception as exc:  # noqa: BLE001 - the database may be what failed; the run stays "running"
+        log.error("sync run=%d could not be recorded as %s: %s", summary.run_id, status, exc.__class__.__name__)
+    log.info(
+        "sync %s run=%d seen=%d stored=%d kept=%d linked=%d changed=%d skipped=%d seconds=%.1f",
+        status,
+        summary.run_id,
+        summary.seen,
+        summary.stored,
+        summary.kept,
+        summary.linked,
+        summary.changed,
+        summary.skipped,
+        summary.seconds,
+    )
+
+
+def _read_items(page: Page, tiers: TierMap, label: str, summary: SyncSummary, listener: SyncListener) -> list[SyncItem]:
+    """The page's subscriptions as snapshots; those that cannot be read are reported and skipped."""
+    created = read_version_created(page.read_at)
+    items = []
+    for obj in page.data:
+        try:
+            snapshot = read_subscription(obj, tiers, created=created, event_type=SYNC_EVENT_TYPE, event_id=label)
+        except (ApplyError, ValueError) as exc:
+            summary.skipped += 1
+            problem = f"{obj.get('id', '<no id>')}: {exc}"
+            if len(summary.problems) < _KEPT:
+                summary.problems.append(problem)
+            listener.on_problem(problem)
+            continue
+        items.append(SyncItem(snapshot, _customer_email(obj.get("customer"))))
+    return items
+
+
+def _customer_email(customer: Any) -> str | None:
+    """The expanded customer's email; None for a bare id or a deleted customer."""
+    if not isinstance(customer, dict) or customer.get("deleted"):
+        return None
+    return normalize_email(customer.get("email"))
+
+
+def _apply(
+    engine: Engine, tiers: TierMap, run_id: int, items: list[SyncItem], page: Page, *, dry_run: bool
+) -> PageResult:
+    """Apply one page in one transaction (rolled back in a dry run); retry after a deadlock."""
+    cursor = str(page.data[-1].get("id")) if page.data else None
+    for attempt in range(1, _PAGE_ATTEMPTS + 1):
+        try:
+            if dry_run:
+                with engine.connect() as connection:
+                    transaction = connection.begin()
+                    try:
+                        return apply_page(connection, tiers, items, seen_at=page.read_at)
+                    finally:
+                        transaction.rollback()
+            with engine.begin() as connection:
+                result = apply_page(connection, tiers, items, seen_at=page.read_at)
+                runs.record_progress(connection, run_id, cursor=cursor, seen=len(page.data), changed=len(result.drift))
+            return result
+        except OperationalError as exc:
+            if attempt == _PAGE_ATTEMPTS:
+                raise
+            log.warning("sync page rolled back (%s); retrying", exc.__class__.__name__)
+            time.sleep(0.1 * attempt)
+    raise AssertionError("unreachable")
+
+
+def _subscription_pages(engine: Engine, gateway: StripeGateway, scope: SyncScope, cursor: str | None) -> Iterator[Page]:
+    if scope.customer:
+        yield from _list_pages(gateway, customer=scope.customer, starting_after=None)
+        return
+    if scope.email:
+        for customer in _customers_with_email(engine, gateway, scope.email):
+            yield from _list_pages(gateway, customer=customer, starting_after=None)
+        return
+    yield from _list_pages(gateway, customer=None, starting_after=cursor)
+
+
+def _list_pages(gateway: StripeGateway, *, customer: str | None, starting_after: str | None) -> Iterator[Page]:
+    while True:
+        page = gateway.list_subscriptions(customer=customer, starting_after=starting_after)
+        if page.data:
+            yield page
+        if not page.has_more or not page.data:
+            return
+        starting_after = str(page.data[-1]["id"])
+
+
+def _customers_with_email(engine: Engine, gateway: StripeGateway, email: str) -> list[str]:
+    """Stripe's customers with this email (its filter is exact), and those linked here to its user."""
+    wanted = normalize_email(email)
+    if wanted is None:
+        raise KamiyoError(f"--email {email!r} is not an email address")
+    found: dict[str, None] = {}
+    for variant in dict.fromkeys((email.strip(), wanted)):
+        starting_after: str | None = None
+        while True:
+            page = gateway.list_customers(email=variant, starting_after=starting_after)
+            found.update((str(c["id"]), None) for c in page.data)
+            if not page.has_more or not page.data:
+                break
+            starting_after = str(page.data[-1]["id"])
+    with engine.connect().execution_options(readonly=True) as connection:
+        linked = connection.execute(
+            select(customers_table.c.id)
+            .join(users_table, users_table.c.id == customers_table.c.user_id)
+            .where(users_table.c.email == wanted)
+            .order_by(customers_table.c.id)
+        ).scalars()
+        found.update((str(c), None) for c in linked)
+    if not found:
+        raise KamiyoError(f"no Stripe customer has the email {wanted}, and no user here with it is linked to one")
+    return list(found)
+
+
+class _Prefetched:
+    """Iterate ``pages`` in a thread, one or two pages ahead: the next page is read while this one applies.
+
+    The thread is where the API's latency and the rate budget's waits are spent; a failure
+    there is raised here, in the consumer, at the point it would have been without the thread.
+    """
+
+    _DONE = object()
+
+    def __init__(self, pages: Iterator[Page], depth: int = 2) -> None:
+        self._pages = pages
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kamiyo-sync-fetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for page in self._pages:
+                if not self._put(page):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put(_Failure(exc))
+            return
+        self._put(self._DONE)
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[Page]:
+        while True:
+            item = self._queue.get()
+            if item is self._DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: BaseException

@@ -1,0 +1,236 @@
+"""Prometheus metrics: counters and histograms counted in-process, state gauges read from the database.
+
+Counters and histograms are counted where things happen (the webhook route, the worker). With
+several processes (``kamiyo serve`` and ``kamiyo worker``, or several of each) set
+``PROMETHEUS_MULTIPROC_DIR`` to one empty directory shared by all of them, created afresh when
+the service is deployed: every process then writes its counts to a file there and any process
+answers ``GET /metrics`` with the sum, so a restarted process neither resets nor doubles a
+counter. Without it each process exports only its own counts.
+
+The state gauges (backlog, parked failures, ages, live workers) are not counted at all: the
+``StateCollector`` reads them from the database at scrape time, so they are the same whichever
+process is scraped.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine
+
+from kamiyo.config import Settings
+from kamiyo.telemetry.delivery_stats import read_state
+
+log = logging.getLogger("kamiyo.metrics")
+# The `_created` series double every counter's output and no alert or dashboard reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# The rejection reasons the route can answer with (``WebhookRejected.reason`` and the two 503s).
+FAILURE_REASONS = (
+    "missing_signature",
+    "invalid_signature",
+    "timestamp",
+    "malformed",
+    "payload",
+    "too_large",
+    "not_configured",
+    "internal",
+)
+# `kamiyo doctor` probes the live endpoint. Its requests are not Stripe deliveries, so they are
+# left out of every delivery count: its unsigned ping carries this User-Agent, its signed
+# synthetic event this id prefix.
+PROBE_USER_AGENT = "kamiyo-doctor"
+PROBE_EVENT_PREFIX = "evt_kamiyo_probe_"
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_LAG_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def multiprocess_dir() -> str | None:
+    """The shared directory of multiprocess mode, or None (prometheus_client reads the same variable)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class WebhookMetrics:
+    """The in-process instruments. One per process in production (``process_metrics``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.attempts = Counter("webhook_attempts", "POST deliveries to the webhook endpoint.", registry=reg)
+        self.failures = Counter(
+            "webhook_failures", "Deliveries answered with an error, by reason.", ["reason"], registry=reg
+        )
+        self.received = Counter(
+            "stripe_webhooks_received",
+            "Verified Stripe events acknowledged with 2xx (new and duplicate), by event type.",
+            ["type"],
+            registry=reg,
+        )
+        self.applied = Counter("webhook_events_applied", "Events applied, by type.", ["type"], registry=reg)
+        self.failed = Counter(
+            "webhook_events_failed",
+            "Failed attempts to apply an event (retried with backoff, or parked after the last), by type.",
+            ["type"],
+            registry=reg,
+        )
+        self.ignored = Counter(
+            "webhook_events_ignored",
+            "Events stored as ignored (a type nothing handles), by type.",
+            ["type"],
+            registry=reg,
+        )
+        self.request_seconds = Histogram(
+            "webhook_request_duration_seconds",
+            "Time to answer a POST to the webhook endpoint (including the commit of a new event).",
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.apply_seconds = Histogram(
+            "webhook_event_apply_duration_seconds",
+            "Time to apply one event (its handler, inside the worker's transaction).",
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.lag_seconds = Histogram(
+            "webhook_event_apply_lag_seconds",
+            "From the event's `created` (Stripe's clock, 1 s resolution) to its application being committed.",
+            buckets=_LAG_BUCKETS,
+            registry=reg,
+        )
+        # Every reason exported from the start (at 0), so a failure ratio has a series to rate().
+        self._failure_children = {reason: self.failures.labels(reason) for reason in FAILURE_REASONS}
+        self._received_children: dict[str, Counter] = {}
+        self._ignored_children: dict[str, Counter] = {}
+
+    # -- the webhook route (hot path: a few dictionary look-ups and locked additions) ---------
+
+    def delivery_rejected(self, reason: str, seconds: float) -> None:
+        self.attempts.inc()
+        child = self._failure_children.get(reason)
+        if child is None:
+            child = self._failure_children[reason] = self.failures.labels(reason)
+        child.inc()
+        self.request_seconds.observe(seconds)
+
+    def delivery_received(self, event_type: str, seconds: float, *, ignored: bool) -> None:
+        """A verified event answered 2xx; ``ignored`` when it was new and of a type nothing handles."""
+        self.attempts.inc()
+        child = self._received_children.get(event_type)
+        if child is None:
+            child = self._received_children[event_type] = self.received.labels(event_type)
+        child.inc()
+        if ignored:
+            ignored_child = self._ignored_children.get(event_type)
+            if ignored_child is None:
+                ignored_child = self._ignored_children[event_type] = self.ignored.labels(event_type)
+            ignored_child.inc()
+        self.request_seconds.observe(seconds)
+
+    # -- the worker: called after a batch committed, so nothing rolled back is counted ---------
+
+    def events_processed(self, outcomes: Iterable[tuple[str, str, int, float]], committed_at: float) -> None:
+        """Count ``(status, type, created, apply seconds)`` of each event of a committed batch.
+
+        ``status`` is the stored outcome: applied, ignored, pending (a failed attempt that will
+        be retried) or failed (parked).
+        """
+        for status, event_type, created, seconds in outcomes:
+            if status == "applied":
+                self.applied.labels(event_type).inc()
+                self.apply_seconds.observe(seconds)
+                self.lag_seconds.observe(max(0.0, committed_at - created))
+            elif status == "ignored":
+                self.ignored.labels(event_type).inc()
+            else:
+                self.failed.labels(event_type).inc()
+
+
+@functools.cache
+def process_metrics() -> WebhookMetrics:
+    """This process's instruments (created once; in multiprocess mode they write to the shared dir)."""
+    return WebhookMetrics()
+
+
+class StateCollector(Collector):
+    """Gauges derived from the database (and this process's settings) at every scrape."""
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self._engine = engine
+        self._settings = settings
+
+    def collect(self) -> Iterator[Metric]:
+        yield _gauge(
+            "webhook_secret_configured",
+            "1 when STRIPE_WEBHOOK_SECRET is set in the scraped process, else 0.",
+            1.0 if self._settings.webhook_secrets else 0.0,
+        )
+        try:
+            state = read_state(self._engine, now=time.time())
+        except Exception as exc:  # noqa: BLE001 - a scrape must answer even when the database does not
+            log.warning("metrics: database unreachable for state gauges: %s", exc.__class__.__name__)
+            yield _gauge("webhook_database_up", "1 when the database answered the scrape's queries.", 0.0)
+            return
+        yield _gauge("webhook_database_up", "1 when the database answered the scrape's queries.", 1.0)
+        yield _gauge("webhook_events_backlog", "Events stored and not yet applied (status pending).", state.backlog)
+        yield _gauge(
+            "webhook_events_parked", "Events parked as failed after their last attempt (status failed).", state.parked
+        )
+        yield _gauge(
+            "webhook_oldest_pending_age_seconds",
+            "Age of the oldest pending event (0 when none is pending).",
+            state.oldest_pending_age,
+        )
+        if state.last_accepted_age is not None:  # absent until the first webhook is accepted
+            yield _gauge(
+                "webhook_seconds_since_last_accepted",
+                "Seconds since the newest event received through the webhook endpoint was stored.",
+                state.last_accepted_age,
+            )
+        yield _gauge(
+            "webhook_workers_alive", "Workers whose heartbeat is recent (see kamiyo worker).", state.workers_alive
+        )
+        yield _gauge(
+            "kamiyo_users_manual_override",
+            "Users whose tier is set by an active manual override (kamiyo users set-tier).",
+            state.active_overrides,
+        )
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+class _Scrape(Collector):
+    def __init__(self, sources: Sequence[Collector]) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        for source in self._sources:
+            yield from source.collect()
+
+
+def scrape_source(metrics: WebhookMetrics, state: StateCollector) -> Collector:
+    """What ``GET /metrics`` renders: every process's counts (multiprocess) or this one's, plus the state."""
+    path = multiprocess_dir()
+    if path is not None:
+        shared = CollectorRegistry()
+        MultiProcessCollector(shared, path=path)  # type: ignore[no-untyped-call]
+        return _Scrape([shared, state])
+    return _Scrape([metrics.registry, state])
+
+
+def render(source: Collector) -> bytes:
+    """The text exposition format of ``source`` (blocking: the state gauges query the database)."""
+    return generate_latest(source)

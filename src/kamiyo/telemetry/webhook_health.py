@@ -1,0 +1,287 @@
+"""Webhook health: one entry per check and an overall verdict.
+
+Served at ``GET /api/v1/payments/webhook/health`` (200 healthy, 503 degraded) and read by
+``kamiyo doctor``. A check is ``ok``, ``warn`` (worth knowing, not degraded), ``fail``
+(degraded) or ``skipped`` (could not be run: no database, no API key). No secret material is
+ever part of the output: a secret is described by its count, its shape and a short fingerprint
+(the first 8 hex digits of a SHA-256 of it), enough to tell two secrets apart and nothing more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, func, select, text
+
+from kamiyo import __version__
+from kamiyo.config import Settings
+from kamiyo.db.models import events_table
+from kamiyo.telemetry.delivery_stats import ServiceState, delivery_totals, read_state
+
+OK, WARN, FAIL, SKIPPED = "ok", "warn", "fail", "skipped"
+_events = events_table
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a check turns from ok to fail."""
+
+    silence_seconds: float = 1800.0  # the runbook's "no webhooks received in 30 minutes"
+    ratio_window_seconds: float = 3600.0
+    min_success_ratio: float = 0.95  # the runbook's "alert if < 95%"
+    min_attempts_for_ratio: int = 5  # fewer deliveries than this say nothing about a ratio
+    backlog_max_age_seconds: float = 600.0  # longer than the whole default retry schedule
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str
+    detail: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "detail": self.detail, **self.data}
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    checks: list[Check]
+    service: dict[str, Any]
+
+    @property
+    def healthy(self) -> bool:
+        return not any(check.status == FAIL for check in self.checks)
+
+    def check(self, name: str) -> Check:
+        return next(c for c in self.checks if c.name == name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": "healthy" if self.healthy else "degraded",
+            "checks": [check.to_json() for check in self.checks],
+            "service": self.service,
+        }
+
+
+# -- the secret -----------------------------------------------------------------------------
+
+
+def fingerprint(secret: str) -> str:
+    """A short, one-way fingerprint: tells whether two processes hold the same secret."""
+    return hashlib.sha256(b"kamiyo-secret-fingerprint:" + secret.encode()).hexdigest()[:8]
+
+
+def secret_problems(secret: str) -> list[str]:
+    """What is wrong with the shape of one secret (the classic paste errors), if anything."""
+    problems = []
+    if secret != secret.strip():
+        problems.append("surrounding whitespace or newline")
+    if any(q in secret for q in "\"'"):
+        problems.append("quotes")
+    if not secret.strip().strip("\"'").startswith("whsec_"):
+        problems.append("no whsec_ prefix")
+    elif any(c.isspace() for c in secret.strip()):
+        problems.append("whitespace inside")
+    return problems
+
+
+def check_secret(secrets: Sequence[str]) -> Check:
+    """Step 2 of the runbook: configured and well-formed."""
+    if not secrets:
+        return Check(
+            "secret",
+            FAIL,
+            "STRIPE_WEBHOOK_SECRET is not set: every delivery is answered 503",
+            {"configured": 0, "fingerprints": []},
+        )
+    problems = {f"secret #{i}": p for i, s in enumerate(secrets, start=1) if (p := secret_problems(s))}
+    data = {"configured": len(secrets), "fingerprints": [fingerprint(s) for s in secrets]}
+    if problems:
+        found = "; ".join(f"{name}: {', '.join(p)}" for name, p in problems.items())
+        return Check("secret", FAIL, f"STRIPE_WEBHOOK_SECRET is malformed ({found})", data)
+    return Check("secret", OK, f"{len(secrets)} secret(s) configured, well-formed (whsec_...)", data)
+
+
+# -- the database-backed checks -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParkedReason:
+    reason: str
+    count: int
+    example: str
+
+
+def parked_reasons(engine: Engine, *, limit: int = 10) -> list[ParkedReason]:
+    """Parked failures grouped by the error class of their last error, most frequent first."""
+    with engine.connect().execution_options(readonly=True) as connection:
+        rows = connection.execute(
+            select(_events.c.last_error, func.count())
+            .where(_events.c.status == "failed")
+            .group_by(_events.c.last_error)
+            .order_by(func.count().desc())
+            .limit(500)
+        ).all()
+    grouped: dict[str, ParkedReason] = {}
+    for error, count in rows:
+        message = error or "unknown error"
+        reason = message.split(":", 1)[0] if ":" in message else message[:60]
+        current = grouped.get(reason)
+        grouped[reason] = ParkedReason(reason, (current.count if current else 0) + int(count), message[:300])
+    return sorted(grouped.values(), key=lambda r: -r.count)[:limit]
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _check_last_accepted(state: ServiceState, limits: Thresholds) -> Check:
+    age = state.last_accepted_age
+    if age is None:
+        return Check("last_accepted", WARN, "no webhook accepted yet", {"age_seconds": None})
+    data = {"age_seconds": round(age, 1)}
+    if age > limits.silence_seconds:
+        return Check(
+            "last_accepted", FAIL, f"no webhook accepted for {_age(age)} (limit {_age(limits.silence_seconds)})", data
+        )
+    return Check("last_accepted", OK, f"last webhook accepted {_age(age)} ago", data)
+
+
+def _check_success_ratio(engine: Engine, now: float, limits: Thresholds) -> Check:
+    totals = delivery_totals(engine, now - limits.ratio_window_seconds, now + 60)
+    ratio = totals.success_ratio
+    window = _age(limits.ratio_window_seconds)
+    data = {
+        "window_seconds": limits.ratio_window_seconds,
+        "attempts": totals.attempts,
+        "failures": totals.rejected,
+        "ratio": None if ratio is None else round(ratio, 4),
+        "failures_by_reason": totals.by_reason,
+    }
+    if ratio is None:
+        return Check("success_ratio", OK, f"no deliveries in the last {window}", data)
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(totals.by_reason.items(), key=lambda kv: -kv[1]))
+    summary = f"{ratio:.1%} of {totals.attempts} deliveries succeeded in the last {window}"
+    if reasons:
+        summary += f" (failures: {reasons})"
+    if ratio < limits.min_success_ratio and totals.attempts >= limits.min_attempts_for_ratio:
+        return Check("success_ratio", FAIL, f"{summary}; below {limits.min_success_ratio:.0%}", data)
+    return Check("success_ratio", WARN if totals.rejected else OK, summary, data)
+
+
+def _check_backlog(state: ServiceState, limits: Thresholds) -> Check:
+    data = {"pending": state.backlog, "oldest_pending_age_seconds": round(state.oldest_pending_age, 1)}
+    if state.backlog == 0:
+        return Check("backlog", OK, "no event waiting to be applied", data)
+    summary = f"{state.backlog} event(s) pending, oldest {_age(state.oldest_pending_age)}"
+    if state.oldest_pending_age > limits.backlog_max_age_seconds:
+        return Check("backlog", FAIL, f"{summary}: stuck (limit {_age(limits.backlog_max_age_seconds)})", data)
+    return Check("backlog", OK, summary, data)
+
+
+def _check_parked(engine: Engine, state: ServiceState) -> Check:
+    if state.parked == 0:
+        return Check("parked", OK, "no parked failures", {"parked": 0, "reasons": []})
+    reasons = parked_reasons(engine)
+    data = {
+        "parked": state.parked,
+        "reasons": [{"reason": r.reason, "count": r.count, "example": r.example} for r in reasons],
+    }
+    listed = ", ".join(f"{r.reason} ×{r.count}" for r in reasons)
+    return Check("parked", FAIL, f"{state.parked} event(s) parked as failed ({listed})", data)
+
+
+def _check_worker(state: ServiceState, in_process: bool | None) -> Check:
+    data: dict[str, Any] = {"workers_alive": state.workers_alive}
+    if in_process is not None:
+        data["in_process_worker"] = in_process
+    if state.workers_alive:
+        return Check("worker", OK, f"{state.workers_alive} worker(s) alive", data)
+    return Check(
+        "worker",
+        FAIL,
+        "no worker alive: events are stored but not applied "
+        "(run `kamiyo serve` with WORKER_IN_PROCESS=true, or `kamiyo worker`)",
+        data,
+    )
+
+
+StripeProbe = Callable[[], str]
+
+
+def cached_probe(probe: StripeProbe, *, ttl: float = 60.0, clock: Callable[[], float] = time.monotonic) -> StripeProbe:
+    """``probe`` called at most once per ``ttl`` seconds; its answer (or its error) is reused meanwhile.
+
+    A health endpoint polled every few seconds must not turn into a stream of API requests.
+    """
+    last: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def cached() -> str:
+        with lock:
+            if not last or clock() - last["at"] > ttl:
+                try:
+                    last.update(at=clock(), answer=probe(), error=None)
+                except Exception as exc:  # noqa: BLE001 - reported by the check, and cached like an answer
+                    last.update(at=clock(), answer=None, error=exc)
+            if last["error"] is not None:
+                raise last["error"]
+            return str(last["answer"])
+
+    return cached
+
+
+def run_checks(
+    engine: Engine,
+    settings: Settings,
+    *,
+    now: float | None = None,
+    limits: Thresholds | None = None,
+    in_process_worker: bool | None = None,
+    stripe_probe: StripeProbe | None = None,
+    started_at: float | None = None,
+) -> HealthReport:
+    """Every check, in the order an operator reads them. Blocking (database, maybe Stripe)."""
+    now = time.time() if now is None else now
+    limits = limits or Thresholds()
+    checks = [check_secret(settings.webhook_secrets)]
+    try:
+        with engine.connect().execution_options(readonly=True) as connection:
+            connection.execute(text("SELECT 1"))
+        state = read_state(engine, now=now)
+    except Exception as exc:  # noqa: BLE001 - any failure means the database is not usable
+        checks.append(Check("database", FAIL, f"database unreachable: {exc.__class__.__name__}"))
+        for name in ("last_accepted", "success_ratio", "backlog", "parked", "worker"):
+            checks.append(Check(name, SKIPPED, "needs the database"))
+    else:
+        checks.append(Check("database", OK, f"{engine.dialect.name} reachable"))
+        checks.append(_check_last_accepted(state, limits))
+        checks.append(_check_success_ratio(engine, now, limits))
+        checks.append(_check_backlog(state, limits))
+        checks.append(_check_parked(engine, state))
+        checks.append(_check_worker(state, in_process_worker))
+    if stripe_probe is None:
+        checks.append(Check("stripe_api", SKIPPED, "no Stripe API key configured"))
+    else:
+        try:
+            checks.append(Check("stripe_api", OK, stripe_probe()))
+        except Exception as exc:  # noqa: BLE001 - unreachable, refused or rate limited: all degrade
+            checks.append(Check("stripe_api", FAIL, f"Stripe API unreachable: {exc.__class__.__name__}: {exc}"[:300]))
+    service = {
+        "version": __version__,
+        "pid": os.getpid(),
+        "started_at": started_at,
+        "metrics_enabled": settings.metrics_enabled,
+    }
+    return HealthReport(checks, service)

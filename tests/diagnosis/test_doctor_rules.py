@@ -1,0 +1,66 @@
+"""doctor's rules, facts in and findings out: thresholds, timing and which cause wins the verdict."""
+
+from __future__ import annotations
+
+from kamiyo.diagnosis.doctor import (
+    FAIL,
+    OK,
+    WARN,
+    Diagnosis,
+    Finding,
+    diagnose_failures,
+    diagnose_ping,
+    diagnose_secret,
+)
+from kamiyo.telemetry.delivery_stats import DeliveryRow
+from kamiyo.telemetry.webhook_health import fingerprint
+
+T0 = 1_800_000_000
+
+
+def _rows(accepted: int, **rejected: int) -> list[DeliveryRow]:
+    rows = [DeliveryRow(T0, "accepted", "", "invoice.paid", accepted)]
+    rows += [DeliveryRow(T0 + 60, "rejected", reason, "", n) for reason, n in rejected.items()]
+    return rows
+
+
+def test_a_scanners_few_bad_signatures_among_many_deliveries_only_warn() -> None:
+    findings = diagnose_failures(_rows(500, invalid_signature=2), None, started_at=None)
+    assert [f.status for f in findings] == [WARN]
+
+
+def test_an_invalid_signature_spike_long_after_the_start_is_a_mismatch_but_not_called_a_deploy() -> None:
+    findings = diagnose_failures(_rows(10, invalid_signature=20), None, started_at=T0 - 86400)
+    assert [(f.status, f.cause, f.option) for f in findings] == [(FAIL, "secret_mismatch", 2)]
+    assert "right after" not in findings[0].found
+
+
+def test_a_clean_hour_is_ok_and_mentions_the_metrics_since_start() -> None:
+    findings = diagnose_failures(_rows(40), {"invalid_signature": 3.0, "timestamp": 0.0}, started_at=None)
+    assert findings[0].status == OK
+    assert "invalid_signature 3" in findings[0].found
+
+
+def test_a_ping_answered_404_or_500_means_a_service_issue_with_option_1() -> None:
+    for status in (404, 500, 502):
+        finding = diagnose_ping(status, {"detail": "Not Found"})
+        assert (finding.status, finding.option, finding.cause) == (FAIL, 1, "service_down")
+
+
+def test_the_running_service_sharing_one_of_several_secrets_is_enough() -> None:
+    service = {"status": "ok", "configured": 2, "fingerprints": [fingerprint("whsec_new"), fingerprint("whsec_old")]}
+    assert diagnose_secret(("whsec_new",), service).status == OK
+
+
+def test_the_most_basic_failure_wins_the_verdict() -> None:
+    diagnosis = Diagnosis(
+        "http://127.0.0.1:8000",
+        [
+            Finding("Processing", FAIL, "parked", cause="parked", option=1),
+            Finding("Step 1", FAIL, "mismatch", cause="secret_mismatch", option=2),
+            Finding("Processing", FAIL, "no worker", cause="worker_down", option=1),
+        ],
+    )
+    assert diagnosis.verdict is not None
+    assert diagnosis.verdict.cause == "secret_mismatch"
+    assert "Verdict: Option 2: Update Webhook Secret. mismatch" in diagnosis.to_text()

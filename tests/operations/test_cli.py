@@ -1,0 +1,172 @@
+"""`kamiyo users`, `kamiyo audit` and `kamiyo replay` as an operator types them (in-process, on SQLite)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import orjson
+import pytest
+from sqlalchemy import text
+
+from integration.conftest import Harness
+from kamiyo import synthetic
+from kamiyo.cli.main import main
+from kamiyo.cli.operators import expiry_time
+from kamiyo.db.engine import make_engine
+from kamiyo.db.migrate import upgrade
+from kamiyo.errors import KamiyoError
+from operations.conftest import BASIC, Customer
+from support import PRICE_TIERS, SECRET, make_settings
+
+
+@pytest.fixture
+def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+    """A migrated SQLite file, and the environment `kamiyo` reads pointing at it."""
+    url = f"sqlite:///{tmp_path / 'kamiyo.db'}"
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("STRIPE_WEBHOOK_SECRET", SECRET)
+    monkeypatch.setenv("STRIPE_PRICE_TIERS", PRICE_TIERS)
+    monkeypatch.setattr("kamiyo.logs.configure_logging", lambda _level: None)  # keep pytest's log capture
+    settings = make_settings(url)
+    engine = make_engine(settings)
+    upgrade(engine)
+    yield Harness(engine, settings)
+    engine.dispose()
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_set_tier_show_clear_and_audit_round_trip(db: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+    customer = Customer("cli")
+    db.apply(customer.created(), customer.subscription("active", price=BASIC))
+
+    code, out, _ = run(
+        capsys,
+        "users",
+        "set-tier",
+        customer.email,
+        "pro",
+        "--reason",
+        "INC-12 webhooks down",
+        "--expires",
+        "24h",
+        "--by",
+        "alice",
+    )
+    assert code == 0
+    assert "stored    pro/active" in out
+    assert "override  pro until" in out
+    assert "set by alice" in out
+    assert db.tier_status(customer.email) == ("pro", "active")
+
+    code, out, _ = run(capsys, "users", "show", customer.email, "--json")
+    shown = orjson.loads(out)
+    assert (code, shown["tier"], shown["stripe_state"]["tier"], shown["override"]["reason"]) == (
+        0,
+        "pro",
+        "basic",
+        "INC-12 webhooks down",
+    )
+    assert datetime.fromisoformat(shown["override"]["expires_at"]) > datetime.now(UTC) + timedelta(hours=23)
+
+    code, out, _ = run(capsys, "users", "clear-override", customer.email, "--by", "bob", "--reason", "fixed")
+    assert (code, db.tier_status(customer.email)) == (0, ("basic", "active"))
+    assert "override  none" in out
+
+    code, out, _ = run(capsys, "audit", "--since", "1h")
+    assert code == 0
+    lines = [line for line in out.splitlines() if line.startswith("#")]
+    assert "override.clear" in lines[0]
+    assert "by bob" in lines[0]
+    assert "override.set" in lines[1]
+    assert "INC-12 webhooks down" in lines[1]
+    code, out, _ = run(capsys, "audit", "--target", customer.email, "--json")
+    assert [e["action"] for e in orjson.loads(out)] == ["override.clear", "override.set"]
+
+
+def test_set_tier_without_a_reason_is_refused_by_the_parser(db: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+    db.add_user("noreason@example.com")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["users", "set-tier", "noreason@example.com", "pro"])
+    assert exit_info.value.code == 2
+    assert "--reason" in capsys.readouterr().err
+    assert db.tier_status("noreason@example.com") == ("free", None)
+
+
+def test_show_of_an_unknown_user_and_a_refused_override_exit_1_naming_why(
+    db: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(capsys, "users", "show", "ghost@example.com")[::2] == (1, "kamiyo: no user ghost@example.com\n")
+    code, _, err = run(capsys, "users", "set-tier", "ghost@example.com", "pro", "--reason", "x")
+    assert (code, err) == (1, "kamiyo: no user ghost@example.com\n")
+
+
+def test_users_drift_exits_1_while_a_direct_update_is_unexplained(
+    db: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db.add_user("runbook@example.com")
+    assert run(capsys, "users", "drift")[0] == 0
+    with db.engine.begin() as connection:
+        connection.execute(
+            text("UPDATE users SET subscription_tier = 'pro', subscription_status = 'active' WHERE email = :e"),
+            {"e": "runbook@example.com"},
+        )
+    code, out, _ = run(capsys, "users", "drift")
+    assert code == 1
+    assert "runbook@example.com: stored pro/active, subscriptions and override give free/-" in out
+    code, out, _ = run(capsys, "users", "drift", "--json")
+    assert (code, [d["email"] for d in orjson.loads(out)]) == (1, ["runbook@example.com"])
+
+    run(capsys, "users", "set-tier", "runbook@example.com", "pro", "--reason", "document Option 5", "--by", "alice")
+    assert run(capsys, "users", "drift")[0] == 0
+
+
+def test_replay_dry_run_then_apply_with_by_and_reason(
+    db: Harness, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    customer = Customer("replay")
+    parked = customer.subscription("active", price=synthetic.price("price_legacy_gold"))
+    db.apply(customer.created(), parked)
+    code, out, _ = run(capsys, "replay", "--failed")
+    assert code == 1  # still no tier for the price: the replay fails again
+    assert f"{parked['id']}  customer.subscription.updated  failed -> failed  error: UnmappedPrice" in out
+
+    monkeypatch.setenv("STRIPE_PRICE_TIERS", PRICE_TIERS + ",price_legacy_gold=enterprise")
+    code, out, _ = run(capsys, "replay", "--failed", "--dry-run")
+    assert code == 0
+    assert f"user {customer.email}: free/- -> enterprise/active" in out
+    assert out.splitlines()[-1] == "dry run: 1 event(s) would be replayed: 1 applied; nothing changed"
+    assert db.tier_status(customer.email) == ("free", None)
+
+    code, out, _ = run(capsys, "replay", "--failed", "--by", "erin", "--reason", "mapped the legacy price")
+    assert (code, out.splitlines()[-1]) == (0, "1 event(s) replayed: 1 applied")
+    assert db.tier_status(customer.email) == ("enterprise", "active")
+    code, out, _ = run(capsys, "audit", "--target", str(parked["id"]), "--json")
+    entries = orjson.loads(out)
+    assert [(e["action"], e["actor"], e["reason"]) for e in entries] == [
+        ("replay", "erin", "mapped the legacy price"),
+        ("replay", entries[1]["actor"], None),
+    ]
+    assert entries[1]["actor"]  # the OS user, without --by
+
+
+def test_replay_selection_errors_exit_1(db: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "replay")[::2] == (1, "kamiyo: replay needs an event id, --failed, --type or --since\n")
+    assert run(capsys, "replay", "evt_never_received")[::2] == (1, "kamiyo: no event evt_never_received in the inbox\n")
+
+
+def test_expiry_time_reads_durations_from_now_and_absolute_moments() -> None:
+    now = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
+    assert expiry_time("24h", now=now) == now + timedelta(hours=24)
+    assert expiry_time("30m", now=now) == now + timedelta(minutes=30)
+    assert expiry_time("7d", now=now) == now + timedelta(days=7)
+    assert expiry_time("2026-11-28T09:00", now=now) == datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
+    with pytest.raises(KamiyoError, match="cannot read"):
+        expiry_time("tomorrow", now=now)

@@ -1,0 +1,143 @@
+"""`users show` and drift: what an operator sees of one user, and tiers nobody can explain (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import orjson
+from sqlalchemy import text, update
+
+from integration.conftest import Harness
+from kamiyo import synthetic
+from kamiyo.db.models import user_overrides_table
+from kamiyo.operations.overrides import set_override
+from kamiyo.operations.users import StateView, drift, show_user, unexplained_drift
+from operations.conftest import BASIC, PRO, Customer
+
+
+def _manual_update(ops: Harness, email: str, tier: str, status: str | None) -> None:
+    """The runbook's Option 5, verbatim but for the values."""
+    with ops.engine.begin() as connection:
+        connection.execute(
+            text("UPDATE users SET subscription_tier = :t, subscription_status = :s WHERE email = :e"),
+            {"t": tier, "s": status, "e": email},
+        )
+
+
+def _override(ops: Harness, email: str, tier: str) -> None:
+    set_override(
+        ops.engine,
+        email=email,
+        tier=tier,
+        reason="INC-3",
+        expires_at=datetime.now(UTC) + timedelta(hours=1),
+        actor="alice",
+        tiers=ops.settings.price_tiers,
+    )
+
+
+def test_show_user_reports_state_subscriptions_events_override_and_manual_actions(ops: Harness) -> None:
+    customer = Customer("shown")
+    created, sub, invoice = customer.created(), customer.subscription("active", price=BASIC), customer.invoice()
+    other = Customer("other")
+    ops.apply(created, sub, invoice, other.created(), other.subscription("active"))
+    _override(ops, customer.email, "pro")
+
+    with ops.engine.connect() as connection:
+        report = show_user(connection, customer.email.upper(), tiers=ops.settings.price_tiers)
+    assert report is not None
+    assert (report.email, report.tier, report.status) == (customer.email, "pro", "active")
+    assert report.expected == StateView("pro", "active")
+    assert report.stripe_state == StateView("basic", "active")
+    assert report.override is not None
+    assert (report.override.tier, report.override.reason, report.override.set_by) == ("pro", "INC-3", "alice")
+    assert report.customer_ids == [customer.customer_id]
+    [subscription] = report.subscriptions
+    assert (subscription.id, subscription.status, subscription.tier) == (customer.sub_id, "active", "basic")
+    assert (subscription.price_ids, subscription.last_event_id) == (["price_basic"], sub["id"])
+    # Newest first; the invoice names the customer only inside its payload; the other user's events are not here.
+    assert [e.event_id for e in report.recent_events] == [invoice["id"], sub["id"], created["id"]]
+    assert all(e.status == "applied" for e in report.recent_events)
+    assert report.drift is None
+    assert [a.action for a in report.audit] == ["override.set"]
+    # Plain values: orjson serialises the whole report as it is (the admin API's JSON).
+    assert orjson.loads(orjson.dumps(report))["override"]["tier"] == "pro"
+
+
+def test_show_user_finds_events_that_name_only_the_email_and_is_none_for_an_unknown_user(ops: Harness) -> None:
+    """A payment naming the email (in another case) but no customer still belongs to that user's story."""
+    ops.add_user("early@example.com")
+    payment = synthetic.event(
+        "payment_intent.succeeded", synthetic.payment_intent(customer_id=None, email="Early@Example.com")
+    )
+    ops.apply(payment)
+    with ops.engine.connect() as connection:
+        report = show_user(connection, "early@example.com", tiers=ops.settings.price_tiers)
+        assert show_user(connection, "nobody@example.com") is None
+    assert report is not None
+    assert [e.event_id for e in report.recent_events] == [payment["id"]]
+    assert (report.subscriptions, report.stripe_state, report.override) == ([], None, None)
+
+
+def test_a_direct_update_takes_effect_and_is_reported_as_unexplained_drift(ops: Harness) -> None:
+    customer, calm = Customer("drifted"), Customer("calm")
+    ops.apply(customer.created(), customer.subscription("active", price=BASIC), calm.created(), calm.subscription())
+    _manual_update(ops, customer.email, "pro", "active")
+
+    assert ops.tier_status(customer.email) == ("pro", "active")  # what the application reads
+    with ops.engine.connect() as connection:
+        found = unexplained_drift(connection, tiers=ops.settings.price_tiers)
+        report = show_user(connection, customer.email, tiers=ops.settings.price_tiers)
+    assert [(d.email, d.stored, d.expected, d.explained_by) for d in found] == [
+        (customer.email, StateView("pro", "active"), StateView("basic", "active"), None)
+    ]
+    assert report is not None
+    assert report.drift == found[0]
+
+
+def test_a_hand_set_tier_on_a_user_stripe_knows_nothing_of_is_drift(ops: Harness) -> None:
+    """Webhooks were down, so no subscription arrived; the manual UPDATE is the only reason for pro."""
+    ops.add_user("paid@example.com")
+    ops.add_user("free@example.com")
+    _manual_update(ops, "paid@example.com", "pro", "active")
+    with ops.engine.connect() as connection:
+        assert [(d.email, d.expected) for d in unexplained_drift(connection)] == [
+            ("paid@example.com", StateView("free", None))
+        ]
+
+
+def test_an_override_is_not_drift_and_converting_a_manual_update_into_one_explains_it(ops: Harness) -> None:
+    ops.add_user("fixed@example.com")
+    _manual_update(ops, "fixed@example.com", "pro", "active")
+    _override(ops, "fixed@example.com", "pro")
+    with ops.engine.connect() as connection:
+        assert drift(connection, tiers=ops.settings.price_tiers) == []
+
+
+def test_an_expired_override_the_worker_has_not_swept_yet_is_drift_explained_by_its_audit_entry(ops: Harness) -> None:
+    customer = Customer("expiring")
+    ops.apply(customer.created(), customer.subscription("active", price=BASIC))
+    _override(ops, customer.email, "pro")
+    with ops.engine.begin() as connection:
+        connection.execute(update(user_overrides_table).values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+        found = drift(connection, tiers=ops.settings.price_tiers)
+        unexplained = unexplained_drift(connection, tiers=ops.settings.price_tiers)
+    assert [(d.email, d.stored, d.expected) for d in found] == [
+        (customer.email, StateView("pro", "active"), StateView("basic", "active"))
+    ]
+    assert found[0].explained_by is not None
+    assert unexplained == []
+
+
+def test_drift_follows_the_best_of_several_subscriptions(ops: Harness) -> None:
+    """Expected state is derived exactly as the worker derives it: the best entitled subscription wins."""
+    customer = Customer("several")
+    second = synthetic.subscription(sub_id=synthetic.new_id("sub"), customer_id=customer.customer_id, price_obj=PRO)
+    ops.apply(customer.created(), customer.subscription("active", price=BASIC))
+    ops.apply(synthetic.event("customer.subscription.created", second))
+    assert ops.tier_status(customer.email) == ("pro", "active")
+    with ops.engine.connect() as connection:
+        assert drift(connection, tiers=ops.settings.price_tiers) == []
+    _manual_update(ops, customer.email, "basic", "active")
+    with ops.engine.connect() as connection:
+        assert [d.expected for d in drift(connection, tiers=ops.settings.price_tiers)] == [StateView("pro", "active")]

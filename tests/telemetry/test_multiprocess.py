@@ -1,0 +1,51 @@
+"""Several processes (two `kamiyo serve`, one `kamiyo worker`): counters neither reset nor double."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kamiyo import synthetic
+from support import signed
+from telemetry.scrape import samples, value
+from telemetry.servers import ServerFactory
+
+
+def _event(n: int) -> dict[str, object]:
+    customer = synthetic.customer(customer_id=f"cus_mp{n}", email=f"mp{n}@example.com")
+    return synthetic.event("customer.created", customer)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_any_process_reports_the_sum_of_all_and_a_restart_loses_nothing(servers: ServerFactory, tmp_path: Path) -> None:
+    shared = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"), "WORKER_IN_PROCESS": "false"}
+    (tmp_path / "prom").mkdir()
+    first = servers("postgres", **shared)
+    second = servers(database_url=first.database_url, **shared)
+    events = [_event(n) for n in range(5)]
+    with first.worker():
+        for event in events[:3]:
+            assert first.deliver(event).status_code == 200
+        for event in events[3:]:
+            assert second.deliver(event).status_code == 200
+        body, headers = signed(events[0], "whsec_not_the_one")
+        assert second.post(body, headers).status_code == 400
+        for event in events:
+            first.wait_status(str(event["id"]), "applied")
+
+        for server in (first, second):
+            found = samples(server.metrics_text())
+            assert value(found, "webhook_attempts_total") == 6
+            assert value(found, "stripe_webhooks_received_total", type="customer.created") == 5
+            assert value(found, "webhook_failures_total", reason="invalid_signature") == 1
+            # Counted by the worker process, reported by the serve processes.
+            assert value(found, "webhook_events_applied_total", type="customer.created") == 5
+            assert value(found, "webhook_workers_alive") == 1
+
+    second.restart()
+    assert second.deliver(_event(9)).status_code == 200
+    found = samples(second.metrics_text())
+    assert value(found, "webhook_attempts_total") == 7  # not reset to 1, not doubled to 13
+    assert value(found, "webhook_events_applied_total", type="customer.created") == 5

@@ -92,7 +92,7 @@ def _subscription_event(
         created=created,
         api_version=api,
     )
-    previous = {"items": {}} if event_type.endswith(".updated") else None
+    previous: dict[str, Any] | None = {"items": {}} if event_type.endswith(".updated") else None
     return synthetic.event(event_type, sub, created=created, api_version=api, previous_attributes=previous)
 
 
@@ -154,6 +154,7 @@ def drain_backlog(database_url: str, count: int, workdir: Path, *, secret: str, 
 
         worker = Worker(engine, settings)
         batches = handled = 0
+        cpu_started = time.process_time()
         started = time.perf_counter()
         while time.perf_counter() - started < timeout:
             done = worker.run_once()
@@ -162,16 +163,13 @@ def drain_backlog(database_url: str, count: int, workdir: Path, *, secret: str, 
             batches += 1
             handled += done
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
 
         with engine.connect() as connection:
-            statuses = dict(
-                connection.execute(select(events_table.c.status, func.count()).group_by(events_table.c.status)).all()
-            )
-            tiers = dict(
-                connection.execute(
-                    select(users_table.c.subscription_tier, func.count()).group_by(users_table.c.subscription_tier)
-                ).all()
-            )
+            by_status = select(events_table.c.status, func.count()).group_by(events_table.c.status)
+            statuses = {str(status): int(n) for status, n in connection.execute(by_status)}
+            by_tier = select(users_table.c.subscription_tier, func.count()).group_by(users_table.c.subscription_tier)
+            tiers = {str(tier): int(n) for tier, n in connection.execute(by_tier)}
         drained = statuses.get("pending", 0) == 0
         rate = handled / elapsed if elapsed else 0.0
         return {
@@ -184,6 +182,8 @@ def drain_backlog(database_url: str, count: int, workdir: Path, *, secret: str, 
             # Measured when the backlog was drained; otherwise projected from the rate so far.
             "drain_s": round(elapsed if drained else len(bodies) / rate, 2) if rate else None,
             "events_per_s": round(rate, 1),
+            # This process's CPU (for PostgreSQL, not the database server's).
+            "cpu_us_per_event": round(cpu / handled * 1e6, 1) if handled else None,
             "statuses": statuses,
             "users_by_tier": tiers,
             "users": sum(tiers.values()),

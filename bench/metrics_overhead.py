@@ -153,9 +153,9 @@ def _markdown(record: dict[str, Any]) -> str:
             f"- {backend}: median on/off {verdict['median_on_over_off']:.3f}, multiprocess/off "
             f"{verdict['median_multiprocess_over_off']:.3f} (target ≥ {TARGET}): "
             f"{'within' if verdict['within_target'] else 'NOT within'} 5%; "
-            f"p99 latency off {verdict['p99_ms_off']} ms, on {verdict['p99_ms_on']} ms; server CPU per request "
-            f"off {verdict['cpu_us_off']} µs, on {verdict['cpu_us_on']} µs, "
-            f"multiprocess {verdict['cpu_us_multiprocess']} µs "
+            f"p99 latency off {verdict['p99_ms_off']:.1f} ms, on {verdict['p99_ms_on']:.1f} ms; server CPU per "
+            f"request off {verdict['cpu_us_off']:.1f} µs, on {verdict['cpu_us_on']:.1f} µs, "
+            f"multiprocess {verdict['cpu_us_multiprocess']:.1f} µs "
             f"(medians); load average {record['machine']['loadavg_start'][0]:.1f} at the start, "
             f"{record['machine']['loadavg_end'][0]:.1f} at the end"
         )
@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         "results": {},
         "verdict": {},
     }
-    scratch = Path(tempfile.mkdtemp(prefix="kamiyo-bench-metrics-"))
+    # Not kamiyo-bench-*: a clean-up of bench/run.py's stale scratch directories once took one mid-run.
+    scratch = Path(tempfile.mkdtemp(prefix="kamiyo-metrics-overhead-"))
     try:
         for backend in backends:
             rounds: list[list[dict[str, Any]]] = []

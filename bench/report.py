@@ -26,6 +26,7 @@ def aggregate(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     runs: list[dict[str, Any]] = record["ingest"]
     bare_by_round = {run["round"]: run["load"]["rps"] for run in runs if run["scenario"] == "bare"}
     bare_median = _median(list(bare_by_round.values()))
+    bare_cpu = _median([_cpu_per_request(run) for run in runs if run["scenario"] == "bare"])
     out: dict[str, dict[str, Any]] = {}
     for scenario, title in SCENARIOS:
         mine = [run for run in runs if run["scenario"] == scenario]
@@ -49,6 +50,11 @@ def aggregate(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "cpu_main_us": _median([run["load"]["server_cpu"].get("main_thread_us_per_request", 0) for run in mine]),
             "cpu_other_us": _median([run["load"]["server_cpu"].get("other_threads_us_per_request", 0) for run in mine]),
             "cores_busy": _median([run["load"]["server_cpu"].get("cores_busy", 0) for run in mine]),
+            # bare's CPU per request over this one's: the share of bare's rate it would reach if both
+            # were purely CPU-bound on the same cores. Steadier than req/s on a busy machine.
+            "cpu_ratio": (bare_cpu / mine_cpu)
+            if bare_cpu and (mine_cpu := _median([_cpu_per_request(run) for run in mine]))
+            else None,
             "non_2xx": sum(run["load"]["non_2xx"] for run in mine),
             "socket_errors": sum(sum(v for k, v in run["load"]["errors"].items() if k != "status") for run in mine),
             "missing": sum(run["durability"]["missing"] for run in mine if run.get("durability")),
@@ -66,6 +72,15 @@ def aggregate(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _cpu_per_request(run: dict[str, Any]) -> float:
+    cpu = run["load"].get("server_cpu") or {}
+    return float(cpu.get("main_thread_us_per_request", 0) + cpu.get("other_threads_us_per_request", 0))
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
 def _num(value: float | None, digits: int = 0) -> str:
     if value is None:
         return "-"
@@ -76,7 +91,7 @@ def console_table(record: dict[str, Any]) -> str:
     figures = aggregate(record)
     lines = [
         f"{'scenario':<16} {'runs':>4} {'req/s':>9} {'min..max':>17} {'p50 ms':>7} {'p99 ms':>7} {'vs bare':>8}"
-        f" {'non-2xx':>7} {'missing':>7} {'CPU µs/req main+other':>22} {'cores':>5}",
+        f" {'non-2xx':>7} {'missing':>7} {'CPU µs/req main+other':>22} {'cores':>5} {'CPU vs bare':>11}",
     ]
     for scenario, row in figures.items():
         spread = f"{_num(row['rps_min'])}..{_num(row['rps_max'])}"
@@ -86,6 +101,7 @@ def console_table(record: dict[str, Any]) -> str:
             f"{scenario:<16} {row['runs']:>4} {_num(row['rps']):>9} {spread:>17} {_num(row['p50_ms'], 2):>7}"
             f" {_num(row['p99_ms'], 2):>7} {ratio:>8} {row['non_2xx']:>7} {missing:>7}"
             f" {_num(row['cpu_main_us']) + ' + ' + _num(row['cpu_other_us']):>22} {_num(row['cores_busy'], 2):>5}"
+            f" {_percent(row['cpu_ratio']):>11}"
         )
     for name, apply in record.get("apply", {}).items():
         if "error" in apply:
@@ -132,8 +148,8 @@ def markdown(record: dict[str, Any]) -> str:
         f"### Ingest: signed, durable deliveries at concurrency {opts['connections']}",
         "",
         "| scenario | req/s (median) | min – max | p50 | p99 | vs bare | server CPU per request"
-        " | acknowledged events stored |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        " | CPU vs bare | acknowledged events stored |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for scenario, row in figures.items():
         if scenario == "bare":
@@ -147,29 +163,42 @@ def markdown(record: dict[str, Any]) -> str:
             if row["non_2xx"]:
                 stored += f"; {row['non_2xx']:,} non-2xx answers"
         ratio = "100%" if scenario == "bare" else f"**{row['ratio'] * 100:.1f}%**"
+        cpu_ratio = "100%" if scenario == "bare" else _percent(row["cpu_ratio"])
         cpu = f"{_num(row['cpu_main_us'])} µs"
         if row["cpu_other_us"]:
             cpu += f" + {_num(row['cpu_other_us'])} µs"
         out.append(
             f"| {row['title']} | {_num(row['rps'])} | {_num(row['rps_min'])} – {_num(row['rps_max'])}"
-            f" | {_num(row['p50_ms'], 2)} ms | {_num(row['p99_ms'], 2)} ms | {ratio} | {cpu} | {stored} |"
+            f" | {_num(row['p50_ms'], 2)} ms | {_num(row['p99_ms'], 2)} ms | {ratio} | {cpu} | {cpu_ratio} | {stored} |"
         )
     out += [
         "",
         "\"vs bare\" is the median over rounds of kamiyo's req/s divided by the bare app's in the same"
         " round (the in-process-worker run is compared with the bare median). Target ≥ 25%, aim 40%."
         " Server CPU per request is the server process's user + system time over the run divided by"
-        " the requests answered: event-loop thread + other threads (inbox writer, worker).",
+        " the requests answered: event-loop thread + other threads (inbox writer, worker; for"
+        " PostgreSQL, not the database server's own CPU). \"CPU vs bare\" is the bare app's CPU per"
+        " request over this one's: the share of bare's rate it would reach if both were CPU-bound; it"
+        " moves far less with the neighbours' load than req/s, which is the first figure to move"
+        " when the shared machine is busy (the bare app is pure CPU, kamiyo waits on fsync too).",
     ]
     if any(row["exhausted"] for row in figures.values()):
         out.append("A run used up its pool of deliveries before the end: its req/s is a lower bound.")
     drain = record.get("post_load_drain")
     if drain:
+        if drain["backlog_at_end"]:
+            left = (
+                f"{drain['backlog_at_end']:,} were still pending when it stopped; the worker drained them in"
+                f" {_num(drain['drain_s'], 2)} s."
+                if drain["drain_s"] is not None
+                else f"{drain['backlog_at_end']:,} were still pending when it stopped, {drain['still_pending']:,}"
+                " of them still after the drain timeout."
+            )
+        else:
+            left = "none was left pending when it stopped (the worker kept up with what was acknowledged)."
         out += [
             "",
-            f"With the in-process worker, {drain['applied_during_load']:,} events were applied during the"
-            f" load and {drain['backlog_at_end']:,} were still pending when it stopped; the worker drained"
-            f" them in {_num(drain['drain_s'], 2)} s.",
+            f"With the in-process worker, {drain['applied_during_load']:,} events were applied during the load; {left}",
         ]
     apply = record.get("apply", {})
     if apply:
@@ -177,8 +206,8 @@ def markdown(record: dict[str, Any]) -> str:
             "",
             "### Apply: a backlog drained by the worker",
             "",
-            "| database | events | drain time | events/s | outcome |",
-            "|---|---:|---:|---:|---|",
+            "| database | events | drain time | events/s | worker CPU per event | outcome |",
+            "|---|---:|---:|---:|---:|---|",
         ]
         for name, row in apply.items():
             if "error" in row:
@@ -191,7 +220,7 @@ def markdown(record: dict[str, Any]) -> str:
                 drain = f"~{_num(row['drain_s'], 0)} s (projected: stopped after {row['elapsed_s']:.0f} s)"
             out.append(
                 f"| {name} | {row['events']:,} | {drain} | **{_num(row['events_per_s'])}** |"
-                f" {statuses}; {row['users']:,} users |"
+                f" {_num(row.get('cpu_us_per_event'))} µs | {statuses}; {row['users']:,} users |"
             )
         out += [
             "",

@@ -12,5 +12,6 @@ def configure_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("uvicorn.access", "alembic.runtime.plugins"):
+    # stripe: a line per API request at INFO, and whole response bodies (customers' emails) at DEBUG.
+    for noisy in ("uvicorn.access", "alembic.runtime.plugins", "stripe"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

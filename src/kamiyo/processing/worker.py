@@ -38,6 +38,9 @@ from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX, WebhookMetrics, process
 log = logging.getLogger("kamiyo.worker")
 _events = events_table
 _MAX_BACKOFF = 3600.0
+# PostgreSQL's deadlock_detected and serialization_failure: the transaction was chosen as a victim.
+_CONFLICT_SQLSTATES = frozenset({"40P01", "40001"})
+_CONFLICT_RETRIES = 5
 _OVERRIDE_SWEEP_SECONDS = 1.0  # how soon an expired manual override gives way to Stripe's state
 
 
@@ -87,7 +90,7 @@ class Worker:
         if self.verifier is not None:
             self.verifier.prepare(self.engine, self._limit, now)  # API calls: before any lock is taken
         try:
-            handled = self._run_batch(now)
+            handled = self._run_batch_retrying_conflicts(now)
         except DBAPIError as exc:
             if self._limit > 1:
                 self._limit = 1
@@ -103,6 +106,23 @@ class Worker:
             return 1
         self._limit = self.settings.worker_batch_size
         return handled
+
+    def _run_batch_retrying_conflicts(self, now: float) -> int:
+        """Run a batch; when PostgreSQL aborts it as a deadlock or serialization victim, run it again.
+
+        Such an abort is ordinary contention between concurrent workers (e.g. two customers of one
+        user in two batches), not a fault of any event: the whole batch rolled back, so it is
+        retried at once, without counting an attempt against its events.
+        """
+        for retry in range(_CONFLICT_RETRIES):
+            try:
+                return self._run_batch(now)
+            except DBAPIError as exc:
+                if getattr(exc.orig, "sqlstate", None) not in _CONFLICT_SQLSTATES or retry == _CONFLICT_RETRIES - 1:
+                    raise
+                log.info("worker batch lost a lock conflict (%s); running it again", exc.orig.__class__.__name__)
+                time.sleep(random.uniform(0.0, 0.02 * (retry + 1)))
+        raise AssertionError("unreachable")
 
     def _run_batch(self, now: float) -> int:
         self._claimed = []

@@ -20,7 +20,10 @@ def sync(db: Db, gateway: StripeApiGateway, **options: object) -> SyncSummary:
     return sync_subscriptions(db.engine, gateway, db.settings.price_tiers, **options)  # type: ignore[arg-type]
 
 
-def test_a_sync_fixes_every_kind_of_drift_and_says_why(db: Db, account: FakeStripe, gateway: StripeApiGateway) -> None:
+@pytest.mark.parametrize("parallel", [False, True], ids=["read-in-thread", "read-in-process"])
+def test_a_sync_fixes_every_kind_of_drift_and_says_why(
+    db: Db, account: FakeStripe, gateway: StripeApiGateway, parallel: bool
+) -> None:
     # 1: canceled in Stripe, but the webhook was lost: still active here.
     canceled = paying_customer(account, 1)
     db.deliver(webhook_for(canceled, "customer.subscription.created", created=1_700_000_100))
@@ -49,7 +52,7 @@ def test_a_sync_fixes_every_kind_of_drift_and_says_why(db: Db, account: FakeStri
         def on_drift(self, change: object) -> None:
             drift.append(change)
 
-    summary = sync(db, gateway, listener=Collect())
+    summary = sync(db, gateway, listener=Collect(), parallel=parallel)
 
     assert db.state("user1@example.com") == ("free", "canceled")
     assert db.state("user2@example.com") == ("pro", "active")
@@ -107,8 +110,9 @@ def test_sync_lists_canceled_subscriptions_too(db: Db, account: FakeStripe, gate
     assert all("status=all" in query for path, query in account.requests if path == "/v1/subscriptions")
 
 
+@pytest.mark.parametrize("parallel", [False, True], ids=["read-in-thread", "read-in-process"])
 def test_an_interrupted_sync_resumes_after_its_last_committed_page(
-    db: Db, account: FakeStripe, stripe_api: StripeApiServer
+    db: Db, account: FakeStripe, stripe_api: StripeApiServer, parallel: bool
 ) -> None:
     for n in range(1, 251):  # three pages: 100, 100, 50
         paying_customer(account, n)
@@ -117,7 +121,7 @@ def test_an_interrupted_sync_resumes_after_its_last_committed_page(
     account.fail_next(500, TEST_RETRY.attempts, path_prefix="/v1/subscriptions", after=2)
 
     with pytest.raises(StripeApiError, match="still failing after 4 attempts: 500"):
-        sync(db, gateway)
+        sync(db, gateway, parallel=parallel)
     failed = runs.resumable_sync(db.engine)
     assert failed is not None
     assert failed.status == runs.FAILED
@@ -125,7 +129,7 @@ def test_an_interrupted_sync_resumes_after_its_last_committed_page(
     assert len(db.states()) == 200
     account.requests.clear()
 
-    resumed = sync(db, gateway, resume=True)
+    resumed = sync(db, gateway, resume=True, parallel=parallel)
 
     assert resumed.run_id == failed.id
     assert resumed.resumed_after == "sub_00051"

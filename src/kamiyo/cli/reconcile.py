@@ -7,6 +7,7 @@ few seconds in a pipe.
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from typing import IO
@@ -61,6 +62,9 @@ def run_sync(
     err = err or sys.stderr
     gateway = gateway or _gateway(settings)
     engine = make_engine(settings)
+    # What is loaded by now lives as long as the command: the collector need not walk it again on
+    # every collection while the pages' objects come and go (about a tenth of a sync's CPU).
+    gc.freeze()
     try:
         _require_current_schema(engine)
         listener = _SyncPrinter(out, err, dry_run=dry_run)
@@ -73,6 +77,7 @@ def run_sync(
                 dry_run=dry_run,
                 resume=resume,
                 listener=listener,
+                parallel=True,  # a full sync reads in a second process: two cores
             )
         finally:
             listener.clear()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -32,23 +32,16 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from kamiyo.db.models import customers_table, subscriptions_table, user_overrides_table, users_table
 from kamiyo.domain.entitlement import SubscriptionState, UserState, user_state
-from kamiyo.domain.subscriptions import SubscriptionSnapshot, Version
+from kamiyo.domain.subscriptions import Version
 from kamiyo.domain.tiers import TierMap
 from kamiyo.processing.store import Store, subscription_row, subscription_upsert
+from kamiyo.reconcile.reader import SyncItem
 
 log = logging.getLogger("kamiyo.state")
 _users = users_table
 _customers = customers_table
 _subs = subscriptions_table
 _overrides = user_overrides_table
-
-
-@dataclass(frozen=True)
-class SyncItem:
-    """A subscription as read from the API, with its customer's email (normalised) if Stripe has one."""
-
-    snapshot: SubscriptionSnapshot
-    email: str | None
 
 
 @dataclass(frozen=True)
@@ -70,38 +63,95 @@ class PageResult:
     drift: list[UserDrift] = field(default_factory=list)
 
 
+class _PageStatements:
+    """The page's statements, built once per dialect (building a statement costs more than running it)."""
+
+    def __init__(self, dialect: Any) -> None:
+        self.stored_versions = select(
+            _subs.c.id,
+            _subs.c.status,
+            _subs.c.tier,
+            _subs.c.version_terminal,
+            _subs.c.version_created,
+            _subs.c.version_rank,
+            _subs.c.version_event_id,
+        ).where(_subs.c.id.in_(_ids()))
+        self.ensure_customers = dialect.insert(_customers).on_conflict_do_nothing(index_elements=["id"])
+        # No RETURNING: SQLite's executemany is then a loop in C. The statement decides which
+        # snapshots win; the counts and reasons are read off the versions read just before.
+        self.upsert_subscriptions = subscription_upsert(dialect)
+        self.customers = (
+            select(_customers.c.id, _customers.c.user_id, _customers.c.email, _customers.c.email_seen_at)
+            .where(_customers.c.id.in_(_ids()))
+            .with_for_update()
+        )
+        self.set_customer_email = (
+            update(_customers)
+            .where(_customers.c.id == bindparam("_id"))
+            .values(email=bindparam("email"), email_seen_at=bindparam("email_seen_at"))
+        )
+        self.insert_users = dialect.insert(_users).on_conflict_do_nothing(index_elements=["email"])
+        self.users_by_email = select(_users.c.id, _users.c.email).where(
+            _users.c.email.in_(bindparam("emails", expanding=True))
+        )
+        self.link_customer = (
+            update(_customers)
+            .where(_customers.c.id == bindparam("_id"))
+            .values(user_id=bindparam("_user"), linked_by="email")
+        )
+        self.set_user_customer = (
+            update(_users).where(_users.c.id == bindparam("_user")).values(stripe_customer_id=bindparam("_id"))
+        )
+        # Each user, locked, with whether an override exists (then the Store decides, in full).
+        self.users = (
+            select(
+                _users.c.id,
+                _users.c.email,
+                _users.c.subscription_tier,
+                _users.c.subscription_status,
+                _overrides.c.user_id.label("override"),
+            )
+            .select_from(_users.outerjoin(_overrides, _overrides.c.user_id == _users.c.id))
+            .where(_users.c.id.in_(_ids()))
+            .order_by(_users.c.id)
+            .with_for_update(of=_users)
+        )
+        self.subscriptions = (
+            select(_customers.c.user_id, _subs.c.id, _subs.c.status, _subs.c.tier, _subs.c.stripe_created)
+            .join(_customers, _customers.c.id == _subs.c.customer_id)
+            .where(_customers.c.user_id.in_(_ids()))
+        )
+        self.set_user_state = (
+            update(_users)
+            .where(_users.c.id == bindparam("_user"))
+            .values(
+                subscription_tier=bindparam("tier"), subscription_status=bindparam("status"), updated_at=bindparam("at")
+            )
+        )
+
+
+def _ids() -> Any:
+    return bindparam("ids", expanding=True)
+
+
+_STATEMENTS = {"postgresql": _PageStatements(postgresql), "sqlite": _PageStatements(sqlite)}
+
+
 def apply_page(connection: Connection, tiers: TierMap, items: Sequence[SyncItem], *, seen_at: int) -> PageResult:
     """Apply ``items`` in the open transaction; ``seen_at`` is when the API was read (Stripe's clock)."""
     result = PageResult()
     if not items:
         return result
-    dialect: Any = postgresql if connection.dialect.name == "postgresql" else sqlite
+    sql = _STATEMENTS[connection.dialect.name]
     # One snapshot per subscription id (a list page never repeats one; a caller's list might).
     unique = sorted({item.snapshot.id: item for item in reversed(items)}.values(), key=_lock_order)
     customer_ids = sorted({item.snapshot.customer_id for item in unique})
     reasons: dict[str, list[str]] = defaultdict(list)  # customer id -> what changed for it
 
-    before = {
-        row.id: row
-        for row in connection.execute(
-            select(
-                _subs.c.id,
-                _subs.c.status,
-                _subs.c.tier,
-                _subs.c.version_terminal,
-                _subs.c.version_created,
-                _subs.c.version_rank,
-                _subs.c.version_event_id,
-            ).where(_subs.c.id.in_([i.snapshot.id for i in unique]))
-        )
-    }
     # 1. Store.upsert_subscription: the customer row, then the snapshot through the stale-write guard.
-    # (No RETURNING: SQLite's executemany is then a loop in C. Which snapshots win is decided by
-    # the statement; the counts and reasons below are read off the versions just read.)
-    connection.execute(
-        dialect.insert(_customers).on_conflict_do_nothing(index_elements=["id"]), [{"id": c} for c in customer_ids]
-    )
-    connection.execute(subscription_upsert(dialect), [subscription_row(i.snapshot) for i in unique])
+    before = {row.id: row for row in connection.execute(sql.stored_versions, {"ids": [i.snapshot.id for i in unique]})}
+    connection.execute(sql.ensure_customers, [{"id": c} for c in customer_ids])
+    connection.execute(sql.upsert_subscriptions, [subscription_row(i.snapshot) for i in unique])
     for item in unique:
         snap = item.snapshot
         old = before.get(snap.id)
@@ -118,52 +168,25 @@ def apply_page(connection: Connection, tiers: TierMap, items: Sequence[SyncItem]
 
     # 2. Store.link_customer(customer, email, None, seen_at) for each customer seen with an email.
     emails = {item.snapshot.customer_id: item.email for item in unique if item.email}
-    links = {
-        row.id: row
-        for row in connection.execute(
-            select(_customers.c.id, _customers.c.user_id, _customers.c.email, _customers.c.email_seen_at)
-            .where(_customers.c.id.in_(customer_ids))
-            .with_for_update()
-        )
-    }
+    links = {row.id: row for row in connection.execute(sql.customers, {"ids": customer_ids})}
     newer_emails = [
         {"_id": cid, "email": email, "email_seen_at": seen_at}
         for cid, email in sorted(emails.items())
         if seen_at >= links[cid].email_seen_at and email != links[cid].email
     ]
     if newer_emails:
-        connection.execute(
-            update(_customers)
-            .where(_customers.c.id == bindparam("_id"))
-            .values(email=bindparam("email"), email_seen_at=bindparam("email_seen_at")),
-            newer_emails,
-        )
-    user_of = {cid: row.user_id for cid, row in links.items()}
+        connection.execute(sql.set_customer_email, newer_emails)
+    user_of: dict[str, int | None] = {cid: row.user_id for cid, row in links.items()}
     unlinked = {cid: email for cid, email in sorted(emails.items()) if user_of.get(cid) is None}
     if unlinked:
-        connection.execute(
-            dialect.insert(_users).on_conflict_do_nothing(index_elements=["email"]),
-            [{"email": email, "subscription_tier": "free"} for email in sorted(set(unlinked.values()))],
-        )
+        new_emails = sorted(set(unlinked.values()))
+        connection.execute(sql.insert_users, [{"email": email, "subscription_tier": "free"} for email in new_emails])
         user_by_email = {
-            row.email: int(row.id)
-            for row in connection.execute(
-                select(_users.c.id, _users.c.email).where(_users.c.email.in_(set(unlinked.values())))
-            )
+            row.email: int(row.id) for row in connection.execute(sql.users_by_email, {"emails": new_emails})
         }
-        new_links: list[dict[str, Any]] = [
-            {"_id": cid, "_user": user_by_email[email]} for cid, email in unlinked.items()
-        ]
-        connection.execute(
-            update(_customers)
-            .where(_customers.c.id == bindparam("_id"))
-            .values(user_id=bindparam("_user"), linked_by="email"),
-            new_links,
-        )
-        connection.execute(
-            update(_users).where(_users.c.id == bindparam("_user")).values(stripe_customer_id=bindparam("_id")),
-            new_links,
-        )
+        new_links = [{"_id": cid, "_user": user_by_email[email]} for cid, email in unlinked.items()]
+        connection.execute(sql.link_customer, new_links)
+        connection.execute(sql.set_user_customer, new_links)
         for cid, email in unlinked.items():
             user_of[cid] = user_by_email[email]
             reasons[cid].append(f"customer {cid} linked by email")
@@ -173,35 +196,26 @@ def apply_page(connection: Connection, tiers: TierMap, items: Sequence[SyncItem]
     # 3. Store.recompute_user for every user of these customers.
     customers_of: dict[int, list[str]] = defaultdict(list)
     for cid in customer_ids:
-        if user_of.get(cid) is not None:
-            customers_of[int(user_of[cid])].append(cid)
+        user_id = user_of.get(cid)
+        if user_id is not None:
+            customers_of[int(user_id)].append(cid)
     if customers_of:
-        result.drift = _recompute(connection, tiers, customers_of, reasons)
+        result.drift = _recompute(connection, sql, tiers, customers_of, reasons)
     return result
 
 
 def _recompute(
-    connection: Connection, tiers: TierMap, customers_of: dict[int, list[str]], reasons: dict[str, list[str]]
+    connection: Connection,
+    sql: _PageStatements,
+    tiers: TierMap,
+    customers_of: dict[int, list[str]],
+    reasons: dict[str, list[str]],
 ) -> list[UserDrift]:
     user_ids = sorted(customers_of)
-    users = {
-        int(row.id): row
-        for row in connection.execute(
-            select(_users.c.id, _users.c.email, _users.c.subscription_tier, _users.c.subscription_status)
-            .where(_users.c.id.in_(user_ids))
-            .order_by(_users.c.id)
-            .with_for_update()
-        )
-    }
-    overridden = set(
-        connection.execute(select(_overrides.c.user_id).where(_overrides.c.user_id.in_(user_ids))).scalars()
-    )
+    users = {int(row.id): row for row in connection.execute(sql.users, {"ids": user_ids})}
+    overridden = {user_id for user_id, row in users.items() if row.override is not None}
     subscriptions: dict[int, list[SubscriptionState]] = defaultdict(list)
-    for row in connection.execute(
-        select(_customers.c.user_id, _subs.c.id, _subs.c.status, _subs.c.tier, _subs.c.stripe_created)
-        .join(_customers, _customers.c.id == _subs.c.customer_id)
-        .where(_customers.c.user_id.in_([u for u in user_ids if u not in overridden]))
-    ):
+    for row in connection.execute(sql.subscriptions, {"ids": [u for u in user_ids if u not in overridden]}):
         subscriptions[int(row.user_id)].append(SubscriptionState(row.id, row.status, row.tier, row.stripe_created))
 
     drift: list[UserDrift] = []
@@ -234,14 +248,7 @@ def _recompute(
             after.status,
         )
     if writes:
-        connection.execute(
-            update(_users)
-            .where(_users.c.id == bindparam("_user"))
-            .values(
-                subscription_tier=bindparam("tier"), subscription_status=bindparam("status"), updated_at=bindparam("at")
-            ),
-            writes,
-        )
+        connection.execute(sql.set_user_state, writes)
     return drift
 
 
@@ -255,7 +262,3 @@ def _version(row: Any) -> Version:
 def _lock_order(item: SyncItem) -> tuple[str, str]:
     """The worker's order on PostgreSQL: customer by customer, so the two queue rather than deadlock."""
     return item.snapshot.customer_id, item.snapshot.id
-
-
-def customers_in(items: Iterable[SyncItem]) -> set[str]:
-    return {item.snapshot.customer_id for item in items}

@@ -17,17 +17,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 import orjson
 
-from kamiyo.config import Settings
 from kamiyo.errors import StripeApiError, StripeCursorGone
 from kamiyo.reconcile.ratelimit import RateBudget
 from kamiyo.reconcile.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from kamiyo.config import Settings  # not at run time: a reader process must not import SQLAlchemy
 
 log = logging.getLogger("kamiyo.stripe")
 PAGE_LIMIT = 100  # Stripe's maximum page size
@@ -48,6 +50,17 @@ class Fetched:
 
     obj: dict[str, Any]
     read_at: int
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """What builds a ``StripeApiGateway`` (in another process: a sync's reader)."""
+
+    secret_key: str = field(repr=False)
+    api_base: str
+    rate: float
+    retry: RetryPolicy
+    timeout: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +125,9 @@ class StripeApiGateway:
 
     The library's own retries are off (``max_network_retries=0``): it would retry a 5xx but never
     a plain 429, so every retry is decided here, by one policy, inside the rate budget.
-    Successful answers are read with ``raw_request`` as plain JSON: the typed ``StripeObject``
-    tree costs about 0.8 ms per subscription, which alone would cap a sync at ~1,200/s.
+    Answers are plain JSON dicts, never the library's typed ``StripeObject``s: building those
+    costs about 0.8 ms per subscription, which alone would cap a sync near 1,200/s (see
+    ``_request``).
     """
 
     def __init__(
@@ -138,6 +152,20 @@ class StripeApiGateway:
         self._budget = budget
         self._retry = retry or RetryPolicy()
         self._sleep = sleep
+        self._config = GatewayConfig(secret_key, api_base, budget.rate, self._retry, timeout)
+
+    def config(self) -> GatewayConfig:
+        return self._config
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig) -> StripeApiGateway:
+        return cls(
+            config.secret_key,
+            config.api_base,
+            budget=shared_budget(config.rate),
+            retry=config.retry,
+            timeout=config.timeout,
+        )
 
     # -- the interface ---------------------------------------------------------------------
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine, Row, String, bindparam, func, select, update
 
 from kamiyo.db.models import reconcile_runs_table
 
@@ -49,12 +50,20 @@ def get_run(engine: Engine, run_id: int) -> Run:
     return _run(row)
 
 
+_PROGRESS = (
+    update(_runs)
+    .where(_runs.c.id == bindparam("run_id"))
+    .values(
+        seen=_runs.c.seen + bindparam("seen"),
+        changed=_runs.c.changed + bindparam("changed"),
+        cursor=func.coalesce(bindparam("cursor", type_=String), _runs.c.cursor),
+    )
+)
+
+
 def record_progress(connection: Connection, run_id: int, *, cursor: str | None, seen: int, changed: int) -> None:
     """Add a page's counts and move the cursor, inside the transaction that applied the page."""
-    values: dict[str, object] = {"seen": _runs.c.seen + seen, "changed": _runs.c.changed + changed}
-    if cursor is not None:
-        values["cursor"] = cursor
-    connection.execute(update(_runs).where(_runs.c.id == run_id).values(**values))
+    connection.execute(_PROGRESS, {"run_id": run_id, "seen": seen, "changed": changed, "cursor": cursor})
 
 
 def finish_run(
@@ -112,8 +121,8 @@ def as_utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def _run(row: object) -> Run:
-    mapping = row._mapping  # type: ignore[attr-defined]
+def _run(row: Row[Any]) -> Run:
+    mapping = row._mapping
     return Run(
         id=int(mapping["id"]),
         kind=mapping["kind"],

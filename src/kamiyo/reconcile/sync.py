@@ -1,11 +1,12 @@
 """Sync every subscription from Stripe's API: the runbook's ``sync_all_subscriptions``, ``kamiyo sync``.
 
-Stripe's list (``status=all``, pages of 100, customers expanded) is streamed: a fetcher thread
-reads the next page while the current one is applied, and at most two pages are ever held, so
-memory stays flat however many subscriptions there are. Each subscription becomes a snapshot
-exactly as a webhook's payload does (``read_subscription``), versioned as state verified at
-the time of the read, and each page is applied in one transaction (``apply.apply_page``) that
-also moves the run's cursor, so ``--resume`` continues after the last page that took effect.
+Stripe's list (``status=all``, pages of 100, customers expanded) is streamed: a reader
+(``reader.py``: a thread, or for a full sync from the CLI a child process) reads the next pages
+while the current one is applied, and at most two pages wait, so memory stays flat however many
+subscriptions there are. Each subscription becomes a snapshot exactly as a webhook's payload
+does (``read_subscription``), versioned as state verified at the time of the read, and each
+page is applied in one transaction (``apply.apply_page``) that also moves the run's cursor, so
+``--resume`` continues after the last page that took effect.
 
 A user whose subscriptions fall on different pages is recomputed on each of those pages; in
 between, their state reflects only the pages applied so far. ``--dry-run`` rolls each page back,
@@ -14,28 +15,26 @@ so it judges every page against the stored state, not against the earlier pages 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import queue
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import OperationalError
 
 from kamiyo.db.models import customers_table, users_table
 from kamiyo.domain.links import normalize_email
-from kamiyo.domain.subscriptions import read_subscription
 from kamiyo.domain.tiers import TierMap
-from kamiyo.errors import ApplyError, KamiyoError
+from kamiyo.errors import KamiyoError
 from kamiyo.reconcile import runs
-from kamiyo.reconcile.apply import PageResult, SyncItem, UserDrift, apply_page
-from kamiyo.reconcile.gateway import Page, StripeGateway, read_version_created
+from kamiyo.reconcile.apply import PageResult, UserDrift, apply_page
+from kamiyo.reconcile.gateway import Page, StripeApiGateway, StripeGateway
+from kamiyo.reconcile.reader import ProcessReader, ReadPage, ThreadReader, list_pages
 
 log = logging.getLogger("kamiyo.reconcile")
-SYNC_EVENT_TYPE = "sync"
 _KEPT = 1000  # drift entries and problems a summary keeps in memory (all of them are streamed)
 _PAGE_ATTEMPTS = 3  # a page's transaction is retried after a deadlock or a lock timeout
 
@@ -96,12 +95,14 @@ def sync_subscriptions(
     dry_run: bool = False,
     resume: bool = False,
     listener: SyncListener | None = None,
+    parallel: bool = False,
 ) -> SyncSummary:
     """List subscriptions from the API and converge the database on them; return what changed.
 
     ``resume`` continues the latest full sync that did not finish, after its last committed
-    page. Raises ``KamiyoError`` when the API or the database fails for good; the run is then
-    recorded as failed, and a full sync can be resumed.
+    page. ``parallel`` reads a full sync's pages in a child process (``reader.ProcessReader``),
+    when the gateway allows it. Raises ``KamiyoError`` when the API or the database fails for
+    good; the run is then recorded as failed, and a full sync can be resumed.
     """
     scope = scope or SyncScope()
     listener = listener or SyncListener()
@@ -114,12 +115,19 @@ def sync_subscriptions(
     label = f"sync:{run.id}"
     log.info("sync started run=%d scope=%s dry_run=%s resume_after=%s", run.id, summary.scope or "all", dry_run, cursor)
     started = time.monotonic()
-    pages = _Prefetched(_subscription_pages(engine, gateway, scope, cursor))
+    if parallel and scope.label() is None and isinstance(gateway, StripeApiGateway):
+        pages: ThreadReader | ProcessReader = ProcessReader(gateway, tiers, label, cursor)
+    else:
+        pages = ThreadReader(_subscription_pages(engine, gateway, scope, cursor), tiers, label)
     try:
         for page in pages:
-            items = _read_items(page, tiers, label, summary, listener)
-            result = _apply(engine, tiers, run.id, items, page, dry_run=dry_run)
-            summary.seen += len(page.data)
+            for problem in page.problems:
+                summary.skipped += 1
+                if len(summary.problems) < _KEPT:
+                    summary.problems.append(problem)
+                listener.on_problem(problem)
+            result = _apply(engine, tiers, run.id, page, dry_run=dry_run)
+            summary.seen += page.listed
             summary.stored += result.stored
             summary.kept += result.kept
             summary.linked += result.linked
@@ -131,15 +139,15 @@ def sync_subscriptions(
             summary.seconds = time.monotonic() - started
             listener.on_page(summary)
     except KeyboardInterrupt:
-        pages.close()
         _finish(engine, summary, runs.INTERRUPTED, started, "interrupted")
         raise
     except Exception as exc:
-        pages.close()
         _finish(engine, summary, runs.FAILED, started, f"{exc.__class__.__name__}: {exc}")
         if isinstance(exc, KamiyoError):
             raise
         raise KamiyoError(f"sync failed: {exc.__class__.__name__}: {exc}") from exc
+    finally:
+        pages.close()
     _finish(engine, summary, runs.DONE, started, None)
     return summary
 
@@ -177,48 +185,22 @@ def _finish(engine: Engine, summary: SyncSummary, status: str, started: float, e
     )
 
 
-def _read_items(page: Page, tiers: TierMap, label: str, summary: SyncSummary, listener: SyncListener) -> list[SyncItem]:
-    """The page's subscriptions as snapshots; those that cannot be read are reported and skipped."""
-    created = read_version_created(page.read_at)
-    items = []
-    for obj in page.data:
-        try:
-            snapshot = read_subscription(obj, tiers, created=created, event_type=SYNC_EVENT_TYPE, event_id=label)
-        except (ApplyError, ValueError) as exc:
-            summary.skipped += 1
-            problem = f"{obj.get('id', '<no id>')}: {exc}"
-            if len(summary.problems) < _KEPT:
-                summary.problems.append(problem)
-            listener.on_problem(problem)
-            continue
-        items.append(SyncItem(snapshot, _customer_email(obj.get("customer"))))
-    return items
-
-
-def _customer_email(customer: Any) -> str | None:
-    """The expanded customer's email; None for a bare id or a deleted customer."""
-    if not isinstance(customer, dict) or customer.get("deleted"):
-        return None
-    return normalize_email(customer.get("email"))
-
-
-def _apply(
-    engine: Engine, tiers: TierMap, run_id: int, items: list[SyncItem], page: Page, *, dry_run: bool
-) -> PageResult:
+def _apply(engine: Engine, tiers: TierMap, run_id: int, page: ReadPage, *, dry_run: bool) -> PageResult:
     """Apply one page in one transaction (rolled back in a dry run); retry after a deadlock."""
-    cursor = str(page.data[-1].get("id")) if page.data else None
     for attempt in range(1, _PAGE_ATTEMPTS + 1):
         try:
             if dry_run:
                 with engine.connect() as connection:
                     transaction = connection.begin()
                     try:
-                        return apply_page(connection, tiers, items, seen_at=page.read_at)
+                        return apply_page(connection, tiers, page.items, seen_at=page.read_at)
                     finally:
                         transaction.rollback()
-            with engine.begin() as connection:
-                result = apply_page(connection, tiers, items, seen_at=page.read_at)
-                runs.record_progress(connection, run_id, cursor=cursor, seen=len(page.data), changed=len(result.drift))
+            with engine.connect() as connection, _without_fsync(connection), connection.begin():
+                result = apply_page(connection, tiers, page.items, seen_at=page.read_at)
+                runs.record_progress(
+                    connection, run_id, cursor=page.last_id, seen=page.listed, changed=len(result.drift)
+                )
             return result
         except OperationalError as exc:
             if attempt == _PAGE_ATTEMPTS:
@@ -228,25 +210,37 @@ def _apply(
     raise AssertionError("unreachable")
 
 
+@contextlib.contextmanager
+def _without_fsync(connection: Connection) -> Iterator[None]:
+    """On SQLite, commit this connection's transactions without an fsync each (``synchronous=NORMAL``).
+
+    A page can always be read from Stripe again, so it need not be durable the moment it commits:
+    in WAL mode NORMAL is crash-safe, and only a power loss could take the last pages back. An
+    fsync per page (1 to 40 ms here) would otherwise cost more than applying it. The run's final
+    commit, at the engine's own level (FULL by default), makes every page before it durable too.
+    The webhook path keeps its own connections' level: an acknowledged event is never at risk.
+    """
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    raw: Any = connection.connection.driver_connection  # outside any transaction: SQLite's rule for this pragma
+    level = raw.execute("PRAGMA synchronous").fetchone()[0]
+    raw.execute("PRAGMA synchronous=NORMAL")
+    try:
+        yield
+    finally:
+        raw.execute(f"PRAGMA synchronous={int(level)}")
+
+
 def _subscription_pages(engine: Engine, gateway: StripeGateway, scope: SyncScope, cursor: str | None) -> Iterator[Page]:
     if scope.customer:
-        yield from _list_pages(gateway, customer=scope.customer, starting_after=None)
+        yield from list_pages(gateway, customer=scope.customer, starting_after=None)
         return
     if scope.email:
         for customer in _customers_with_email(engine, gateway, scope.email):
-            yield from _list_pages(gateway, customer=customer, starting_after=None)
+            yield from list_pages(gateway, customer=customer, starting_after=None)
         return
-    yield from _list_pages(gateway, customer=None, starting_after=cursor)
-
-
-def _list_pages(gateway: StripeGateway, *, customer: str | None, starting_after: str | None) -> Iterator[Page]:
-    while True:
-        page = gateway.list_subscriptions(customer=customer, starting_after=starting_after)
-        if page.data:
-            yield page
-        if not page.has_more or not page.data:
-            return
-        starting_after = str(page.data[-1]["id"])
+    yield from list_pages(gateway, customer=None, starting_after=cursor)
 
 
 def _customers_with_email(engine: Engine, gateway: StripeGateway, email: str) -> list[str]:
@@ -274,56 +268,3 @@ def _customers_with_email(engine: Engine, gateway: StripeGateway, email: str) ->
     if not found:
         raise KamiyoError(f"no Stripe customer has the email {wanted}, and no user here with it is linked to one")
     return list(found)
-
-
-class _Prefetched:
-    """Iterate ``pages`` in a thread, one or two pages ahead: the next page is read while this one applies.
-
-    The thread is where the API's latency and the rate budget's waits are spent; a failure
-    there is raised here, in the consumer, at the point it would have been without the thread.
-    """
-
-    _DONE = object()
-
-    def __init__(self, pages: Iterator[Page], depth: int = 2) -> None:
-        self._pages = pages
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kamiyo-sync-fetch", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for page in self._pages:
-                if not self._put(page):
-                    return
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            self._put(_Failure(exc))
-            return
-        self._put(self._DONE)
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self) -> Iterator[Page]:
-        while True:
-            item = self._queue.get()
-            if item is self._DONE:
-                return
-            if isinstance(item, _Failure):
-                raise item.error
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
-
-
-@dataclass(frozen=True)
-class _Failure:
-    error: BaseException

@@ -24,6 +24,8 @@ RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 WORKDIR /app
 # The runbook's backfill imports api.payments.stripe_client with /app as the working directory.
 COPY api ./api
+# Option 5's sqlite3 waits for the service's write lock instead of failing with "database is locked".
+COPY --chown=10001:10001 deploy/sqlite/sqliterc /home/kamiyo/.sqliterc
 USER 10001:10001
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -14,8 +14,10 @@ import os
 import re
 import shutil
 import signal
+import sqlite3 as sqlite_module
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -221,18 +223,63 @@ def _install_the_wheel(tmp_path: Path) -> Path:
     return venv
 
 
-def _stand_in_for_app(tmp_path: Path) -> Path:
-    """A directory laid out as the final stage lays out /app: its COPY instructions and data/."""
-    app = tmp_path / "app"
+HOME = "/home/kamiyo/"
+
+
+def _stand_in_for_app(tmp_path: Path) -> tuple[Path, Path]:
+    """Directories laid out as the final stage lays out /app (its COPY instructions and data/) and
+    the home of the user kamiyo (the sqlite3 CLI's ~/.sqliterc)."""
+    app, home = tmp_path / "app", tmp_path / "home"
     (app / "data").mkdir(parents=True)
+    home.mkdir()
     for keyword, arguments in _final_stage():
-        if keyword == "COPY" and not arguments.startswith("--from"):
-            source, target = arguments.split()
-            if (ROOT / source).exists():  # a missing one fails `docker build`, and the import at the end here
-                shutil.copytree(
-                    ROOT / source, app / target.removeprefix("./"), ignore=shutil.ignore_patterns("__pycache__")
-                )
-    return app
+        words = arguments.split()
+        if keyword != "COPY" or any(word.startswith("--from") for word in words):
+            continue
+        source, target = (word for word in words if not word.startswith("--"))
+        destination = home / target.removeprefix(HOME) if target.startswith(HOME) else app / target.removeprefix("./")
+        assert not target.startswith("/") or target.startswith(HOME), f"COPY to {target}: not stood in for"
+        if (ROOT / source).is_dir():
+            shutil.copytree(ROOT / source, destination, ignore=shutil.ignore_patterns("__pycache__"))
+        elif (ROOT / source).exists():  # a missing one fails `docker build`, and the import at the end here
+            shutil.copyfile(ROOT / source, destination)
+    return app, home
+
+
+def test_option_5_waits_for_the_services_write_lock_instead_of_failing(tmp_path: Path) -> None:
+    """The image's ~/.sqliterc gives the sqlite3 CLI a busy timeout: an UPDATE issued while the
+    service holds SQLite's write lock waits for it. Without the file the same UPDATE fails."""
+    sqlite3 = _require_sqlite3_cli()
+    _app, home = _stand_in_for_app(tmp_path)
+    assert (home / ".sqliterc").is_file()
+    assert "useradd --create-home" in (ROOT / "Dockerfile").read_text()  # so ~ is /home/kamiyo
+    database = tmp_path / "kamiyo.db"
+    service = sqlite_module.connect(database, isolation_level=None, check_same_thread=False)
+    service.execute("PRAGMA journal_mode=WAL")
+    service.execute("CREATE TABLE users (email TEXT, subscription_tier TEXT)")
+    service.execute("INSERT INTO users VALUES ('user@example.com', 'free')")
+    update = "UPDATE users SET subscription_tier = 'pro' WHERE email = 'user@example.com'"
+
+    def option_5(init: Path) -> subprocess.CompletedProcess[str]:
+        # The CLI reads ~/.sqliterc of the user in /etc/passwd (/home/kamiyo in the image, where
+        # the Dockerfile puts it); -init names the file it reads.
+        command = [sqlite3, "-init", str(init), str(database), update]
+        return subprocess.run(command, capture_output=True, text=True, timeout=30)
+
+    (tmp_path / "empty").write_text("")
+    service.execute("BEGIN IMMEDIATE")  # a write transaction of the service, in progress
+    without = option_5(tmp_path / "empty")
+    assert without.returncode != 0, without
+    assert "locked" in without.stderr, without
+    release = threading.Timer(0.5, lambda: service.execute("COMMIT"))
+    release.start()
+    try:
+        waited = option_5(home / ".sqliterc")
+    finally:
+        release.join()
+    assert waited.returncode == 0, waited.stderr
+    assert service.execute("SELECT subscription_tier FROM users").fetchone() == ("pro",)
+    service.close()
 
 
 @pytest.mark.slow
@@ -242,12 +289,12 @@ def test_the_image_command_serves_what_the_runbook_checks(tmp_path: Path) -> Non
     Option 5's sqlite3 SELECT and UPDATE, drift reported, a graceful stop, and the backfill import."""
     sqlite3 = _require_sqlite3_cli()
     venv = _install_the_wheel(tmp_path)
-    app = _stand_in_for_app(tmp_path)
+    app, home = _stand_in_for_app(tmp_path)
     stage, port = _final_stage(), free_port()
     env = {key: value.replace(APP + "/", f"{app}/") for key, value in _env(stage).items()}
     env.update(
         PATH=f"{venv / 'bin'}:{os.environ['PATH']}",
-        HOME=str(tmp_path),
+        HOME=str(home),  # the sqlite3 CLI reads the image's ~/.sqliterc from there
         PORT=str(port),
         HOST="127.0.0.1",
         STRIPE_WEBHOOK_SECRET=SECRET,
@@ -294,7 +341,10 @@ def test_the_image_command_serves_what_the_runbook_checks(tmp_path: Path) -> Non
             assert httpx.post(f"{url}{WEBHOOK_PATH}", content=body, headers=headers, timeout=5).status_code == 200
 
         def option_5(sql: str) -> str:
-            result = subprocess.run([sqlite3, str(database), sql], capture_output=True, text=True, timeout=30)
+            # The CLI reads ~/.sqliterc of the user in /etc/passwd (/home/kamiyo in the image), not
+            # $HOME: -init names the file it reads there.
+            option = [sqlite3, "-init", str(home / ".sqliterc"), str(database), sql]
+            result = subprocess.run(option, env=env, capture_output=True, text=True, timeout=30)
             assert result.returncode == 0, result.stderr
             return result.stdout.strip()
 

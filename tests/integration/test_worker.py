@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
+import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
+from integration.conftest import Harness
 from kamiyo import synthetic
 from kamiyo.config import Settings
+from kamiyo.db.engine import make_engine
+from kamiyo.db.migrate import upgrade
 from kamiyo.db.models import customers_table
 from kamiyo.domain.tiers import parse_price_tiers
 from kamiyo.errors import ApplyError
 from kamiyo.processing import handlers
 from kamiyo.processing.worker import Worker, replay
-from support import PRICE_TIERS
+from support import PRICE_TIERS, make_settings
 
 PRO = synthetic.price("price_pro_monthly")
 BASIC = synthetic.price("price_basic")
@@ -601,3 +607,29 @@ def test_customer_rows_record_how_they_were_linked(harness: Any) -> None:
     with harness.engine.connect() as connection:
         row = connection.execute(select(customers_table).where(customers_table.c.id == "cus_1")).mappings().one()
     assert (row["linked_by"], row["email"], row["email_seen_at"]) == ("email", "ann@example.com", T)
+
+
+def test_an_idle_worker_on_sqlite_leaves_the_write_lock_to_others(tmp_path: Path) -> None:
+    """With nothing due, a poll only reads: another process may hold SQLite's write lock (the runbook's
+    `sqlite3 ... UPDATE users`) and the worker neither waits for it nor takes it; once an event is
+    due and the lock is free, the worker applies it. (SQLite only: PostgreSQL has no such lock.)"""
+    path = tmp_path / "kamiyo.db"
+    settings = make_settings(f"sqlite:///{path}")
+    engine = make_engine(settings)
+    upgrade(engine)
+    harness = Harness(engine, settings)
+    other = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # the other process' write transaction, open
+        done: list[int] = []
+        poll = threading.Thread(target=lambda: done.append(Worker(harness.engine, harness.settings).run_once()))
+        poll.start()
+        poll.join(timeout=10)  # a poll that took the write lock would wait out the 30 s busy timeout
+        assert done == [0]
+        other.execute("COMMIT")
+    finally:
+        other.close()
+    event = sub_event("active")
+    harness.deliver(event)
+    assert harness.drain() == 1
+    engine.dispose()

@@ -11,7 +11,7 @@ from kamiyo.errors import KamiyoError, StripeApiError
 from kamiyo.reconcile import runs
 from kamiyo.reconcile.gateway import StripeApiGateway
 from kamiyo.reconcile.ratelimit import RateBudget
-from kamiyo.reconcile.sync import SyncListener, SyncScope, SyncSummary, sync_subscriptions
+from kamiyo.reconcile.sync import SyncListener, SyncScope, SyncSummary, _refresh_statistics_after, sync_subscriptions
 from reconcile.harness import TEST_RETRY, Db, paying_customer, webhook_for
 from stripe_api import API_KEY, FakeStripe, StripeApiServer
 
@@ -246,3 +246,25 @@ def test_a_wrong_api_key_fails_with_a_message_that_does_not_contain_it(db: Db, s
     assert run is not None
     assert run.status == runs.FAILED
     assert wrong not in (run.error or "")
+
+
+def test_statistics_are_refreshed_as_often_as_the_tables_can_have_grown_fourfold() -> None:
+    assert [n for n in range(1, 300) if _refresh_statistics_after(n)] == [1, 4, 16, 64, 256]
+
+
+def test_on_postgresql_a_sync_leaves_the_planner_statistics_of_what_it_filled(
+    db: Db, account: FakeStripe, gateway: StripeApiGateway
+) -> None:
+    """A first sync fills empty tables faster than autovacuum analyzes them; the sync analyzes them
+    itself (on SQLite there is nothing to do: its planner needs no statistics for these lookups)."""
+    paying_customer(account, 1)
+    sync(db, gateway)
+    if db.engine.dialect.name != "postgresql":
+        assert db.state("user1@example.com") == ("pro", "active")
+        return
+    with db.engine.connect() as connection:
+        analyzed = connection.exec_driver_sql(
+            "SELECT relname FROM pg_stat_user_tables WHERE last_analyze IS NOT NULL"
+            " AND relname IN ('stripe_customers', 'stripe_subscriptions', 'users')"
+        )
+        assert sorted(row[0] for row in analyzed) == ["stripe_customers", "stripe_subscriptions", "users"]

@@ -9,6 +9,7 @@ from dataclasses import replace
 from kamiyo import synthetic
 from kamiyo.processing.worker import Worker
 from kamiyo.reconcile.gateway import StripeApiGateway
+from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX
 from reconcile.harness import TEST_RETRY, Db, paying_customer, webhook_for
 from stripe_api import FakeStripe
 
@@ -76,3 +77,19 @@ def test_when_the_api_keeps_failing_the_worker_applies_the_events_as_delivered(
 
     assert db.state("user1@example.com") == ("pro", "active")
     assert len(account.requests) == TEST_RETRY.attempts  # one request retried, then the payload was used
+
+
+def test_doctors_probe_event_never_reaches_stripes_api(db: Db, account: FakeStripe, gateway: StripeApiGateway) -> None:
+    probe = synthetic.trigger_event(
+        "customer.subscription.created",
+        email="",
+        price_obj=synthetic.price("price_pro_monthly"),
+        customer_id="cus_kamiyo_probe_1",
+        sub_id="sub_kamiyo_probe_1",
+    )
+    probe["id"] = PROBE_EVENT_PREFIX + "1"
+    db.deliver(probe)
+
+    db.drain(Worker(db.engine, replace(db.settings, stripe_verify_events=True), gateway=gateway))
+
+    assert account.requests == []

@@ -141,6 +141,10 @@ class Worker:
         )
         if self._pg:
             claim = claim.with_for_update(skip_locked=True)
+        elif not self._anything_due(now):
+            # SQLite has one write lock; an idle worker that took it on every poll would make the
+            # runbook's `sqlite3 ... UPDATE users` (no busy timeout by default) fail as "locked".
+            return 0
         with self.engine.begin() as connection:
             rows = connection.execute(claim).all()
             if not rows:
@@ -159,6 +163,12 @@ class Worker:
             self._record(connection, outcomes)
         self._count(rows, outcomes, seconds)
         return len(rows)
+
+    def _anything_due(self, now: float) -> bool:
+        """One indexed read, without the write lock: is any event ready to apply?"""
+        probe = select(_events.c.id).where(_events.c.status == "pending", _events.c.available_at <= now).limit(1)
+        with self.engine.connect().execution_options(readonly=True) as connection:
+            return connection.execute(probe).first() is not None
 
     def _count(self, rows: Sequence[Any], outcomes: list[_Outcome], seconds: list[float]) -> None:
         """Metrics of a committed batch (doctor's probe event left out)."""

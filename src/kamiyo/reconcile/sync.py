@@ -119,6 +119,7 @@ def sync_subscriptions(
         pages: ThreadReader | ProcessReader = ProcessReader(gateway, tiers, label, cursor)
     else:
         pages = ThreadReader(_subscription_pages(engine, gateway, scope, cursor), tiers, label)
+    pages_applied = 0
     try:
         for page in pages:
             for problem in page.problems:
@@ -127,6 +128,9 @@ def sync_subscriptions(
                     summary.problems.append(problem)
                 listener.on_problem(problem)
             result = _apply(engine, tiers, run.id, page, dry_run=dry_run)
+            pages_applied += 1
+            if not dry_run and _refresh_statistics_after(pages_applied):
+                _analyze(engine)
             summary.seen += page.listed
             summary.stored += result.stored
             summary.kept += result.kept
@@ -208,6 +212,26 @@ def _apply(engine: Engine, tiers: TierMap, run_id: int, page: ReadPage, *, dry_r
             log.warning("sync page rolled back (%s); retrying", exc.__class__.__name__)
             time.sleep(0.1 * attempt)
     raise AssertionError("unreachable")
+
+
+def _refresh_statistics_after(pages: int) -> bool:
+    """After pages 1, 4, 16, 64, ...: as often as the tables can have grown fourfold."""
+    return pages & (pages - 1) == 0 and pages.bit_length() % 2 == 1
+
+
+def _analyze(engine: Engine) -> None:
+    """PostgreSQL: refresh the planner's statistics of the tables a sync fills.
+
+    A first sync into an empty database grows them from nothing to the whole account within
+    minutes, faster than autovacuum analyzes them; the plans chosen while they were empty
+    (prepared statements keep theirs) then scan whole tables for every page, and the sync slows
+    down quadratically (100,000 subscriptions: 88/s instead of thousands). ANALYZE samples a
+    bounded number of rows, takes no lock that blocks reads or writes, and invalidates those plans.
+    """
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.begin() as connection:
+        connection.exec_driver_sql("ANALYZE stripe_customers, stripe_subscriptions, users")
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ from kamiyo.processing.handlers import HANDLERS, StoredEvent, sync_subscription
 from kamiyo.processing.store import Store
 from kamiyo.reconcile.gateway import Fetched, StripeGateway, gateway_from_settings, read_version_created
 from kamiyo.reconcile.retry import WORKER_RETRY
+from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX
 
 log = logging.getLogger("kamiyo.reconcile")
 SUBSCRIPTION_TYPES = frozenset(t for t, handler in HANDLERS.items() if handler is sync_subscription)
@@ -129,7 +130,8 @@ def _waiting_subscription_events(engine: Engine, limit: int, now: float) -> list
         ).all()
     waiting = []
     for row in rows:
-        if row.type not in SUBSCRIPTION_TYPES:
+        # doctor's probe names a customer and subscription that exist nowhere but here
+        if row.type not in SUBSCRIPTION_TYPES or row.stripe_event_id.startswith(PROBE_EVENT_PREFIX):
             continue
         waiting.append(_Waiting(row.stripe_event_id, row.object_id, _payload_customer(row.payload)))
     return waiting

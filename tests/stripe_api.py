@@ -9,7 +9,8 @@ Served: ``GET /v1/subscriptions`` (``status`` incl. ``all``, ``customer``, ``lim
 ``starting_after`` / ``ending_before``, ``expand[]=data.customer``), ``GET /v1/subscriptions/{id}``
 (``expand[]=customer``), ``GET /v1/customers`` (``email``), ``GET /v1/customers/{id}``,
 ``GET /v1/events`` (``type`` with ``*``, ``types[]``, ``created[gte|gt|lte|lt]``,
-``delivery_success``, cursors; newest first). Errors have Stripe's shape: 404
+``delivery_success``, cursors; newest first), ``GET /v1/webhook_endpoints`` (cursors; newest
+first). Errors have Stripe's shape: 404
 ``resource_missing``, 400 for a bad parameter, 401 for a wrong key; ``fail_next`` answers the
 next requests with a plain 429 or a 500.
 """
@@ -97,6 +98,7 @@ class FakeStripe:
         self._order: list[str] | None = None  # subscription ids newest first, rebuilt when dirty
         self._customers: dict[str, dict[str, Any]] = {}
         self._events: list[_Event] = []
+        self._endpoints: dict[str, dict[str, Any]] = {}  # webhook endpoints, in the order they were added
         self._seq = itertools.count()
         self._faults: deque[Fault] = deque()
         self.latency = 0.0  # seconds added to every answer (to make a sync last long enough to race)
@@ -143,6 +145,30 @@ class FakeStripe:
         with self.lock:
             self._events.append(_Event(next(self._seq), _copy(event), delivered))
             self._events.sort(key=lambda e: e.key)
+
+    def add_webhook_endpoint(
+        self,
+        url: str,
+        *,
+        status: str = "enabled",
+        enabled_events: tuple[str, ...] = ("*",),
+        api_version: str | None = None,
+    ) -> dict[str, Any]:
+        """A webhook endpoint of the account, as ``GET /v1/webhook_endpoints`` lists it (newest first)."""
+        with self.lock:
+            endpoint_id = f"we_{len(self._endpoints) + 1:05d}"
+            obj = {
+                "id": endpoint_id,
+                "object": "webhook_endpoint",
+                "url": url,
+                "status": status,
+                "api_version": api_version,
+                "enabled_events": list(enabled_events),
+                "created": int(time.time()),
+                "livemode": False,
+            }
+            self._endpoints[endpoint_id] = obj
+            return _copy(obj)
 
     def fail_next(self, status: int, count: int = 1, *, path_prefix: str = "", after: int = 0, **headers: str) -> None:
         """Answer ``count`` requests (to paths starting with ``path_prefix``) with ``status``, once
@@ -195,6 +221,8 @@ class FakeStripe:
                 return self.retrieve_customer(customer_id)
             case ["v1", "events"]:
                 return self.list_events(params)
+            case ["v1", "webhook_endpoints"]:
+                return self.list_webhook_endpoints(params)
         raise StripeApiError(404, {"type": "invalid_request_error", "message": f"Unrecognized request URL {path}"})
 
     def list_subscriptions(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -287,6 +315,14 @@ class FakeStripe:
             return _copy(
                 {"object": "list", "url": "/v1/events", "has_more": has_more, "data": [by_id[i].body for i in ids]}
             )
+
+    def list_webhook_endpoints(self, params: dict[str, Any]) -> dict[str, Any]:
+        limit = _limit(params)
+        with self.lock:
+            ordered = list(reversed(self._endpoints))  # newest first
+            ids, has_more = _window(ordered, lambda _: True, params, limit, "webhook_endpoint")
+            data = [self._endpoints[i] for i in ids]
+            return _copy({"object": "list", "url": "/v1/webhook_endpoints", "has_more": has_more, "data": data})
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -655,4 +691,11 @@ class InMemoryGateway:
         if ending_before:
             params["ending_before"] = ending_before
         body = self._call("list_events", params, "/v1/events")
+        return Page(body["data"], body["has_more"], self._now())
+
+    def list_webhook_endpoints(self, *, starting_after: str | None = None) -> Page:
+        params: dict[str, Any] = {"limit": "100"}
+        if starting_after:
+            params["starting_after"] = starting_after
+        body = self._call("list_webhook_endpoints", params, "/v1/webhook_endpoints")
         return Page(body["data"], body["has_more"], self._now())

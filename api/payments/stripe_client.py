@@ -17,12 +17,22 @@ import sys
 from kamiyo.reconcile.sync import SyncSummary
 
 __all__ = ["sync_all_subscriptions"]
+RUNBOOK_REASON = "sync_all_subscriptions() (the runbook's recovery line)"
 
 
 def sync_all_subscriptions(
-    *, dry_run: bool = False, customer: str | None = None, email: str | None = None, resume: bool = False
+    *,
+    dry_run: bool = False,
+    customer: str | None = None,
+    email: str | None = None,
+    resume: bool = False,
+    by: str | None = None,
+    reason: str | None = None,
 ) -> SyncSummary:
     """Sync every subscription (or one customer's, or one email's) from Stripe's API; print what changed.
+
+    Unless ``dry_run``, the run is recorded in the audit log (``kamiyo audit``) as done by ``by``
+    (default: the OS user) for ``reason`` (default: "sync_all_subscriptions()", the runbook's line).
 
     A setting, API or database failure prints one line naming it and exits with status 1
     (this runs from ``python -c``, where a traceback would only hide the message).
@@ -35,7 +45,15 @@ def sync_all_subscriptions(
     try:
         settings = load_settings()
         configure_logging(settings.log_level)
-        return run_sync(settings, dry_run=dry_run, customer=customer, email=email, resume=resume)
+        return run_sync(
+            settings,
+            dry_run=dry_run,
+            customer=customer,
+            email=email,
+            resume=resume,
+            by=by,
+            reason=reason or RUNBOOK_REASON,
+        )
     except KamiyoError as exc:
         print(f"sync_all_subscriptions: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from kamiyo import synthetic
 from kamiyo.config import Settings
-from kamiyo.db.models import Base, customers_table, events_table, subscriptions_table, users_table
+from kamiyo.db.models import Base, audit_log_table, customers_table, events_table, subscriptions_table, users_table
+from kamiyo.operations.audit import AuditEntry, list_audit
 from kamiyo.processing.worker import Worker
 from kamiyo.reconcile.retry import RetryPolicy
 from kamiyo.webhooks.envelope import read_envelope
@@ -99,6 +100,16 @@ class Db:
             return connection.execute(
                 select(customers_table.c.user_id).where(customers_table.c.id == customer_id)
             ).scalar()
+
+    def audit_mark(self) -> int:
+        """The newest audit entry's id: the log is never emptied, so a test reads only what follows it."""
+        with self.engine.connect() as connection:
+            return int(connection.execute(select(func.coalesce(func.max(audit_log_table.c.id), 0))).scalar_one())
+
+    def audit_since(self, mark: int) -> list[AuditEntry]:
+        """The audit entries written after ``mark``, oldest first."""
+        with self.engine.connect() as connection:
+            return [e for e in reversed(list_audit(connection, limit=100_000)) if e.id > mark]
 
     def dump(self) -> dict[str, list[tuple[Any, ...]]]:
         """Every row of every table but ``reconcile_runs``, for before/after comparisons."""

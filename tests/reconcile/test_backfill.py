@@ -7,15 +7,13 @@ import time
 from dataclasses import replace
 from typing import Any
 
-import pytest
 from sqlalchemy import select
 
 from kamiyo import synthetic
 from kamiyo.db.models import events_table
-from kamiyo.errors import KamiyoError
 from kamiyo.processing.worker import Worker
 from kamiyo.reconcile import runs
-from kamiyo.reconcile.backfill import OVERLAP_SECONDS, backfill_events
+from kamiyo.reconcile.backfill import FIRST_BACKFILL, OVERLAP_SECONDS, SCHEDULE_ACTOR, backfill_events
 from kamiyo.reconcile.gateway import StripeApiGateway
 from kamiyo.reconcile.schedule import BackfillSchedule
 from reconcile.harness import Db, paying_customer, webhook_for
@@ -61,20 +59,55 @@ def test_a_backfill_stores_the_missed_events_oldest_first_and_the_worker_applies
     now = int(time.time())
     missed = outage(db, account, now)
 
-    summary = backfill_events(db.engine, gateway)
+    summary = backfill_events(db.engine, gateway, since=now - 2000)
     db.drain()
 
     assert (summary.listed, summary.new) == (3, 3)  # charge.refunded is not a type we handle
     assert summary.start is not None
-    assert summary.start.source == "the newest event in the inbox"
+    assert summary.start.source == "--since"
     assert inbox(db)[1:] == [(event["id"], "backfill") for event in missed]
     assert db.state("user1@example.com") == ("pro", "past_due")
-    events_query = next(query for path, query in account.requests if path == "/v1/events")
+    cursor_query, events_query = [query for path, query in account.requests if path == "/v1/events"][:2]
+    assert f"created%5Blt%5D={now - 2000}" in cursor_query
     assert "delivery_success=false" in events_query
-    assert f"ending_before={inbox(db)[0][0]}" in events_query
+    assert f"ending_before={inbox(db)[0][0]}" in events_query  # the event before the gap
     run = runs.latest_run(db.engine, "backfill")
     assert run is not None
     assert (run.status, run.seen, run.changed) == (runs.DONE, 3, 3)
+
+
+def test_the_first_backfill_reads_all_of_stripes_30_days_even_after_the_outage_ended(
+    db: Db, account: FakeStripe, gateway: StripeApiGateway
+) -> None:
+    """Stripe's recipe (``ending_before`` the newest event handled) would start after the gap here."""
+    now = int(time.time())
+    missed = outage(db, account, now)
+    customer = account.customer("cus_00001")
+    month_old = stripe_event(
+        account, synthetic.event("customer.updated", customer, created=now - 29 * DAY), delivered=False
+    )
+    stripe_event(account, synthetic.event("customer.updated", customer, created=now - 31 * DAY), delivered=False)
+    later = stripe_event(account, synthetic.event("customer.updated", customer, created=now - 60), delivered=True)
+    db.deliver(later)  # the endpoint works again: the newest event in the inbox is after the gap
+    warnings: list[str] = []
+
+    summary = backfill_events(db.engine, gateway, now=now, warn=warnings.append)
+    db.drain()
+
+    assert summary.start is not None
+    assert summary.start.source == FIRST_BACKFILL
+    assert summary.start.at == now - 30 * DAY
+    assert (summary.listed, summary.new) == (4, 4)  # the 31-day-old one Stripe no longer lists
+    assert {event_id for event_id, source in inbox(db) if source == "backfill"} == {
+        month_old["id"],
+        *(event["id"] for event in missed),
+    }
+    assert db.state("user1@example.com") == ("pro", "past_due")
+    assert warnings == []  # no gap is known to be that old: nothing is said to be lost
+    events_queries = [query for path, query in account.requests if path == "/v1/events"]
+    assert len(events_queries) == 1  # no cursor request: nothing older than 30 days is listed
+    assert "ending_before" not in events_queries[0]
+    assert "delivery_success=false" in events_queries[0]
 
 
 def test_events_already_in_the_inbox_are_listed_but_stored_once(
@@ -150,27 +183,21 @@ def test_a_gap_reaching_toward_30_days_is_warned_about_and_names_kamiyo_sync(
     assert near.new == len(missed)  # what Stripe still has is backfilled all the same
 
 
-def test_a_starting_event_stripe_does_not_know_falls_back_to_its_time(
+def test_with_nothing_in_the_inbox_the_first_backfill_needs_no_since(
     db: Db, account: FakeStripe, gateway: StripeApiGateway
 ) -> None:
     now = int(time.time())
-    missed = outage(db, account, now)
-    trigger = synthetic.event("customer.created", synthetic.customer(customer_id="cus_t", email="t@example.com"))
-    trigger["created"] = now - 1750  # sent by `kamiyo trigger`: Stripe never saw it
-    db.deliver(trigger)
+    sub = paying_customer(account, 1)
+    stripe_event(account, webhook_for(sub, "customer.subscription.created", created=now - 10 * DAY), delivered=False)
 
-    summary = backfill_events(db.engine, gateway)
+    summary = backfill_events(db.engine, gateway, now=now)
+    again = backfill_events(db.engine, gateway, now=now + 60)
 
     assert summary.start is not None
-    assert summary.start.after_event == trigger["id"]
-    assert any("does not list the event" in warning for warning in summary.warnings)
-    assert summary.new == 2
-    assert {missed[1]["id"], missed[2]["id"]} <= {event_id for event_id, _ in inbox(db)}
-
-
-def test_with_nothing_to_start_from_the_command_asks_for_since(db: Db, gateway: StripeApiGateway) -> None:
-    with pytest.raises(KamiyoError, match="pass --since"):
-        backfill_events(db.engine, gateway)
+    assert (summary.start.source, summary.new) == (FIRST_BACKFILL, 1)
+    assert again.start is not None
+    assert again.start.source == "the last backfill"  # only the first one looks back 30 days
+    assert abs(again.start.at - (now - OVERLAP_SECONDS)) < 60
 
 
 def test_the_scheduled_backfill_stores_missed_events_and_takes_turns(
@@ -196,6 +223,7 @@ def test_the_worker_runs_the_backfill_on_its_schedule_and_applies_what_it_finds(
     now = int(time.time())
     outage(db, account, now)
     settings = replace(db.settings, backfill_interval_seconds=1)
+    mark = db.audit_mark()
     stop = threading.Event()
     thread = threading.Thread(target=Worker(db.engine, settings, gateway=gateway).run, args=(stop,), daemon=True)
     thread.start()
@@ -209,3 +237,5 @@ def test_the_worker_runs_the_backfill_on_its_schedule_and_applies_what_it_finds(
     assert db.state("user1@example.com") == ("pro", "past_due")
     assert not thread.is_alive()
     assert {source for _, source in inbox(db)} == {"webhook", "backfill"}
+    # Recorded in the audit log by the schedule, once: the runs after it found nothing new.
+    assert [(e.action, e.actor) for e in db.audit_since(mark)] == [("backfill", SCHEDULE_ACTOR)]

@@ -14,12 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+from api.payments.stripe_client import RUNBOOK_REASON
 
 from kamiyo import synthetic
 from kamiyo.cli.reconcile import _SyncPrinter
 from kamiyo.config import Settings
 from kamiyo.db.engine import make_engine
 from kamiyo.db.migrate import upgrade
+from kamiyo.operations.audit import default_actor
 from kamiyo.reconcile.sync import SyncSummary
 from reconcile.harness import paying_customer
 from stripe_api import API_KEY, FakeStripe, StripeApiServer
@@ -94,6 +96,11 @@ def test_the_runbooks_python_line_syncs_every_subscription_from_the_repository_r
         "user4@example.com": ("free", "canceled"),
     }
     assert API_KEY not in result.stdout + result.stderr  # not even at DEBUG
+    audit = run([*KAMIYO, "audit"], environment(database, stripe_api), REPO)
+    assert audit.returncode == 0, audit.stderr
+    assert f"sync             by {default_actor()}  on all subscriptions: {RUNBOOK_REASON}" in audit.stdout
+    assert '"users_changed":4' in audit.stdout
+    assert '"user1@example.com":{"tier":"free","status":null}' in audit.stdout  # before
 
 
 def test_the_runbooks_python_line_names_a_missing_key_in_one_line(database: str, stripe_api: StripeApiServer) -> None:
@@ -123,6 +130,8 @@ def test_kamiyo_sync_dry_run_in_a_pipe_prints_plain_progress_and_the_drift_it_wo
     assert "\r" not in result.stderr
     assert "\x1b" not in result.stderr
     assert users(database) == {}
+    audit = run([*KAMIYO, "audit"], environment(database, stripe_api), tmp_path)
+    assert audit.stdout.strip() == "no manual actions recorded"  # a dry run writes nothing, not even that
 
 
 def test_kamiyo_sync_exits_1_when_a_subscription_could_not_be_applied(
@@ -154,6 +163,30 @@ def test_kamiyo_backfill_stores_and_applies_the_undelivered_events(
     assert result.returncode == 0, result.stderr
     assert "2 undelivered event(s) listed, 2 new stored in the inbox" in result.stdout
     assert "applied: the worker handled 2 event(s)" in result.stdout
+    assert users(database) == {"user1@example.com": ("pro", "active")}
+    audit = run([*KAMIYO, "audit", "--since", "1h"], environment(database, stripe_api), tmp_path)
+    assert f"backfill         by {default_actor()}  on undelivered events" in audit.stdout
+    assert '"start":"--since"' in audit.stdout
+    assert '"stored":2' in audit.stdout
+
+
+def test_the_first_kamiyo_backfill_needs_no_since_and_says_it_read_30_days(
+    database: str, account: FakeStripe, stripe_api: StripeApiServer, tmp_path: Path
+) -> None:
+    sub = paying_customer(account, 1)
+    account.add_event(
+        synthetic.event(
+            "customer.subscription.created", {**sub, "customer": "cus_00001"}, created=int(time.time()) - 9 * 86400
+        ),
+        delivered=False,
+    )
+
+    result = run([*KAMIYO, "backfill"], environment(database, stripe_api), tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "(the first backfill: all of Stripe's 30 days): 1 undelivered event(s) listed, 1 new" in result.stdout
+    assert "first backfill: no earlier one to start from" in result.stdout
+    assert "WARNING" not in result.stderr
     assert users(database) == {"user1@example.com": ("pro", "active")}
 
 

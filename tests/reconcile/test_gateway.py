@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import pytest
 
+from kamiyo.diagnosis.doctor import FAIL, OK, WEBHOOK_PATH, diagnose_stripe
+from kamiyo.diagnosis.stripe_view import RUNBOOK_EVENTS, GatewayWebhookView
 from kamiyo.errors import StripeApiError, StripeCursorGone
 from kamiyo.reconcile.gateway import EventQuery, StripeApiGateway, StripeGateway, read_version_created
 from kamiyo.reconcile.ratelimit import RateBudget
@@ -37,6 +40,44 @@ def test_both_gateways_answer_the_same_reads_the_same_way(account: FakeStripe, g
         assert [c["id"] for c in each.list_customers(email="user1@example.com").data] == ["cus_00001"]
         with pytest.raises(StripeCursorGone):
             each.list_events(EventQuery(), ending_before="evt_not_in_stripe")
+
+
+def test_the_in_memory_gateway_implements_every_call_of_the_interface() -> None:
+    calls = {name for name, value in vars(StripeGateway).items() if callable(value) and not name.startswith("_")}
+
+    assert "list_webhook_endpoints" in calls
+    for name in calls:
+        ours = getattr(StripeGateway, name)
+        theirs = getattr(InMemoryGateway, name, None)
+        assert theirs is not None, f"InMemoryGateway lacks {name}"
+        assert inspect.signature(theirs).parameters.keys() == inspect.signature(ours).parameters.keys(), name
+
+
+def test_both_gateways_list_webhook_endpoints_page_by_page_for_doctors_step_4(
+    account: FakeStripe, gateway: StripeApiGateway
+) -> None:
+    for n in range(1, 102):  # two pages
+        account.add_webhook_endpoint(f"https://old{n}.example.com/hook")
+    account.add_webhook_endpoint(
+        f"https://kamiyo.example.com{WEBHOOK_PATH}", status="disabled", enabled_events=RUNBOOK_EVENTS
+    )
+    in_memory = InMemoryGateway(account)
+
+    for each in (gateway, in_memory):
+        first = each.list_webhook_endpoints()
+        assert (len(first.data), first.has_more) == (100, True)
+        assert first.data[0]["status"] == "disabled"  # newest first
+        second = each.list_webhook_endpoints(starting_after=str(first.data[-1]["id"]))
+        assert ([e["url"] for e in second.data], second.has_more) == (
+            ["https://old2.example.com/hook", "https://old1.example.com/hook"],
+            False,
+        )
+        view = GatewayWebhookView(each)
+        endpoints = view.webhook_endpoints()
+        assert len(endpoints) == 102
+        findings = diagnose_stripe(endpoints, view.undelivered_events(), configured=True)
+        assert [(f.status, f.option, f.cause) for f in findings] == [(FAIL, 4, "endpoint_disabled"), (OK, None, None)]
+    assert in_memory.calls.count("list_webhook_endpoints") == 4  # two pages read directly, two by the view
 
 
 def test_a_read_is_dated_by_stripes_clock_not_ours(account: FakeStripe, gateway: StripeApiGateway) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import signal
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -22,6 +25,7 @@ from kamiyo.db.engine import make_engine
 from kamiyo.db.migrate import alembic_config, upgrade
 from kamiyo.db.models import events_table
 from kamiyo.errors import KamiyoError
+from kamiyo.logs import configure_logging
 from kamiyo.processing import worker as worker_module
 from kamiyo.webhooks.signature import signature_header
 
@@ -54,7 +58,8 @@ def serve(settings: Settings, *, host: str | None, port: int | None, no_worker: 
     finally:
         engine.dispose()
     app = create_app(settings, run_worker=False if no_worker else None)
-    uvicorn.run(
+    configure_logging(settings.log_level, background=True)  # a line per delivery, off the event loop
+    config = uvicorn.Config(
         app,
         host=host or settings.host,
         port=port or settings.port,
@@ -64,7 +69,27 @@ def serve(settings: Settings, *, host: str | None, port: int | None, no_worker: 
         http="httptools",
         timeout_graceful_shutdown=20,
     )
+    _server_class()(config).run()
     return 0
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, writing out every queued log line before it re-raises a SIGTERM or
+        SIGINT it shut down for (which ends the process without running exit handlers)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    for handler in logging.getLogger().handlers:
+                        handler.flush()
+
+    return Server
 
 
 def worker(settings: Settings) -> int:

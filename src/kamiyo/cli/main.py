@@ -102,13 +102,27 @@ def _parser() -> argparse.ArgumentParser:
     sync_scope.add_argument("--customer", help="only this customer's subscriptions (cus_...)")
     sync_scope.add_argument("--email", help="only the subscriptions of the customers with this email")
     sync_scope.add_argument("--resume", action="store_true", help="continue the last full sync that did not finish")
+    sync.add_argument("--by", help="who syncs, for the audit log (default: the OS user; a dry run records nothing)")
+    sync.add_argument("--reason", help="why, for the audit log")
 
     backfill = commands.add_parser(
-        "backfill", help="fetch the events Stripe did not deliver (last 30 days) into the inbox and apply them"
+        "backfill",
+        help="fetch the events Stripe did not deliver (last 30 days) into the inbox and apply them",
+        description=(
+            "Stripe's recipe for missed events: list the undelivered ones (delivery_success=false) of the types "
+            "kamiyo handles, store the new ones in the inbox and apply them. Without --since it starts where the "
+            "last backfill began (less 10 minutes); the very first backfill, with no earlier one to start from, "
+            "reads all of Stripe's 30 days of undelivered events (events already in the inbox are skipped). "
+            "Stripe keeps events for 30 days: anything older only `kamiyo sync` recovers."
+        ),
     )
     backfill.add_argument(
-        "--since", help="start of the gap: 2h, 3d (ago), 2026-11-27T10:00 (UTC), Unix seconds (default: last backfill)"
+        "--since",
+        help="start of the gap: 2h, 3d (ago), 2026-11-27T10:00 (UTC), Unix seconds (default: where the last "
+        "backfill began; the first backfill reads Stripe's whole 30 days)",
     )
+    backfill.add_argument("--by", help="who backfills, for the audit log (default: the OS user)")
+    backfill.add_argument("--reason", help="why, for the audit log")
 
     trigger = commands.add_parser("trigger", help="sign and post a realistic test event, like `stripe trigger`")
     trigger.add_argument("event_type", help="e.g. payment_intent.succeeded, customer.subscription.created")
@@ -179,9 +193,15 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         if args.command == "sync":
             return reconcile.sync(
-                settings, dry_run=args.dry_run, customer=args.customer, email=args.email, resume=args.resume
+                settings,
+                dry_run=args.dry_run,
+                customer=args.customer,
+                email=args.email,
+                resume=args.resume,
+                by=args.by,
+                reason=args.reason,
             )
-        return reconcile.backfill(settings, since=args.since)
+        return reconcile.backfill(settings, since=args.since, by=args.by, reason=args.reason)
     if args.command == "trigger":
         return commands.trigger(
             settings,

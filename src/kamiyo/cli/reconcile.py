@@ -20,7 +20,7 @@ from kamiyo.db.engine import make_engine
 from kamiyo.errors import KamiyoError
 from kamiyo.processing.worker import Worker
 from kamiyo.reconcile.apply import UserDrift
-from kamiyo.reconcile.backfill import BackfillSummary, backfill_events
+from kamiyo.reconcile.backfill import FIRST_BACKFILL, BackfillSummary, backfill_events
 from kamiyo.reconcile.gateway import StripeGateway, gateway_from_settings
 from kamiyo.reconcile.sync import SyncListener, SyncScope, SyncSummary, sync_subscriptions
 
@@ -35,13 +35,24 @@ def sync(
     customer: str | None = None,
     email: str | None = None,
     resume: bool = False,
+    by: str | None = None,
+    reason: str | None = None,
     gateway: StripeGateway | None = None,
     out: IO[str] | None = None,
     err: IO[str] | None = None,
 ) -> int:
     """``kamiyo sync``: 0 when every subscription was applied, 1 when some were skipped."""
     summary = run_sync(
-        settings, dry_run=dry_run, customer=customer, email=email, resume=resume, gateway=gateway, out=out, err=err
+        settings,
+        dry_run=dry_run,
+        customer=customer,
+        email=email,
+        resume=resume,
+        by=by,
+        reason=reason,
+        gateway=gateway,
+        out=out,
+        err=err,
     )
     return 1 if summary.skipped else 0
 
@@ -53,11 +64,17 @@ def run_sync(
     customer: str | None = None,
     email: str | None = None,
     resume: bool = False,
+    by: str | None = None,
+    reason: str | None = None,
     gateway: StripeGateway | None = None,
     out: IO[str] | None = None,
     err: IO[str] | None = None,
 ) -> SyncSummary:
-    """Run a sync with its report and progress printed; return its summary (also the runbook's path)."""
+    """Run a sync with its report and progress printed; return its summary (also the runbook's path).
+
+    A sync that writes is recorded in the audit log as run by ``by`` (default: the OS user) for
+    ``reason``; a dry run writes nothing, not even that entry.
+    """
     out = out or sys.stdout
     err = err or sys.stderr
     gateway = gateway or _gateway(settings)
@@ -78,6 +95,8 @@ def run_sync(
                 resume=resume,
                 listener=listener,
                 parallel=True,  # a full sync reads in a second process: two cores
+                actor=by,
+                reason=reason,
             )
         finally:
             listener.clear()
@@ -92,11 +111,18 @@ def backfill(
     *,
     since: str | None = None,
     apply: bool = True,
+    by: str | None = None,
+    reason: str | None = None,
     gateway: StripeGateway | None = None,
     out: IO[str] | None = None,
     err: IO[str] | None = None,
 ) -> int:
-    """``kamiyo backfill``: list undelivered events into the inbox, then apply them."""
+    """``kamiyo backfill``: list undelivered events into the inbox, then apply them.
+
+    Without ``since``, it starts where the last backfill began; the very first one reads all of
+    Stripe's 30 days of undelivered events. Recorded in the audit log as run by ``by`` (default:
+    the OS user) for ``reason``.
+    """
     from datetime import UTC, datetime
 
     from kamiyo.diagnosis.incident_report import parse_time
@@ -108,7 +134,14 @@ def backfill(
     engine = make_engine(settings)
     try:
         _require_current_schema(engine)
-        summary = backfill_events(engine, gateway, since=start, warn=lambda m: print(f"WARNING: {m}", file=err))
+        summary = backfill_events(
+            engine,
+            gateway,
+            since=start,
+            warn=lambda m: print(f"WARNING: {m}", file=err),
+            actor=by,
+            reason=reason,
+        )
         _print_backfill(summary, out)
         if apply and summary.new:
             applied = _drain(engine, settings, gateway)
@@ -211,3 +244,9 @@ def _print_backfill(summary: BackfillSummary, out: IO[str]) -> None:
         f"{summary.new} new stored in the inbox",
         file=out,
     )
+    if start is not None and start.source == FIRST_BACKFILL:
+        print(
+            "first backfill: no earlier one to start from, so all of Stripe's 30 days of undelivered events were "
+            "read; what is older than that only `kamiyo sync` recovers",
+            file=out,
+        )

@@ -11,12 +11,20 @@ Where the gap starts, in order of preference:
 1. ``--since TIME``;
 2. the start of the last completed backfill, less ``OVERLAP`` (a scheduled backfill every few
    minutes keeps this recent, so an outage of the endpoint is covered however it ended);
-3. the newest event in the inbox (Stripe's recipe, for the very first backfill).
+3. for the very first backfill, nothing tells where a gap began: it reads all of Stripe's 30
+   days of undelivered events. (Stripe's recipe starts after the last event handled, i.e. the
+   newest one in the inbox; but once the endpoint works again, that event is newer than the
+   gap, and the gap would never be read. Reading further back costs requests, not
+   correctness: events already in the inbox are skipped, and older snapshots never overwrite
+   newer ones.)
 
 A time is turned into Stripe's cursor with one more request: the newest event created before
 it (any type, any delivery state: a cursor is a position in the list). Stripe keeps events for
 30 days; a gap reaching toward that is warned about, and past it only ``kamiyo sync`` can
 recover what is lost.
+
+Each backfill is recorded in the audit log (who, why, where it started, what it stored); the
+scheduled one, whose actor is ``SCHEDULE_ACTOR``, only when it stored something.
 """
 
 from __future__ import annotations
@@ -28,14 +36,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import orjson
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
-from kamiyo.db.models import events_table
-from kamiyo.errors import KamiyoError, PayloadError, StripeCursorGone
+from kamiyo.errors import PayloadError
+from kamiyo.operations.audit import default_actor, record_action
 from kamiyo.processing.handlers import HANDLED_TYPES
 from kamiyo.reconcile import runs
 from kamiyo.reconcile.gateway import EventQuery, Page, StripeGateway
-from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX
 from kamiyo.webhooks.envelope import read_envelope
 from kamiyo.webhooks.inbox import inbox_row, insert_new_events
 
@@ -44,17 +51,20 @@ RETENTION_SECONDS = 30 * 86400  # Stripe lists events of the last 30 days only
 WARN_AFTER_SECONDS = 25 * 86400  # a gap this old is close to losing events for good
 OVERLAP_SECONDS = 600  # a backfill re-reads this much before the previous one began
 BACKFILL_SOURCE = "backfill"
+BACKFILL_ACTION = "backfill"
+SCHEDULE_ACTOR = "kamiyo (scheduled backfill)"
+AUDIT_EVENTS = 100  # event ids a backfill's audit entry names (its counts cover every one)
+FIRST_BACKFILL = "the first backfill: all of Stripe's 30 days"
 # The types we handle (Stripe accepts at most 20 in `types`).
 BACKFILL_TYPES = tuple(sorted(HANDLED_TYPES))
 
 
 @dataclass(frozen=True)
 class GapStart:
-    """Where a backfill begins: after an event (Stripe's cursor), or at a time."""
+    """Where a backfill begins."""
 
     at: int  # Unix seconds: the start of the gap
-    after_event: str | None  # an event id known to precede the gap
-    source: str  # "--since", "the last backfill" or "the newest event in the inbox"
+    source: str  # "--since", "the last backfill" or FIRST_BACKFILL
 
 
 @dataclass
@@ -65,6 +75,7 @@ class BackfillSummary:
     new: int = 0  # of them, not yet in the inbox: stored
     warnings: list[str] = field(default_factory=list)
     newest: str | None = None  # the newest event id listed
+    stored: list[str] = field(default_factory=list)  # the first AUDIT_EVENTS new event ids, as listed
 
 
 def backfill_events(
@@ -74,24 +85,20 @@ def backfill_events(
     since: int | None = None,
     now: float | None = None,
     warn: Callable[[str], None] | None = None,
-    default_gap: int | None = None,
+    actor: str | None = None,
+    reason: str | None = None,
+    audit_when_nothing_new: bool = True,
 ) -> BackfillSummary:
     """List undelivered events from the gap's start and store the new ones in the inbox.
 
-    ``default_gap`` (seconds) is used when nothing says where the gap starts (the scheduled
-    backfill's first run); without it that is an error asking for ``--since``.
+    The run is recorded in the audit log as done by ``actor`` (default: the OS user) for
+    ``reason``; with ``audit_when_nothing_new=False`` (the schedule) only if it stored an event.
     """
     now = time.time() if now is None else now
     start = gap_start(engine, since=since, now=now)
-    if start is None:
-        if default_gap is None:
-            raise KamiyoError(
-                "nothing tells where the gap starts (no earlier backfill, no event in the inbox): "
-                "pass --since, e.g. --since 3d"
-            )
-        start = GapStart(at=int(now) - default_gap, after_event=None, source="the schedule's first run")
     run = runs.start_run(engine, "backfill", scope=f"since={_iso(start.at)}")
     summary = BackfillSummary(run_id=run.id, start=start)
+    who = (actor or "").strip() or default_actor()
 
     def say(message: str) -> None:
         summary.warnings.append(message)
@@ -99,57 +106,42 @@ def backfill_events(
         if warn is not None:
             warn(message)
 
-    warning = retention_warning(start.at, now)
+    warning = retention_warning(start.at, now) if start.source != FIRST_BACKFILL else None
     if warning:
         say(warning)
     log.info("backfill started run=%d from=%s (%s)", run.id, _iso(start.at), start.source)
+    status, error = runs.DONE, None
     try:
-        for page in _undelivered_pages(gateway, start, now, say):
+        for page in _undelivered_pages(gateway, start, now):
             summary.listed += len(page.data)
-            summary.new += _store(engine, page)
+            new = _store(engine, page)
+            summary.new += len(new)
+            summary.stored.extend(new[: max(0, AUDIT_EVENTS - len(summary.stored))])
             if page.data:
                 summary.newest = str(page.data[0]["id"])
     except KeyboardInterrupt:
-        runs.finish_run(engine, run.id, runs.INTERRUPTED, seen=summary.listed, changed=summary.new)
+        status = runs.INTERRUPTED
         raise
     except Exception as exc:
-        runs.finish_run(
-            engine,
-            run.id,
-            runs.FAILED,
-            seen=summary.listed,
-            changed=summary.new,
-            error=f"{exc.__class__.__name__}: {exc}",
-        )
+        status, error = runs.FAILED, f"{exc.__class__.__name__}: {exc}"
         raise
-    runs.finish_run(engine, run.id, runs.DONE, seen=summary.listed, changed=summary.new, cursor=summary.newest)
+    finally:
+        cursor = summary.newest if status == runs.DONE else None
+        runs.finish_run(engine, run.id, status, seen=summary.listed, changed=summary.new, cursor=cursor, error=error)
+        if audit_when_nothing_new or summary.new:
+            _audit(engine, summary, status=status, error=error, actor=who, reason=reason)
     log.info("backfill done run=%d listed=%d new=%d", run.id, summary.listed, summary.new)
     return summary
 
 
-def gap_start(engine: Engine, *, since: int | None, now: float) -> GapStart | None:
-    """Where the uncovered span begins (see the module docstring), or None when nothing says."""
+def gap_start(engine: Engine, *, since: int | None, now: float) -> GapStart:
+    """Where the uncovered span begins (see the module docstring)."""
     if since is not None:
-        return GapStart(at=since, after_event=None, source="--since")
+        return GapStart(at=since, source="--since")
     last = runs.latest_run(engine, "backfill", status=runs.DONE)
     if last is not None:
-        return GapStart(
-            at=int(last.started_at.timestamp()) - OVERLAP_SECONDS, after_event=None, source="the last backfill"
-        )
-    with engine.connect().execution_options(readonly=True) as connection:
-        newest = connection.execute(
-            select(events_table.c.stripe_event_id, events_table.c.created)
-            .where(
-                events_table.c.source == "webhook",
-                events_table.c.stripe_event_id.like("evt\\_%", escape="\\"),
-                events_table.c.stripe_event_id.not_like(PROBE_EVENT_PREFIX + "%"),
-            )
-            .order_by(events_table.c.created.desc(), events_table.c.id.desc())
-            .limit(1)
-        ).first()
-    if newest is None:
-        return None
-    return GapStart(at=int(newest.created), after_event=newest.stripe_event_id, source="the newest event in the inbox")
+        return GapStart(at=int(last.started_at.timestamp()) - OVERLAP_SECONDS, source="the last backfill")
+    return GapStart(at=int(now) - RETENTION_SECONDS, source=FIRST_BACKFILL)
 
 
 def retention_warning(gap_at: int, now: float) -> str | None:
@@ -170,21 +162,11 @@ def retention_warning(gap_at: int, now: float) -> str | None:
     )
 
 
-def _undelivered_pages(
-    gateway: StripeGateway, start: GapStart, now: float, say: Callable[[str], None]
-) -> Iterator[Page]:
+def _undelivered_pages(gateway: StripeGateway, start: GapStart, now: float) -> Iterator[Page]:
     """Pages of undelivered events, oldest first, from the gap's start."""
     query = EventQuery(types=BACKFILL_TYPES, delivery_success=False)
-    if start.after_event is not None:
-        try:
-            yield from _oldest_first(gateway, query, start.after_event)
-            return
-        except StripeCursorGone:
-            say(
-                f"Stripe does not list the event {start.after_event} (older than 30 days, or not a real Stripe "
-                f"event, such as one sent by `kamiyo trigger`): backfilling from its time, {_iso(start.at)}, instead"
-            )
-    cursor = _cursor_before(gateway, max(start.at, int(now) - RETENTION_SECONDS))
+    oldest_listed = int(now) - RETENTION_SECONDS
+    cursor = _cursor_before(gateway, start.at) if start.at > oldest_listed else None
     if cursor is None:
         # No event precedes the gap within the 30 days: everything Stripe has is in it. The pages
         # come newest first then; the order does not matter to the result (version keys).
@@ -222,8 +204,8 @@ def _newest_first(gateway: StripeGateway, query: EventQuery) -> Iterator[Page]:
         cursor = str(page.data[-1]["id"])
 
 
-def _store(engine: Engine, page: Page) -> int:
-    """Put a page of events into the inbox (one transaction); return how many were new."""
+def _store(engine: Engine, page: Page) -> list[str]:
+    """Put a page of events into the inbox (one transaction); return the new ones' ids, in page order."""
     rows = []
     for event in page.data:
         body = orjson.dumps(event)
@@ -235,9 +217,42 @@ def _store(engine: Engine, page: Page) -> int:
         status = "pending" if envelope.type in HANDLED_TYPES else "ignored"
         rows.append(inbox_row(envelope, body, status=status, source=BACKFILL_SOURCE))
     if not rows:
-        return 0
+        return []
     with engine.begin() as connection:
-        return len(insert_new_events(connection, rows))
+        new = insert_new_events(connection, rows)
+    return [row["stripe_event_id"] for row in rows if row["stripe_event_id"] in new]
+
+
+def _audit(
+    engine: Engine, summary: BackfillSummary, *, status: str, error: str | None, actor: str, reason: str | None
+) -> None:
+    start = summary.start
+    try:
+        with engine.begin() as connection:
+            record_action(
+                connection,
+                action=BACKFILL_ACTION,
+                actor=actor,
+                reason=reason,
+                target="undelivered events",
+                before={
+                    "run": summary.run_id,
+                    "from": _iso(start.at) if start else None,
+                    "start": start.source if start else None,
+                },
+                after={
+                    "run": summary.run_id,
+                    "status": status,
+                    "error": error,
+                    "listed": summary.listed,
+                    "stored": summary.new,
+                    "events": summary.stored,
+                    "events_not_listed": max(0, summary.new - len(summary.stored)),
+                    "warnings": summary.warnings,
+                },
+            )
+    except Exception as exc:  # noqa: BLE001 - the database may be what failed; the run row says what happened
+        log.error("backfill run=%d could not be recorded in the audit log: %s", summary.run_id, exc.__class__.__name__)
 
 
 def _iso(moment: int) -> str:

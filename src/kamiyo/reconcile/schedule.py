@@ -4,6 +4,10 @@ Every ``BACKFILL_INTERVAL_SECONDS`` (on by default when ``STRIPE_SECRET_KEY`` is
 of the worker runs ``backfill_events`` and wakes the worker when new events were stored. With
 several workers (PostgreSQL), a worker skips its turn when another started a backfill less than
 half an interval ago, so they take turns rather than all listing the same events.
+
+A scheduled backfill that stored events is recorded in the audit log as done by
+``SCHEDULE_ACTOR``; one that found nothing new writes no entry (every few minutes, they would
+bury the manual actions). Its first run, with no earlier backfill, reads Stripe's whole 30 days.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from sqlalchemy import Engine
 
 from kamiyo.config import Settings
 from kamiyo.reconcile import runs
-from kamiyo.reconcile.backfill import BackfillSummary, backfill_events
+from kamiyo.reconcile.backfill import SCHEDULE_ACTOR, BackfillSummary, backfill_events
 from kamiyo.reconcile.gateway import StripeGateway, gateway_from_settings
 
 log = logging.getLogger("kamiyo.reconcile")
@@ -77,7 +81,14 @@ class BackfillSchedule:
         if latest is not None and now - latest.started_at.timestamp() < self.interval / 2:
             log.debug("scheduled backfill skipped: run %d began %s", latest.id, latest.started_at.isoformat())
             return None
-        summary = backfill_events(self.engine, self.gateway, now=now, default_gap=int(self.interval))
+        summary = backfill_events(
+            self.engine,
+            self.gateway,
+            now=now,
+            actor=SCHEDULE_ACTOR,
+            reason=f"scheduled every {self.interval:g} s (BACKFILL_INTERVAL_SECONDS)",
+            audit_when_nothing_new=False,
+        )
         if summary.new:
             self._wake.set()
         return summary

@@ -11,6 +11,11 @@ page is applied in one transaction (``apply.apply_page``) that also moves the ru
 A user whose subscriptions fall on different pages is recomputed on each of those pages; in
 between, their state reflects only the pages applied so far. ``--dry-run`` rolls each page back,
 so it judges every page against the stored state, not against the earlier pages of the run.
+
+A sync that writes (not ``--dry-run``) appends one entry to the audit log when it ends, however
+it ends (done, failed, interrupted): who ran it and why, its counts, and the users whose tier or
+status it changed, from what to what (the first ``AUDIT_USERS``; the count covers all of them).
+Its pages commit one by one, so the entry is written after them, in a transaction of its own.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from kamiyo.db.models import customers_table, users_table
 from kamiyo.domain.links import normalize_email
 from kamiyo.domain.tiers import TierMap
 from kamiyo.errors import KamiyoError
+from kamiyo.operations.audit import default_actor, record_action
 from kamiyo.reconcile import runs
 from kamiyo.reconcile.apply import PageResult, UserDrift, apply_page
 from kamiyo.reconcile.gateway import Page, StripeApiGateway, StripeGateway
@@ -37,6 +43,8 @@ from kamiyo.reconcile.reader import ProcessReader, ReadPage, ThreadReader, list_
 log = logging.getLogger("kamiyo.reconcile")
 _KEPT = 1000  # drift entries and problems a summary keeps in memory (all of them are streamed)
 _PAGE_ATTEMPTS = 3  # a page's transaction is retried after a deadlock or a lock timeout
+AUDIT_USERS = 100  # users a sync's audit entry names, from what to what (its counts cover every one)
+SYNC_ACTION = "sync"
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,8 @@ class SyncSummary:
     problems: list[str] = field(default_factory=list)  # the first _KEPT
     seconds: float = 0.0
     error: str | None = None
+    actor: str | None = None  # who ran it, for the audit log
+    reason: str | None = None
 
 
 class SyncListener:
@@ -96,8 +106,13 @@ def sync_subscriptions(
     resume: bool = False,
     listener: SyncListener | None = None,
     parallel: bool = False,
+    actor: str | None = None,
+    reason: str | None = None,
 ) -> SyncSummary:
     """List subscriptions from the API and converge the database on them; return what changed.
+
+    Unless ``dry_run``, the run is recorded in the audit log as done by ``actor`` (default: the
+    OS user) for ``reason``.
 
     ``resume`` continues the latest full sync that did not finish, after its last committed
     page. ``parallel`` reads a full sync's pages in a child process (``reader.ProcessReader``),
@@ -110,6 +125,8 @@ def sync_subscriptions(
         raise KamiyoError("--resume continues a full sync: it cannot be combined with --customer, --email or --dry-run")
     run, cursor = _open_run(engine, scope, dry_run=dry_run, resume=resume)
     summary = SyncSummary(run_id=run.id, dry_run=dry_run, scope=scope.label(), resumed_after=cursor)
+    summary.actor = (actor or "").strip() or default_actor()
+    summary.reason = (reason or "").strip() or None
     if resume:
         summary.seen, summary.changed = run.seen, run.changed
     label = f"sync:{run.id}"
@@ -175,6 +192,8 @@ def _finish(engine: Engine, summary: SyncSummary, status: str, started: float, e
         runs.finish_run(engine, summary.run_id, status, error=error, seen=seen, changed=changed)
     except Exception as exc:  # noqa: BLE001 - the database may be what failed; the run stays "running"
         log.error("sync run=%d could not be recorded as %s: %s", summary.run_id, status, exc.__class__.__name__)
+    if not summary.dry_run:
+        _audit(engine, summary)
     log.info(
         "sync %s run=%d seen=%d stored=%d kept=%d linked=%d changed=%d skipped=%d seconds=%.1f",
         status,
@@ -187,6 +206,46 @@ def _finish(engine: Engine, summary: SyncSummary, status: str, started: float, e
         summary.skipped,
         summary.seconds,
     )
+
+
+def _audit(engine: Engine, summary: SyncSummary) -> None:
+    """The run's audit entry: who, why, its counts and (the first ``AUDIT_USERS``) users' changes."""
+    before: dict[str, dict[str, str | None]] = {}
+    after: dict[str, dict[str, Any]] = {}
+    for drift in summary.drift:
+        if drift.email not in before and len(before) >= AUDIT_USERS:
+            continue
+        # A user recomputed on several pages: from the state before the first to after the last.
+        before.setdefault(drift.email, {"tier": drift.before.tier, "status": drift.before.status})
+        after[drift.email] = {"tier": drift.after.tier, "status": drift.after.status, "why": list(drift.reasons)}
+    counts = {
+        "subscriptions_read": summary.seen,
+        "applied": summary.stored,
+        "kept": summary.kept,
+        "customers_linked": summary.linked,
+        "users_changed": summary.changed,
+        "skipped": summary.skipped,
+    }
+    try:
+        with engine.begin() as connection:
+            record_action(
+                connection,
+                action=SYNC_ACTION,
+                actor=summary.actor or default_actor(),
+                reason=summary.reason,
+                target=summary.scope or "all subscriptions",
+                before={"run": summary.run_id, "resumed_after": summary.resumed_after, "users": before},
+                after={
+                    "run": summary.run_id,
+                    "status": summary.status,
+                    "error": summary.error,
+                    **counts,
+                    "users": after,
+                    "users_not_listed": max(0, summary.changed - len(after)),
+                },
+            )
+    except Exception as exc:  # noqa: BLE001 - the database may be what failed; the run row says what happened
+        log.error("sync run=%d could not be recorded in the audit log: %s", summary.run_id, exc.__class__.__name__)
 
 
 def _apply(engine: Engine, tiers: TierMap, run_id: int, page: ReadPage, *, dry_run: bool) -> PageResult:

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Dialect, Engine
 
 from kamiyo.db.models import events_table
 from kamiyo.telemetry.delivery_stats import DeliveryKey, add_delivery_counts, minute_of
@@ -63,12 +62,83 @@ def inbox_row(envelope: Envelope, body: bytes, *, status: str, source: str = "we
     }
 
 
-def insert_new_events(connection: Any, rows: list[dict[str, Any]]) -> set[str]:
-    """Insert ``rows`` in the open transaction; return the event ids that were new."""
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    stmt: Any = dialect.insert(_table).on_conflict_do_nothing(index_elements=["stripe_event_id"])
-    result = connection.execute(stmt.returning(_table.c.stripe_event_id), rows)
-    return set(result.scalars().all())
+def insert_new_events(connection: Connection, rows: list[dict[str, Any]]) -> set[str]:
+    """Insert ``rows`` (made by ``inbox_row``) in the open transaction; return the event ids that were new.
+
+    One multi-row ``INSERT ... ON CONFLICT (stripe_event_id) DO NOTHING RETURNING`` per chunk of
+    rows, rendered once per dialect and row count and sent to the driver as it is: the inbox
+    writer's cost per row is then the driver's, not that of SQLAlchemy's per-row compilation
+    (measured in bench/). Values pass through the columns' own type conversions, so a row reads
+    back exactly as one inserted through SQLAlchemy.
+    """
+    new: set[str] = set()
+    if not rows:
+        return new
+    insert = _raw_insert(connection.dialect)
+    for start in range(0, len(rows), _CHUNK_ROWS):
+        chunk = rows[start : start + _CHUNK_ROWS]
+        result = connection.exec_driver_sql(insert.sql(len(chunk)), insert.parameters(chunk))
+        new.update(row[0] for row in result)
+    return new
+
+
+_CHUNK_ROWS = 256  # x 12 columns: far below SQLite's 32,766 and PostgreSQL's 65,535 parameters
+_INBOX_COLUMNS = (
+    "stripe_event_id",
+    "type",
+    "api_version",
+    "created",
+    "livemode",
+    "object_id",
+    "payload",
+    "source",
+    "received_at",
+    "status",
+    "attempts",
+    "available_at",
+)
+
+
+class _RawInsert:
+    """The inbox insert for one dialect: its SQL by row count, and the columns' bind conversions."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        columns = [_table.c[name] for name in _INBOX_COLUMNS]
+        preparer = dialect.identifier_preparer
+        names = ", ".join(preparer.quote(c.name) for c in columns)
+        self._head = f"INSERT INTO {preparer.format_table(_table)} ({names}) VALUES "
+        key = preparer.quote("stripe_event_id")
+        marker = "?" if dialect.paramstyle == "qmark" else "%s"
+        self._row = "(" + ", ".join([marker] * len(columns)) + ")"
+        self._tail = f" ON CONFLICT ({key}) DO NOTHING RETURNING {key}"
+        self._convert = [c.type.dialect_impl(dialect).bind_processor(dialect) for c in columns]
+        self._sql: dict[int, str] = {}
+
+    def sql(self, count: int) -> str:
+        sql = self._sql.get(count)
+        if sql is None:
+            sql = self._sql[count] = self._head + ", ".join([self._row] * count) + self._tail
+        return sql
+
+    def parameters(self, rows: list[dict[str, Any]]) -> tuple[Any, ...]:
+        values: list[Any] = []
+        for row in rows:
+            if len(row) != len(_INBOX_COLUMNS):
+                raise ValueError(f"an inbox row has the columns {sorted(row)}, expected {sorted(_INBOX_COLUMNS)}")
+            for name, convert in zip(_INBOX_COLUMNS, self._convert, strict=True):
+                value = row[name]
+                values.append(value if convert is None or value is None else convert(value))
+        return tuple(values)
+
+
+_raw_inserts: dict[str, _RawInsert] = {}
+
+
+def _raw_insert(dialect: Dialect) -> _RawInsert:
+    insert = _raw_inserts.get(dialect.name)
+    if insert is None:
+        insert = _raw_inserts[dialect.name] = _RawInsert(dialect)
+    return insert
 
 
 class InboxWriter:

@@ -1,0 +1,114 @@
+"""The server's background log writer: every line, in order, written before the process ends."""
+
+from __future__ import annotations
+
+import io
+import logging
+import subprocess
+import sys
+import threading
+
+from kamiyo.logs import BackgroundHandler, configure_logging
+
+
+class _Stream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.written = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        self.written.set()
+        return super().write(text)
+
+
+def _record(message: str) -> logging.LogRecord:
+    return logging.LogRecord("kamiyo.webhook", logging.INFO, __file__, 1, message, None, None)
+
+
+def test_every_line_is_written_in_order_and_flush_waits_for_them() -> None:
+    stream = _Stream()
+    handler = BackgroundHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for n in range(500):
+        handler.handle(_record(f"webhook accepted event=evt_{n}"))
+    handler.flush()
+    assert stream.getvalue().splitlines() == [f"webhook accepted event=evt_{n}" for n in range(500)]
+    assert stream.writes <= 500  # a burst goes out in fewer writes than lines
+    handler.close()
+
+
+def test_a_burst_queued_while_the_writer_is_busy_is_written_at_once() -> None:
+    stream = _Stream()
+    gate = threading.Lock()
+    gate.acquire()
+
+    class Slow(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            if record.getMessage() == "first":
+                with gate:  # held until the burst below is queued
+                    pass
+            return record.getMessage()
+
+    handler = BackgroundHandler(stream)
+    handler.setFormatter(Slow())
+    handler.handle(_record("first"))
+    for n in range(50):
+        handler.handle(_record(f"line {n}"))
+    gate.release()
+    handler.flush()
+    assert stream.getvalue().splitlines() == ["first"] + [f"line {n}" for n in range(50)]
+    assert stream.writes == 1
+    handler.close()
+
+
+def test_close_writes_what_is_still_queued() -> None:
+    stream = _Stream()
+    handler = BackgroundHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for n in range(100):
+        handler.handle(_record(f"line {n}"))
+    handler.close()
+    assert len(stream.getvalue().splitlines()) == 100
+
+
+def test_a_record_that_cannot_be_formatted_does_not_stop_the_writer() -> None:
+    stream = _Stream()
+    handler = BackgroundHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.handle(logging.LogRecord("kamiyo.x", logging.INFO, __file__, 1, "%d apples", ("many",), None))
+    handler.handle(_record("next line"))
+    handler.flush()
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("logging error: TypeError")
+    assert lines[1] == "next line"
+    handler.close()
+
+
+def test_a_process_that_exits_right_after_logging_loses_no_line() -> None:
+    program = (
+        "import logging; from kamiyo.logs import configure_logging\n"
+        "configure_logging('INFO', background=True)\n"
+        "log = logging.getLogger('kamiyo.webhook')\n"
+        "for n in range(2000): log.info('webhook accepted event=evt_%d', n)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2000
+    assert lines[-1].endswith("INFO kamiyo.webhook webhook accepted event=evt_1999")
+
+
+def test_configure_logging_replaces_a_background_handler_after_writing_its_lines() -> None:
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    try:
+        configure_logging("INFO", background=True)
+        [first] = root.handlers
+        assert isinstance(first, BackgroundHandler)
+        configure_logging("INFO")
+        [second] = root.handlers
+        assert not isinstance(second, BackgroundHandler)
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)

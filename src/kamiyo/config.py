@@ -57,6 +57,11 @@ class Settings:
     stripe_rate_limit: float = DEFAULT_STRIPE_RATE_LIMIT
     stripe_verify_events: bool = False
     backfill_interval_seconds: int = 0
+    # Webhook health (GET /api/v1/payments/webhook/health): when a check turns from ok to fail.
+    # 0 silence seconds turns the "no webhook accepted lately" check off (an account with few events).
+    health_silence_seconds: float = 1800.0
+    health_min_success_ratio: float = 0.95
+    health_backlog_max_age_seconds: float = 600.0
     # The operator console and admin API (issue 5); None turns both off (their routes are 404).
     admin_token: str | None = field(default=None, repr=False)
 
@@ -100,6 +105,11 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
             values, "BACKFILL_INTERVAL_SECONDS", DEFAULT_BACKFILL_INTERVAL if stripe_key else 0, low=0, high=30 * 86400
         ),
         admin_token=_admin_token(values.get("KAMIYO_ADMIN_TOKEN", "")),
+        health_silence_seconds=_float(values, "HEALTH_SILENCE_SECONDS", 1800.0, low=0, high=30 * 86400),
+        health_min_success_ratio=_float(values, "HEALTH_MIN_SUCCESS_RATIO", 0.95, low=0, high=1),
+        health_backlog_max_age_seconds=_float(
+            values, "HEALTH_BACKLOG_MAX_AGE_SECONDS", 600.0, low=1, high=30 * 86400
+        ),
     )
 
 

@@ -221,6 +221,16 @@ class KamiyoServer:
         """Lines of the captured log that contain every one of ``needles``."""
         return [line for line in self.log().splitlines() if all(n in line for n in needles)]
 
+    def wait_for_log(self, *needles: str, count: int = 1, timeout: float = 10.0) -> list[str]:
+        """The lines containing every one of ``needles``, once there are ``count`` of them: the
+        server writes its log on a thread of its own, a moment after it answers."""
+
+        def enough() -> list[str]:
+            lines = self.log_lines(*needles)
+            return lines if len(lines) >= count else []
+
+        return wait_until(enough, timeout=timeout, what=f"{count} log line(s) with {needles}")
+
     # -- the database ----------------------------------------------------------------------
 
     @property

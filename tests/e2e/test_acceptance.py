@@ -111,8 +111,8 @@ def test_duplicate_delivery_with_fresh_signature_is_acknowledged_and_stored_once
     assert (first.status_code, first.json()["duplicate"]) == (200, False)
     assert (again.status_code, again.json()["duplicate"]) == (200, True)
     assert server.stored_count(event["id"]) == 1
-    assert server.log_lines("webhook accepted", f"event={event['id']}", "type=payment_intent.succeeded")
-    assert server.log_lines("webhook duplicate", f"event={event['id']}", "type=payment_intent.succeeded")
+    assert server.wait_for_log("webhook accepted", f"event={event['id']}", "type=payment_intent.succeeded")
+    assert server.wait_for_log("webhook duplicate", f"event={event['id']}", "type=payment_intent.succeeded")
 
 
 def test_wrong_secret_gets_400_and_the_runbook_grep_finds_the_validation_failure(server: KamiyoServer) -> None:
@@ -123,6 +123,7 @@ def test_wrong_secret_gets_400_and_the_runbook_grep_finds_the_validation_failure
     assert response.status_code == 400
     assert response.json()["reason"] == "invalid_signature"
     assert server.stored_count(event["id"]) == 0
+    server.wait_for_log("Webhook validation failed", count=before + 1)
     lines = [line for line in server.log_lines("Webhook validation failed", "Invalid signature") if "webhook" in line]
     assert len(lines) == before + 1, server.log()[-2000:]
 
@@ -130,11 +131,13 @@ def test_wrong_secret_gets_400_and_the_runbook_grep_finds_the_validation_failure
 def test_no_secret_ever_appears_in_the_log(server: KamiyoServer) -> None:
     """Accepted, duplicate and rejected deliveries (right and wrong secrets): the log holds no secret."""
     event = synthetic.trigger_event("customer.created", email="nolog@example.com", price_obj=synthetic.price())
+    failures_before = len(server.log_lines("Webhook validation failed"))
     assert server.deliver(event).status_code == 200
     assert server.deliver(event).status_code == 200
     assert server.deliver(event, WRONG_SECRET).status_code == 400
     assert server.post(b"{}", {"Stripe-Signature": "t=1,v1=" + "0" * 64}).status_code == 400
     server.wait_for_user("nolog@example.com", ("free", None))
+    server.wait_for_log("Webhook validation failed", count=failures_before + 2)  # every line is out
     log = server.log()
     assert "webhook accepted" in log  # the log under test is really this server's log
     for secret in (SECRET, WRONG_SECRET):

@@ -82,8 +82,16 @@ def test_trigger_payment_intent_succeeded_exits_0_and_the_event_is_stored(server
     assert server.stored_count(event_id) == 1
     wait_until(lambda: server.event_status(event_id) == "applied", what=f"{event_id} applied")
     # The runbook's verification: `docker logs kamiyo --tail=10 | grep webhook` shows the processing.
-    assert server.log_lines("webhook accepted", event_id)
+    # The server writes its lines on a thread of its own, right after the answer at the latest.
+    server.wait_for_log("webhook accepted", event_id)
     wait_until(lambda: server.log_lines("webhook event applied", event_id), what="the applied log line")
+
+
+def test_trigger_takes_the_services_base_url_as_doctor_does(server: KamiyoServer) -> None:
+    base = server.webhook_url.removesuffix("/api/v1/payments/webhook")
+    out = _ok(server.cli("trigger", "payment_intent.succeeded", "--url", base + "/", "--secret", SECRET))
+    assert " -> 200 " in out
+    assert server.stored_count(_event_id(out)) == 1
 
 
 @pytest.mark.slow
@@ -99,7 +107,7 @@ def test_trigger_with_wrong_secret_exits_nonzero_and_stores_nothing(server: Kami
     assert result.returncode != 0
     assert "-> 400" in result.stdout
     assert server.stored_count(_event_id(result.stdout)) == 0
-    assert server.log_lines("webhook", "Webhook validation failed", "Invalid signature")
+    assert server.wait_for_log("webhook", "Webhook validation failed", "Invalid signature")
 
 
 @pytest.mark.slow

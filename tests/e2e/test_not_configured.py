@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def test_without_secret_deliveries_get_503_then_redelivery_after_the_fix_applies(servers: ServerFactory) -> None:
     """Empty STRIPE_WEBHOOK_SECRET: error logged, 503 stored nothing; restart with it: retries land the tier."""
     server = servers("sqlite", STRIPE_WEBHOOK_SECRET="")
-    assert server.log_lines("ERROR", "webhook secret not configured", "STRIPE_WEBHOOK_SECRET")
+    assert server.wait_for_log("ERROR", "webhook secret not configured", "STRIPE_WEBHOOK_SECRET")
 
     customer, sub_id = synthetic.new_id("cus"), synthetic.new_id("sub")
     email = f"waiting.{customer}@example.com"
@@ -31,7 +31,7 @@ def test_without_secret_deliveries_get_503_then_redelivery_after_the_fix_applies
         assert response.status_code == 503, response.text
         assert response.json()["reason"] == "not_configured"
         assert server.stored_count(event["id"]) == 0
-    assert len(server.log_lines("ERROR", "webhook rejected reason=not_configured")) == len(events)
+    assert len(server.wait_for_log("ERROR", "webhook rejected reason=not_configured", count=len(events))) == len(events)
     assert server.post(b'{"type":"ping"}').status_code == 503  # not 400: no secret, nothing can be verified
 
     server.restart(STRIPE_WEBHOOK_SECRET="whsec_test_primary_0123456789abcdef")

@@ -94,6 +94,24 @@ def test_no_webhook_for_longer_than_the_silence_limit_degrades(engine: Engine, s
     assert _statuses(engine, settings)["last_accepted"] == FAIL
 
 
+def test_the_limits_come_from_the_settings_and_a_zero_silence_limit_turns_that_check_off(
+    engine: Engine, settings: Settings
+) -> None:
+    """An account with few events sets HEALTH_SILENCE_SECONDS=0; a busy one a shorter backlog age."""
+    _healthy_database(engine)
+    with engine.begin() as connection:
+        connection.execute(events_table.delete())
+        connection.execute(
+            insert(events_table),
+            [_event_row("evt_old", age=3 * 3600), _event_row("evt_waiting", age=200, status="pending")],
+        )
+    assert _statuses(engine, settings)["backlog"] == OK  # 200 s is within the default 600 s
+    quiet = replace(settings, health_silence_seconds=0, health_backlog_max_age_seconds=120)
+    statuses = _statuses(engine, quiet)
+    assert statuses["last_accepted"] == OK
+    assert statuses["backlog"] == FAIL
+
+
 def test_a_new_install_without_any_webhook_yet_only_warns(engine: Engine, settings: Settings) -> None:
     Heartbeat(engine).beat(now=NOW)
     report = run_checks(engine, settings, now=NOW)

@@ -112,6 +112,10 @@ def test_a_sqlite_url_is_kept() -> None:
         ("WORKER_POLL_SECONDS", "soon"),
         ("WORKER_POLL_SECONDS", "nan"),
         ("SQLITE_SYNCHRONOUS", "OFF"),
+        ("HEALTH_SILENCE_SECONDS", "-1"),
+        ("HEALTH_MIN_SUCCESS_RATIO", "95%"),
+        ("HEALTH_MIN_SUCCESS_RATIO", "1.5"),
+        ("HEALTH_BACKLOG_MAX_AGE_SECONDS", "0"),
     ],
 )
 def test_a_malformed_value_raises_config_error_naming_the_variable(name: str, value: str) -> None:
@@ -154,3 +158,14 @@ def test_repr_never_shows_a_webhook_secret_or_the_database_password() -> None:
         assert "hunter2" not in text
     assert "secrets=2" in repr(settings)
     assert "db.internal" in repr(settings)
+
+
+def test_webhook_health_limits_are_read_from_the_environment() -> None:
+    settings = load(
+        {"HEALTH_SILENCE_SECONDS": "0", "HEALTH_MIN_SUCCESS_RATIO": "0.99", "HEALTH_BACKLOG_MAX_AGE_SECONDS": "120"}
+    )
+    assert (
+        settings.health_silence_seconds,
+        settings.health_min_success_ratio,
+        settings.health_backlog_max_age_seconds,
+    ) == (0, 0.99, 120)

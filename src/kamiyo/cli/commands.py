@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -183,9 +184,13 @@ def trigger(
     secret = secret or (settings.webhook_secrets[0] if settings.webhook_secrets else None)
     if not secret:
         raise KamiyoError("no signing secret: pass --secret or set STRIPE_WEBHOOK_SECRET")
-    url = url or f"http://127.0.0.1:{settings.port}/api/v1/payments/webhook"
+    from kamiyo.web.webhook import WEBHOOK_PATH
+
+    url = url or f"http://127.0.0.1:{settings.port}{WEBHOOK_PATH}"
     if not url.startswith(("http://", "https://")):
         raise KamiyoError(f"--url must be an http:// or https:// URL, got {url!r}")
+    if urllib.parse.urlsplit(url).path in ("", "/"):
+        url = url.rstrip("/") + WEBHOOK_PATH  # the service's base URL, as doctor --url takes it
     try:
         event = synthetic.trigger_event(
             event_type,

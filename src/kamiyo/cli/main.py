@@ -126,7 +126,10 @@ def _parser() -> argparse.ArgumentParser:
 
     trigger = commands.add_parser("trigger", help="sign and post a realistic test event, like `stripe trigger`")
     trigger.add_argument("event_type", help="e.g. payment_intent.succeeded, customer.subscription.created")
-    trigger.add_argument("--url", help="endpoint (default: http://127.0.0.1:PORT/api/v1/payments/webhook)")
+    trigger.add_argument(
+        "--url",
+        help="the endpoint, or the service's base URL (default: http://127.0.0.1:PORT/api/v1/payments/webhook)",
+    )
     trigger.add_argument("--secret", help="signing secret (default: the first in STRIPE_WEBHOOK_SECRET)")
     trigger.add_argument("--email", default="trigger@example.com", help="customer email in the event")
     trigger.add_argument("--customer", help="customer id to use (default: a new cus_test...)")

@@ -38,6 +38,15 @@ class Thresholds:
     min_attempts_for_ratio: int = 5  # fewer deliveries than this say nothing about a ratio
     backlog_max_age_seconds: float = 600.0  # longer than the whole default retry schedule
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Thresholds:
+        """HEALTH_SILENCE_SECONDS, HEALTH_MIN_SUCCESS_RATIO, HEALTH_BACKLOG_MAX_AGE_SECONDS."""
+        return cls(
+            silence_seconds=settings.health_silence_seconds,
+            min_success_ratio=settings.health_min_success_ratio,
+            backlog_max_age_seconds=settings.health_backlog_max_age_seconds,
+        )
+
 
 @dataclass(frozen=True)
 class Check:
@@ -151,7 +160,7 @@ def _check_last_accepted(state: ServiceState, limits: Thresholds) -> Check:
     if age is None:
         return Check("last_accepted", WARN, "no webhook accepted yet", {"age_seconds": None})
     data = {"age_seconds": round(age, 1)}
-    if age > limits.silence_seconds:
+    if limits.silence_seconds and age > limits.silence_seconds:
         return Check(
             "last_accepted", FAIL, f"no webhook accepted for {_age(age)} (limit {_age(limits.silence_seconds)})", data
         )
@@ -254,7 +263,7 @@ def run_checks(
 ) -> HealthReport:
     """Every check, in the order an operator reads them. Blocking (database, maybe Stripe)."""
     now = time.time() if now is None else now
-    limits = limits or Thresholds()
+    limits = limits or Thresholds.from_settings(settings)
     checks = [check_secret(settings.webhook_secrets)]
     try:
         with engine.connect().execution_options(readonly=True) as connection:

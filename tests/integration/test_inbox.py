@@ -41,6 +41,33 @@ def test_insert_new_events_reports_only_new_ids_and_keeps_the_first_copy(engine:
     assert _stored(engine) == {"evt_a": "ann@example.com", "evt_b": "ann@example.com", "evt_c": "ann@example.com"}
 
 
+def test_a_row_sent_to_the_driver_reads_back_as_one_inserted_through_sqlalchemy(engine: Engine) -> None:
+    """The raw multi-row insert converts each value as the column's type would (times, booleans, None)."""
+    fast = {**_row("evt_fast"), "api_version": None, "livemode": True, "available_at": 12.5, "attempts": 3}
+    orm = {**fast, "stripe_event_id": "evt_orm"}
+    with engine.begin() as connection:
+        assert insert_new_events(connection, [fast]) == {"evt_fast"}
+        connection.execute(events_table.insert().values(orm))
+    columns = [c for c in events_table.c if c.name not in ("id", "stripe_event_id")]
+    with engine.connect() as connection:
+        read = {
+            row.stripe_event_id: tuple(row[1:])
+            for row in connection.execute(select(events_table.c.stripe_event_id, *columns))
+        }
+    assert read["evt_fast"] == read["evt_orm"]
+    stored = dict(zip([c.name for c in columns], read["evt_fast"], strict=True))
+    assert stored["received_at"].replace(tzinfo=None) == fast["received_at"].replace(tzinfo=None)
+    assert (stored["livemode"], stored["api_version"], stored["available_at"]) == (True, None, 12.5)
+
+
+def test_many_rows_go_in_chunks_and_each_new_id_is_reported_once(engine: Engine) -> None:
+    rows = [_row(f"evt_many_{n}") for n in range(600)]
+    with engine.begin() as connection:
+        assert insert_new_events(connection, rows[:10]) == {f"evt_many_{n}" for n in range(10)}
+        assert insert_new_events(connection, rows + rows[:5]) == {f"evt_many_{n}" for n in range(10, 600)}
+    assert len(_stored(engine)) == 600
+
+
 def test_inbox_rejects_a_second_row_with_the_same_event_id_at_the_database(engine: Engine) -> None:
     """The unique constraint itself, not only the writer, guarantees one row per event id."""
     with engine.begin() as connection:

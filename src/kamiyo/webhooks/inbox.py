@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Dialect, Engine
+from sqlalchemy.exc import DBAPIError
 
 from kamiyo.db.models import events_table
 from kamiyo.telemetry.delivery_stats import DeliveryKey, add_delivery_counts, minute_of
@@ -77,8 +78,7 @@ def insert_new_events(connection: Connection, rows: list[dict[str, Any]]) -> set
     insert = _raw_insert(connection.dialect)
     for start in range(0, len(rows), _CHUNK_ROWS):
         chunk = rows[start : start + _CHUNK_ROWS]
-        result = connection.exec_driver_sql(insert.sql(len(chunk)), insert.parameters(chunk))
-        new.update(row[0] for row in result)
+        new.update(insert.execute(connection, chunk))
     return new
 
 
@@ -108,8 +108,11 @@ class _RawInsert:
         names = ", ".join(preparer.quote(c.name) for c in columns)
         self._head = f"INSERT INTO {preparer.format_table(_table)} ({names}) VALUES "
         key = preparer.quote("stripe_event_id")
-        marker = "?" if dialect.paramstyle == "qmark" else "%s"
-        self._row = "(" + ", ".join([marker] * len(columns)) + ")"
+        # PostgreSQL: numbered parameters, sent as they are through psycopg's RawCursor. With %s
+        # markers psycopg would rewrite the statement for every batch (it caches that only for
+        # statements of at most 50 parameters): a fifth of the writer's time in a profile.
+        self._numbered = dialect.name == "postgresql"
+        self._width = len(columns)
         self._tail = f" ON CONFLICT ({key}) DO NOTHING RETURNING {key}"
         self._convert = [c.type.dialect_impl(dialect).bind_processor(dialect) for c in columns]
         self._sql: dict[int, str] = {}
@@ -117,8 +120,32 @@ class _RawInsert:
     def sql(self, count: int) -> str:
         sql = self._sql.get(count)
         if sql is None:
-            sql = self._sql[count] = self._head + ", ".join([self._row] * count) + self._tail
+            if self._numbered:
+                rows = (
+                    "(" + ", ".join(f"${row * self._width + n}" for n in range(1, self._width + 1)) + ")"
+                    for row in range(count)
+                )
+            else:
+                rows = ("(" + ", ".join(["?"] * self._width) + ")" for _ in range(count))
+            sql = self._sql[count] = self._head + ", ".join(rows) + self._tail
         return sql
+
+    def execute(self, connection: Connection, rows: list[dict[str, Any]]) -> list[str]:
+        """Insert ``rows`` in the connection's transaction; the event ids that were new."""
+        sql, parameters = self.sql(len(rows)), self.parameters(rows)
+        if not self._numbered:
+            return [row[0] for row in connection.exec_driver_sql(sql, parameters)]
+        import psycopg
+
+        driver = connection.connection.driver_connection
+        assert isinstance(driver, psycopg.Connection)
+        try:
+            with psycopg.RawCursor(driver) as cursor:
+                cursor.execute(sql, parameters)
+                return [row[0] for row in cursor.fetchall()]
+        except psycopg.Error as exc:
+            # As SQLAlchemy would have raised it: callers handle DBAPIError, whatever the path.
+            raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
 
     def parameters(self, rows: list[dict[str, Any]]) -> tuple[Any, ...]:
         values: list[Any] = []

@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 
 from kamiyo.logs import BackgroundHandler, configure_logging
 
@@ -112,3 +113,29 @@ def test_configure_logging_replaces_a_background_handler_after_writing_its_lines
     finally:
         root.handlers[:] = saved
         root.setLevel(level)
+
+
+def test_a_line_reads_time_level_logger_message_and_the_time_follows_the_record() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    try:
+        configure_logging("INFO")
+        root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
+        log = logging.getLogger("kamiyo.webhook")
+        for created in (1_800_000_000.2, 1_800_000_000.9, 1_800_000_061.0):
+            record = log.makeRecord("kamiyo.webhook", logging.INFO, __file__, 1, "webhook accepted", None, None)
+            record.created = created
+            log.handle(record)
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)
+
+    def stamp(created: float) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(created))
+
+    assert stream.getvalue().splitlines() == [
+        f"{stamp(1_800_000_000)} INFO kamiyo.webhook webhook accepted",
+        f"{stamp(1_800_000_000)} INFO kamiyo.webhook webhook accepted",
+        f"{stamp(1_800_000_061)} INFO kamiyo.webhook webhook accepted",
+    ]

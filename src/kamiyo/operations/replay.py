@@ -238,7 +238,8 @@ class _OtherThreads(logging.Filter):
         self.thread = threading.get_ident()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.thread != self.thread
+        # A logger's filters run in the thread that logs (records carry no thread id: logs.py).
+        return threading.get_ident() != self.thread
 
 
 @contextmanager

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 
 from kamiyo.db.models import customers_table, subscriptions_table, user_overrides_table, users_table
 from kamiyo.domain.entitlement import SubscriptionState, UserState, user_state
@@ -135,9 +139,154 @@ class _Statements:
         self.user_override = select(_overrides.c.tier, _overrides.c.expires_at).where(
             _overrides.c.user_id == bindparam("uid")
         )
+        # user_state and user_override in one statement: SQLite only (see recompute_user).
+        self.user_state_override = (
+            select(
+                _users.c.email,
+                _users.c.subscription_tier,
+                _users.c.subscription_status,
+                _overrides.c.tier,
+                _overrides.c.expires_at,
+            )
+            .select_from(_users.outerjoin(_overrides, _overrides.c.user_id == _users.c.id))
+            .where(_users.c.id == bindparam("uid"))
+            .with_for_update(of=_users)
+        )
 
 
 _STATEMENTS = {"postgresql": _Statements(postgresql), "sqlite": _Statements(sqlite)}
+
+# The columns an INSERT of the apply path names. Every one is passed by the caller, so that the
+# statement has no Python-side default left for SQLAlchemy to fill in (the driver runs it as is).
+_INSERT_KEYS = {
+    "ensure_customer": ["id", "email_seen_at", "deleted"],
+    "insert_user": ["email", "subscription_tier"],
+}
+
+
+class _Compiled:
+    """One statement rendered for one dialect: the SQL string, how to build its parameters, and
+    how to read its result columns, exactly as SQLAlchemy would (same bind and result processors)."""
+
+    __slots__ = ("_fast", "_processed", "binds", "positional", "results", "sql")
+
+    def __init__(self, stmt: Any, dialect: Any, keys: list[str] | None) -> None:
+        compiled = stmt.compile(dialect=dialect, column_keys=keys)
+        if compiled.insert_prefetch or compiled.update_prefetch:
+            raise AssertionError(f"statement needs Python-side defaults: {compiled.string}")
+        self.sql: str = compiled.string
+        self.positional: bool = bool(compiled.positional)
+        names = list(compiled.positiontup) if compiled.positional else list(compiled.binds)
+        # (parameter key, value when the caller has none, processor)
+        self.binds: list[tuple[str, Any, Callable[[Any], Any] | None, bool]] = []
+        for name in names:
+            bind = compiled.binds[name]
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            self.binds.append((compiled.escaped_bind_names.get(name, name), bind.value, processor, bind.required))
+        # Positional, every parameter given by the caller: one itemgetter, then the processors.
+        self._fast: Callable[[Mapping[str, Any]], Any] | None = None
+        if self.positional and self.binds and all(required for *_rest, required in self.binds):
+            self._fast = operator.itemgetter(*(name for name, *_rest in self.binds))
+        self._processed: list[tuple[int, Callable[[Any], Any]]] = []
+        for n, bound in enumerate(self.binds):
+            if bound[2] is not None:
+                self._processed.append((n, bound[2]))
+        columns = getattr(stmt, "selected_columns", None)
+        if columns is None:
+            returning = getattr(stmt, "_returning", ())
+            columns = list(returning)
+        self.results: list[Callable[[Any], Any] | None] = [
+            column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns
+        ]
+
+    def parameters(self, given: Mapping[str, Any]) -> Any:
+        if self._fast is not None:
+            picked = self._fast(given)
+            values = list(picked) if len(self.binds) > 1 else [picked]
+            for n, process in self._processed:
+                values[n] = process(values[n])
+            return values
+        values = []
+        for name, default, processor, required in self.binds:
+            value = given[name] if required or name in given else default
+            values.append(processor(value) if processor is not None else value)
+        if self.positional:
+            return values
+        return {name: value for (name, *_rest), value in zip(self.binds, values, strict=True)}
+
+    def many(self, given: Sequence[Mapping[str, Any]]) -> list[Any]:
+        return [self.parameters(one) for one in given]
+
+    def rows(self, raw: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
+        if not any(self.results):
+            return [tuple(row) for row in raw]
+        return [tuple(p(v) if p is not None else v for p, v in zip(self.results, row, strict=True)) for row in raw]
+
+
+class _DriverStatements:
+    """``_Statements`` rendered once for a live dialect, run on the DBAPI cursor of the open
+    transaction. SQLAlchemy's per-statement path costs ~30 times more than the statement itself
+    on SQLite; these are the handful of statements every event runs."""
+
+    def __init__(self, dialect: Any) -> None:
+        source = _STATEMENTS["postgresql" if dialect.name == "postgresql" else "sqlite"]
+        self.by_name: dict[str, _Compiled] = {
+            name: _Compiled(stmt, dialect, _INSERT_KEYS.get(name)) for name, stmt in vars(source).items()
+        }
+        self.dbapi_error: type[Exception] = dialect.loaded_dbapi.Error
+
+
+_DRIVER_STATEMENTS: dict[tuple[type, str, str], _DriverStatements] = {}
+_DRIVER_LOCK = threading.Lock()
+
+
+def driver_execute(connection: Connection, compiled: _Compiled, params: Any, *, many: bool = False) -> Any:
+    """Run ``compiled`` (parameters already built) on the DBAPI connection of ``connection``'s
+    transaction; a database error comes out as SQLAlchemy's exception, as from ``execute``."""
+    if not connection.in_transaction():
+        connection.begin()  # what Connection.execute's autobegin would do
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    dbapi_error: type[Exception] = connection.dialect.loaded_dbapi.Error
+    try:
+        if many:
+            cursor = driver.cursor()
+            try:
+                cursor.executemany(compiled.sql, params)
+            finally:
+                cursor.close()
+            return None
+        return driver.execute(compiled.sql, params)
+    except dbapi_error as exc:
+        raise DBAPIError.instance(compiled.sql, params, exc, dbapi_error, dialect=connection.dialect) from exc
+
+
+_COMPILED: dict[tuple[int, tuple[type, str, str]], tuple[Any, _Compiled]] = {}
+
+
+def compiled_for(stmt: Any, dialect: Any) -> _Compiled:
+    """``stmt`` (a module-level statement, built once) rendered once for a kind of dialect."""
+    key = (id(stmt), dialect_key(dialect))
+    found = _COMPILED.get(key)
+    if found is None or found[0] is not stmt:
+        with _DRIVER_LOCK:
+            found = _COMPILED[key] = (stmt, _Compiled(stmt, dialect, None))
+    return found[1]
+
+
+def dialect_key(dialect: Any) -> tuple[type, str, str]:
+    return (type(dialect), dialect.name, str(dialect.paramstyle))
+
+
+def _driver_statements(dialect: Any) -> _DriverStatements:
+    key = dialect_key(dialect)
+    found = _DRIVER_STATEMENTS.get(key)
+    if found is None:
+        with _DRIVER_LOCK:
+            found = _DRIVER_STATEMENTS.get(key)
+            if found is None:
+                found = _DRIVER_STATEMENTS[key] = _DriverStatements(dialect)
+    return found
 
 
 @dataclass(frozen=True)
@@ -149,13 +298,68 @@ class UserChange:
 
 
 class Store:
-    """The persistence operations event handlers need, bound to one open transaction."""
+    """The persistence operations event handlers need, bound to one open transaction.
+
+    The statements run on the transaction's DBAPI cursor, rendered once per dialect
+    (``_DriverStatements``); a database error comes out as SQLAlchemy's, as it would from
+    ``Connection.execute``.
+
+    ``deferred_logs``: when a list, the log lines of state changes are appended to it instead of
+    being written, for the caller to write once its transaction commits (the worker's batches).
+    """
 
     def __init__(self, connection: Connection, tiers: TierMap) -> None:
         self.connection = connection
         self.tiers = tiers
         self._dialect: Any = postgresql if connection.dialect.name == "postgresql" else sqlite
         self._sql = _STATEMENTS["postgresql" if connection.dialect.name == "postgresql" else "sqlite"]
+        statements = _driver_statements(connection.dialect)
+        self._driver = statements.by_name
+        self._single_writer = connection.dialect.name == "sqlite"
+        self._dbapi_error = statements.dbapi_error
+        self.deferred_logs: list[tuple[logging.Logger, int, str, tuple[Any, ...]]] | None = None
+        # Customers whose row this transaction holds locked (so it exists until it ends): with
+        # ``remember_customers`` on, ``ensure_customer`` skips them. Whoever rolls back part of
+        # the transaction (a savepoint) calls ``forget_customers``.
+        self._locked_customers: set[str] | None = None
+
+    def remember_customers(self) -> None:
+        self._locked_customers = set()
+
+    def forget_customers(self) -> None:
+        if self._locked_customers is not None:
+            self._locked_customers.clear()
+
+    def _locked(self, customer_id: str) -> None:
+        if self._locked_customers is not None:
+            self._locked_customers.add(customer_id)
+
+    def _run(self, name: str, params: Mapping[str, Any]) -> Any:
+        """Run one of ``_Statements`` on the DBAPI cursor of the connection's transaction."""
+        compiled = self._driver[name]
+        connection = self.connection
+        if not connection.in_transaction():
+            connection.begin()  # what Connection.execute's autobegin would do
+        driver = connection.connection.driver_connection
+        assert driver is not None
+        args = compiled.parameters(params)
+        try:
+            return driver.execute(compiled.sql, args)
+        except self._dbapi_error as exc:
+            raise DBAPIError.instance(compiled.sql, args, exc, self._dbapi_error, dialect=connection.dialect) from exc
+
+    def _rows(self, name: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        return self._driver[name].rows(self._run(name, params).fetchall())
+
+    def _first(self, name: str, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        rows = self._rows(name, params)
+        return rows[0] if rows else None
+
+    def _info(self, message: str, *args: Any) -> None:
+        if self.deferred_logs is not None:
+            self.deferred_logs.append((log, logging.INFO, message, args))
+        else:
+            log.info(message, *args)
 
     # -- subscriptions ---------------------------------------------------------------------
 
@@ -166,17 +370,23 @@ class Store:
         """
         self.ensure_customer(snap.customer_id)
         # RETURNING, not rowcount: psycopg reports rowcount -1 for this upsert, which is truthy.
-        return self.connection.execute(self._sql.upsert_subscription, subscription_row(snap)).first() is not None
+        return bool(self._rows("upsert_subscription", subscription_row(snap)))
 
     # -- customers and users ---------------------------------------------------------------
 
     def ensure_customer(self, customer_id: str) -> None:
-        self.connection.execute(self._sql.ensure_customer, {"id": customer_id})
+        if self._locked_customers is not None and customer_id in self._locked_customers:
+            return  # this transaction holds the row locked: it exists
+        self._run("ensure_customer", {"id": customer_id, "email_seen_at": 0, "deleted": False})
 
     def customer_user(self, customer_id: str) -> int | None:
         """The user a customer is linked to, locking the customer row."""
-        row = self.connection.execute(self._sql.customer_user, {"cid": customer_id}).first()
-        return row.user_id if row is not None else None
+        row = self._first("customer_user", {"cid": customer_id})
+        if row is None:
+            return None
+        self._locked(customer_id)
+        user_id: int | None = row[0]
+        return user_id
 
     def link_customer(self, customer_id: str, email: str | None, user_ref: str | None, seen_at: int) -> str:
         """Record what an event says of a customer; link it to a user. Returns what happened.
@@ -186,34 +396,36 @@ class Store:
         moves it. Users whose subscriptions change hands are recomputed.
         """
         self.ensure_customer(customer_id)
-        row = self.connection.execute(self._sql.customer_row, {"cid": customer_id}).one()
-        if email and seen_at >= row.email_seen_at and email != row.email:
-            self.connection.execute(
-                self._sql.set_customer_email, {"cid": customer_id, "new_email": email, "seen_at": seen_at}
-            )
+        row = self._first("customer_row", {"cid": customer_id})
+        if row is None:
+            raise AssertionError(f"customer {customer_id} vanished inside the transaction")
+        self._locked(customer_id)
+        linked_user, stored_email, email_seen_at = row
+        if email and seen_at >= email_seen_at and email != stored_email:
+            self._run("set_customer_email", {"cid": customer_id, "new_email": email, "seen_at": seen_at})
 
         target: int | None = None
         how = ""
         if user_ref is not None:
             target = self._user_by_ref(user_ref)
             how = "client_reference_id"
-        if target is None and row.user_id is None and email:
+        if target is None and linked_user is None and email:
             target = self._user_for_email(email)
             how = "email"
-        if target is None or target == row.user_id:
+        if target is None or target == linked_user:
             return (
                 f"customer {customer_id} already linked"
-                if row.user_id
+                if linked_user
                 else f"customer {customer_id} not linked (no email yet)"
             )
 
-        self.connection.execute(self._sql.link_customer, {"cid": customer_id, "uid": target, "how": how})
-        self.connection.execute(self._sql.set_user_customer, {"uid": target, "cid": customer_id})
-        log.info("customer linked customer=%s user_id=%s by=%s", customer_id, target, how)
-        if row.user_id is not None:
+        self._run("link_customer", {"cid": customer_id, "uid": target, "how": how})
+        self._run("set_user_customer", {"uid": target, "cid": customer_id})
+        self._info("customer linked customer=%s user_id=%s by=%s", customer_id, target, how)
+        if linked_user is not None:
             # The previous user loses this customer's subscriptions: with none left, back to free.
-            self.connection.execute(self._sql.unset_user_customer, {"uid": row.user_id, "cid": customer_id})
-            self.recompute_user(row.user_id, reset_when_none=True)
+            self._run("unset_user_customer", {"uid": linked_user, "cid": customer_id})
+            self.recompute_user(linked_user, reset_when_none=True)
         self.recompute_user(target)
         return f"customer {customer_id} linked to user {target} by {how}"
 
@@ -221,19 +433,22 @@ class Store:
         from kamiyo.domain.links import normalize_email
 
         if ref.isdigit() and len(ref) < 19:
-            found = self.connection.execute(self._sql.user_by_id, {"uid": int(ref)}).scalar()
+            found = self._first("user_by_id", {"uid": int(ref)})
             if found is not None:
-                return int(found)
+                return int(found[0])
         email = normalize_email(ref)
         if email is not None:
-            found = self.connection.execute(self._sql.user_by_email, {"address": email}).scalar()
-            return int(found) if found is not None else None
+            found = self._first("user_by_email", {"address": email})
+            return int(found[0]) if found is not None else None
         return None
 
     def _user_for_email(self, email: str) -> int:
         """The user with ``email``, created (tier free) if there is none."""
-        self.connection.execute(self._sql.insert_user, {"email": email, "subscription_tier": FREE})
-        return int(self.connection.execute(self._sql.user_by_email, {"address": email}).scalar_one())
+        self._run("insert_user", {"email": email, "subscription_tier": FREE})
+        found = self._first("user_by_email", {"address": email})
+        if found is None:
+            raise AssertionError(f"user {email} neither found nor created")
+        return int(found[0])
 
     def recompute_user(self, user_id: int, *, reset_when_none: bool = False) -> UserChange | None:
         """Derive the user's tier and status from all of their subscriptions; write if changed.
@@ -244,25 +459,44 @@ class Store:
         it), unless ``reset_when_none``: their subscriptions just moved to another user, or
         their override ended.
         """
-        user = self.connection.execute(self._sql.user_state, {"uid": user_id}).one()
-        after = self.derived_state(user_id, reset_when_none=reset_when_none)
-        before = UserState(tier=user.subscription_tier, status=user.subscription_status)
+        after: UserState | None
+        if self._single_writer:
+            # SQLite: nothing can change between statements of a write transaction, so the
+            # override is read along with the user row (derived_state in one statement fewer).
+            user = self._first("user_state_override", {"uid": user_id})
+            if user is None:
+                raise AssertionError(f"no user {user_id}")
+            email, tier, status, override_tier, override_expires = user
+            if override_tier is not None and override_in_force(override_expires, datetime.now(UTC)):
+                after = override_state(str(override_tier))
+            else:
+                after = self.stripe_state(user_id)
+                if after is None and reset_when_none:
+                    after = UserState(tier=FREE, status=None)
+        else:
+            # PostgreSQL: the override and the subscriptions are read by statements that start
+            # once the user row is locked, so that they see what the lock holder committed.
+            user = self._first("user_state", {"uid": user_id})
+            if user is None:
+                raise AssertionError(f"no user {user_id}")
+            email, tier, status = user
+            after = self.derived_state(user_id, reset_when_none=reset_when_none)
+        before = UserState(tier=tier, status=status)
         if after is None or after == before:
             return None
-        self.connection.execute(
-            self._sql.set_user_state,
-            {"uid": user_id, "tier": after.tier, "status": after.status, "now": datetime.now(UTC)},
+        self._run(
+            "set_user_state", {"uid": user_id, "tier": after.tier, "status": after.status, "now": datetime.now(UTC)}
         )
-        log.info(
+        self._info(
             "user state changed user_id=%s email=%s tier=%s->%s status=%s->%s",
             user_id,
-            user.email,
+            email,
             before.tier,
             after.tier,
             before.status,
             after.status,
         )
-        return UserChange(user_id, user.email, before, after)
+        return UserChange(user_id, email, before, after)
 
     def derived_state(self, user_id: int, *, reset_when_none: bool = False) -> UserState | None:
         """What the user's tier and status should be: an override in force, else Stripe's state."""
@@ -276,13 +510,13 @@ class Store:
 
     def stripe_state(self, user_id: int) -> UserState | None:
         """The tier and status the user's subscriptions give; None when they have none."""
-        rows = self.connection.execute(self._sql.user_subscriptions, {"uid": user_id}).all()
-        return user_state((SubscriptionState(r.id, r.status, r.tier, r.stripe_created) for r in rows), self.tiers)
+        rows = self._rows("user_subscriptions", {"uid": user_id})
+        return user_state((SubscriptionState(*row) for row in rows), self.tiers)
 
     def override_tier(self, user_id: int) -> str | None:
         """The tier of the user's manual override if one is in force now (an expired one is ignored
         even before the worker's sweep deletes it)."""
-        row = self.connection.execute(self._sql.user_override, {"uid": user_id}).first()
-        if row is None or not override_in_force(row.expires_at, datetime.now(UTC)):
+        row = self._first("user_override", {"uid": user_id})
+        if row is None or not override_in_force(row[1], datetime.now(UTC)):
             return None
-        return str(row.tier)
+        return str(row[0])

@@ -1,14 +1,22 @@
 """The worker: claims pending events from the inbox and applies them.
 
-Transaction boundary: one transaction claims a batch, applies each event inside its own
-SAVEPOINT, records every outcome, and commits. Claim, effect and outcome therefore commit
-together or not at all: a crash mid-batch leaves the events pending for the next worker, and
-no event is ever applied twice. On PostgreSQL, ``FOR UPDATE SKIP LOCKED`` gives concurrent
-workers disjoint batches; on SQLite the write lock serialises them.
+Transaction boundary: one transaction claims a batch, applies each event, records every
+outcome, and commits. Claim, effect and outcome therefore commit together or not at all: a crash
+mid-batch leaves the events pending for the next worker, and no event is ever applied twice.
+
+A batch first runs without savepoints (they cost as much as the events themselves). Should an
+event's handler fail, that transaction is rolled back and the batch is run again, this time each
+event in its own SAVEPOINT, with the events that failed recorded as failed attempts without
+being run again: a failing event rolls back alone and never undoes its batch neighbours. The
+log lines of a batch are written once it has committed, so a rolled-back attempt logs nothing.
+
+On PostgreSQL, ``FOR UPDATE SKIP LOCKED`` gives concurrent workers disjoint batches; on SQLite
+the write lock serialises them.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -19,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, bindparam, select, update
+from sqlalchemy import Engine, and_, bindparam, select, union_all, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from kamiyo.config import Settings
@@ -28,7 +36,7 @@ from kamiyo.domain.links import link_hint
 from kamiyo.errors import ApplyError, UnmappedPrice
 from kamiyo.operations.overrides import expire_overrides
 from kamiyo.processing.handlers import HANDLERS, StoredEvent
-from kamiyo.processing.store import Store
+from kamiyo.processing.store import Store, compiled_for, driver_execute
 from kamiyo.reconcile.gateway import StripeGateway
 from kamiyo.reconcile.schedule import BackfillSchedule
 from kamiyo.reconcile.verify import event_verifier
@@ -42,6 +50,31 @@ _MAX_BACKOFF = 3600.0
 _CONFLICT_SQLSTATES = frozenset({"40P01", "40001"})
 _CONFLICT_RETRIES = 5
 _OVERRIDE_SWEEP_SECONDS = 1.0  # how soon an expired manual override gives way to Stripe's state
+_RECORD = (
+    update(_events)
+    .where(_events.c.id == bindparam("_id"))
+    .values(
+        status=bindparam("status"),
+        attempts=bindparam("attempts"),
+        available_at=bindparam("available_at"),
+        last_error=bindparam("last_error"),
+        detail=bindparam("detail"),
+        processed_at=bindparam("processed_at"),
+    )
+)
+
+
+_LogLine = tuple[logging.Logger, int, str, tuple[Any, ...]]
+
+
+class _EventFailed(Exception):
+    """An event's handler failed in a batch run without savepoints: the batch must run again."""
+
+    def __init__(self, inbox_id: int, error: str, *, parked: bool) -> None:
+        super().__init__(error)
+        self.inbox_id = inbox_id
+        self.error = error
+        self.parked = parked
 
 
 @dataclass
@@ -125,28 +158,27 @@ class Worker:
         raise AssertionError("unreachable")
 
     def _run_batch(self, now: float) -> int:
+        """Run the batch without savepoints; if an event fails, run it again with them."""
+        failed: dict[int, _EventFailed] = {}
+        try:
+            return self._run_claimed_batch(now, failed=None)
+        except _EventFailed as first:
+            failed[first.inbox_id] = first
+        log.info("an event of the batch failed; applying the batch again with one savepoint per event")
+        return self._run_claimed_batch(now, failed=failed)
+
+    def _run_claimed_batch(self, now: float, *, failed: dict[int, _EventFailed] | None) -> int:
+        """Claim and apply one batch. ``failed`` None: no savepoints, and a handler's failure raises
+        ``_EventFailed`` (the transaction rolls back). Otherwise each event runs in a savepoint, and
+        the events of ``failed`` are recorded as failed attempts without being run again."""
         self._claimed = []
-        claim = (
-            select(
-                _events.c.id,
-                _events.c.stripe_event_id,
-                _events.c.type,
-                _events.c.created,
-                _events.c.payload,
-                _events.c.attempts,
-            )
-            .where(_events.c.status == "pending", _events.c.available_at <= now)
-            .order_by(_events.c.id)
-            .limit(self._limit)
-        )
-        if self._pg:
-            claim = claim.with_for_update(skip_locked=True)
-        elif not self._anything_due(now):
+        claim = _claim(self._limit, pg=self._pg, negative_now=now < 0)
+        if not self._pg and not self._anything_due(now):
             # SQLite has one write lock; an idle worker that took it on every poll would make the
             # runbook's `sqlite3 ... UPDATE users` (no busy timeout by default) fail as "locked".
             return 0
         with self.engine.begin() as connection:
-            rows = connection.execute(claim).all()
+            rows = connection.execute(claim, {"now": now}).all()
             if not rows:
                 return 0
             self._claimed = list(rows)
@@ -155,12 +187,21 @@ class Worker:
                 # so that two batches touching the same customers queue instead of deadlocking.
                 rows = sorted(rows, key=_lock_order)
             store = Store(connection, self.settings.price_tiers)
+            logs: list[_LogLine] = []
+            store.deferred_logs = logs
+            store.remember_customers()
             outcomes, seconds = [], []
             for row in rows:
                 started = time.perf_counter()
-                outcomes.append(self._apply(connection, store, row, now))
+                if failed is not None and row.id in failed:
+                    known = failed[row.id]
+                    outcomes.append(self._failure(row, known.error, now, parked=known.parked, logs=logs))
+                else:
+                    outcomes.append(self._apply(connection, store, row, now, isolate=failed is not None, logs=logs))
                 seconds.append(time.perf_counter() - started)
             self._record(connection, outcomes)
+        for logger, level, message, args in logs:
+            logger.log(level, message, *args)
         self._count(rows, outcomes, seconds)
         return len(rows)
 
@@ -183,44 +224,61 @@ class Worker:
             )
 
     def _record(self, connection: Any, outcomes: list[_Outcome]) -> None:
-        connection.execute(
-            update(_events)
-            .where(_events.c.id == bindparam("_id"))
-            .values(
-                status=bindparam("status"),
-                attempts=bindparam("attempts"),
-                available_at=bindparam("available_at"),
-                last_error=bindparam("last_error"),
-                detail=bindparam("detail"),
-                processed_at=bindparam("processed_at"),
-            ),
-            [o.__dict__ for o in outcomes],
-        )
+        compiled = compiled_for(_RECORD, connection.dialect)
+        driver_execute(connection, compiled, compiled.many([o.__dict__ for o in outcomes]), many=True)
 
-    def _apply(self, connection: Any, store: Store, row: Any, now: float) -> _Outcome:
+    def _apply(
+        self,
+        connection: Any,
+        store: Store,
+        row: Any,
+        now: float,
+        *,
+        isolate: bool = True,
+        logs: list[_LogLine] | None = None,
+    ) -> _Outcome:
+        """Apply one event. ``isolate``: in a savepoint, and a failure is this event's outcome;
+        otherwise a failure raises ``_EventFailed`` for the caller to roll back the transaction.
+        ``logs``: where the log lines go until the transaction commits (else written at once)."""
         attempts = row.attempts + 1
         handler = HANDLERS.get(row.type)
         if handler is None:
             return _Outcome(row.id, "ignored", attempts, 0.0, None, "event type not handled", datetime.now(UTC))
+        mark = len(logs) if logs is not None else 0
         try:
             obj = orjson.loads(row.payload)["data"]["object"]
             event = StoredEvent(row.id, row.stripe_event_id, row.type, row.created, obj)
             if self.verifier is not None:
                 event = self.verifier.verified(event)
-            with connection.begin_nested():
+            if isolate:
+                with connection.begin_nested():
+                    detail = handler(store, event)
+            else:
                 detail = handler(store, event)
         except (OperationalError, InterfaceError):
             raise  # the database itself failed (lock, disconnect): the whole batch is retried
-        except Exception as exc:  # noqa: BLE001 - any handler failure is recorded, never lost
-            return self._failure(row, f"{exc.__class__.__name__}: {exc}", now, parked=isinstance(exc, UnmappedPrice))
-        log.info("webhook event applied event=%s type=%s %s", row.stripe_event_id, row.type, detail)
+        except Exception as exc:  # any handler failure is recorded, never lost
+            error = f"{exc.__class__.__name__}: {exc}"
+            if not isolate:
+                raise _EventFailed(row.id, error, parked=isinstance(exc, UnmappedPrice)) from exc
+            if logs is not None:
+                del logs[mark:]  # what the handler logged was rolled back with its savepoint
+            store.forget_customers()  # rows it created or locked may be gone with the savepoint
+            return self._failure(row, error, now, parked=isinstance(exc, UnmappedPrice), logs=logs)
+        applied = "webhook event applied event=%s type=%s %s"
+        _log(logs, log, logging.INFO, applied, row.stripe_event_id, row.type, detail)
         return _Outcome(row.id, "applied", attempts, 0.0, None, detail[:2000], datetime.now(UTC))
 
-    def _failure(self, row: Any, error: str, now: float, *, parked: bool) -> _Outcome:
+    def _failure(
+        self, row: Any, error: str, now: float, *, parked: bool, logs: list[_LogLine] | None = None
+    ) -> _Outcome:
         """The outcome of a failed attempt: retry later with backoff, or park after the last."""
         attempts = row.attempts + 1
         if parked or attempts >= self.settings.worker_max_attempts:
-            log.error(
+            _log(
+                logs,
+                log,
+                logging.ERROR,
                 "webhook event failed, parked event=%s type=%s attempts=%d error=%s",
                 row.stripe_event_id,
                 row.type,
@@ -229,7 +287,10 @@ class Worker:
             )
             return _Outcome(row.id, "failed", attempts, 0.0, error[:2000], None, datetime.now(UTC))
         delay = self._backoff(attempts)
-        log.warning(
+        _log(
+            logs,
+            log,
+            logging.WARNING,
             "webhook event failed, retry in %.0fs event=%s type=%s attempts=%d error=%s",
             delay,
             row.stripe_event_id,
@@ -286,6 +347,58 @@ class Worker:
         if backfill is not None:
             backfill.join()
         log.info("worker stopped")
+
+
+_CLAIMED_COLUMNS = (
+    _events.c.id,
+    _events.c.stripe_event_id,
+    _events.c.type,
+    _events.c.created,
+    _events.c.payload,
+    _events.c.attempts,
+)
+
+
+@functools.lru_cache(maxsize=16)
+def _claim(limit: int, *, pg: bool, negative_now: bool = False) -> Any:
+    """The oldest ``limit`` pending events due at ``now``, in inbox order.
+
+    PostgreSQL: one query, locking the rows it returns and skipping those another worker holds.
+    SQLite (one writer, nothing to skip): the ids first, from the claim index alone, then the
+    rows. ``ORDER BY id`` over the range ``available_at <= now`` sorts every pending event of the
+    backlog, payloads included, for each batch; within one ``available_at`` the index is in id
+    order, so new and replayed events (``available_at`` 0) are read in order without a sort, and
+    only those in backoff (any other value, due) are sorted.
+    """
+    now: Any = bindparam("now")
+    due = (_events.c.status == "pending", _events.c.available_at <= now)
+    if pg:
+        query = select(*_CLAIMED_COLUMNS).where(*due).order_by(_events.c.id).limit(limit)
+        return query.with_for_update(skip_locked=True)
+    if negative_now:
+        return select(*_CLAIMED_COLUMNS).where(*due).order_by(_events.c.id).limit(limit)
+    available = _events.c.available_at
+    parts = []
+    for condition in (available == 0.0, available < 0.0, and_(available > 0.0, available <= now)):
+        part = (
+            select(_events.c.id)
+            .where(_events.c.status == "pending", condition)
+            .order_by(_events.c.id)
+            .limit(limit)
+            .subquery()
+        )
+        parts.append(select(part.c.id))
+    ids = union_all(*parts).subquery()
+    first = select(ids.c.id).order_by(ids.c.id).limit(limit)
+    return select(*_CLAIMED_COLUMNS).where(_events.c.id.in_(first)).order_by(_events.c.id)
+
+
+def _log(logs: list[_LogLine] | None, logger: logging.Logger, level: int, message: str, *args: Any) -> None:
+    """Write a log line now, or keep it in ``logs`` for when the transaction has committed."""
+    if logs is None:
+        logger.log(level, message, *args)
+    elif logger.isEnabledFor(level):
+        logs.append((logger, level, message, args))
 
 
 def _lock_order(row: Any) -> tuple[str, int]:

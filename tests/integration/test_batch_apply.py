@@ -1,0 +1,304 @@
+"""A batch runs without savepoints; an event's failure makes it run again with one per event.
+
+Whichever way a batch runs, the outcome of every event, the final state and the log lines are
+those of applying each event in its own savepoint: a failing event is retried with backoff and
+never undoes its neighbours, and nothing a rolled-back attempt did is logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from typing import Any
+
+import pytest
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import select
+
+from integration.test_worker import BASIC, ENTERPRISE, PRO, T, customer_event, invoice_event, sub_event
+from kamiyo import synthetic
+from kamiyo.db.models import customers_table, events_table, subscriptions_table, users_table
+from kamiyo.processing import handlers
+from kamiyo.processing.store import Store
+from kamiyo.processing.worker import Worker
+
+
+def _counting(monkeypatch: Any, calls: list[str], event_type: str, fail_ids: set[str] | None = None) -> None:
+    """Wrap the handler of ``event_type``: note each call; raise for the event ids in ``fail_ids``."""
+    real = handlers.HANDLERS[event_type]
+
+    def handler(store: Any, event: Any) -> str:
+        calls.append(event.event_id)
+        detail = real(store, event)
+        if fail_ids and event.event_id in fail_ids:
+            raise RuntimeError("broken after writing")
+        return detail
+
+    monkeypatch.setitem(handlers.HANDLERS, event_type, handler)
+
+
+def _state(harness: Any) -> dict[str, Any]:
+    with harness.engine.connect() as connection:
+        users = connection.execute(
+            select(users_table.c.email, users_table.c.subscription_tier, users_table.c.subscription_status)
+        ).all()
+        subs = connection.execute(
+            select(
+                subscriptions_table.c.id,
+                subscriptions_table.c.customer_id,
+                subscriptions_table.c.status,
+                subscriptions_table.c.tier,
+                subscriptions_table.c.version_created,
+                subscriptions_table.c.version_rank,
+                subscriptions_table.c.version_event_id,
+            )
+        ).all()
+        links = connection.execute(
+            select(customers_table.c.id, customers_table.c.email, customers_table.c.linked_by, users_table.c.email)
+            .join_from(customers_table, users_table, customers_table.c.user_id == users_table.c.id, isouter=True)
+            .order_by(customers_table.c.id)
+        ).all()
+    return {
+        "users": sorted(tuple(r) for r in users),
+        "subscriptions": sorted(tuple(r) for r in subs),
+        "links": [tuple(r) for r in links],
+    }
+
+
+def test_a_failing_event_reruns_its_batch_with_savepoints_and_nothing_is_applied_or_logged_twice(
+    harness: Any, monkeypatch: Any, caplog: Any
+) -> None:
+    """The first run, without savepoints, stops at the failure and rolls back; the second applies the
+    others, each once, records the failed attempt without running it again, and logs each change once."""
+    calls: list[str] = []
+    good_link = customer_event("ann@example.com")
+    good_sub = sub_event("active")
+    bad = sub_event("past_due", sub_id="sub_bad", at=T + 5, event_type="customer.subscription.paused")
+    later = sub_event("active", sub_id="sub_2", price=ENTERPRISE, at=T + 6)
+    _counting(monkeypatch, calls, "customer.subscription.updated")
+    _counting(monkeypatch, calls, "customer.subscription.paused", fail_ids={bad["id"]})
+    harness.deliver(good_link, good_sub, bad, later)
+
+    with caplog.at_level(logging.INFO):
+        assert Worker(harness.engine, harness.settings).run_once() == 4
+
+    statuses = harness.statuses([good_link["id"], good_sub["id"], bad["id"], later["id"]])
+    assert statuses == ["applied", "applied", "pending", "applied"]
+    failed = harness.event(bad["id"])
+    assert (failed["attempts"], failed["last_error"]) == (1, "RuntimeError: broken after writing")
+    # Its snapshot was written before it raised: rolled back with the first run, never written again.
+    assert harness.subscription("sub_bad") is None
+    assert harness.tier_status("ann@example.com") == ("enterprise", "active")
+    # sub_1 ran in both runs; the bad event only in the first; sub_2 (after it) only in the second.
+    assert calls == [good_sub["id"], bad["id"], good_sub["id"], later["id"]]
+
+    messages = [r.getMessage() for r in caplog.records]
+    for event in (good_link, good_sub, later):
+        assert sum(f"event applied event={event['id']} " in m for m in messages) == 1, event["id"]
+    assert sum("customer linked customer=cus_1 " in m for m in messages) == 1
+    assert sum(m.startswith("user state changed") for m in messages) == 2  # free -> pro, pro -> enterprise
+    assert sum("failed, retry in" in m and bad["id"] in m for m in messages) == 1
+    assert not any(f"event applied event={bad['id']} " in m for m in messages)
+
+
+def test_a_database_error_of_one_event_is_contained_the_same_way(harness: Any, monkeypatch: Any) -> None:
+    """An event whose statement the database rejects (PostgreSQL then aborts the whole transaction):
+    the batch runs again with savepoints, and the error is that event's failed attempt."""
+
+    def violates_a_foreign_key(store: Store, event: Any) -> str:
+        store.ensure_customer("cus_fk")
+        store._run("link_customer", {"cid": "cus_fk", "uid": 987_654_321, "how": "email"})
+        return "unreachable"
+
+    monkeypatch.setitem(handlers.HANDLERS, "customer.subscription.paused", violates_a_foreign_key)
+    before, bad, after = (
+        customer_event("ann@example.com"),
+        sub_event("paused", sub_id="sub_bad"),
+        sub_event("active", price=BASIC),
+    )
+    harness.deliver(before, bad, after)
+    assert Worker(harness.engine, harness.settings).run_once() == 3
+    assert harness.statuses([before["id"], bad["id"], after["id"]]) == ["applied", "pending", "applied"]
+    assert "IntegrityError" in harness.event(bad["id"])["last_error"]
+    assert harness.customer("cus_fk") is None
+    assert harness.tier_status("ann@example.com") == ("basic", "active")
+
+
+def test_two_failing_events_of_one_batch_are_both_retried_and_the_rest_applied(harness: Any, monkeypatch: Any) -> None:
+    """The second failure only shows in the run with savepoints: it is contained there."""
+    calls: list[str] = []
+    first_bad = sub_event("active", sub_id="sub_x", event_type="customer.subscription.paused", at=T + 1)
+    second_bad = sub_event("active", sub_id="sub_y", event_type="customer.subscription.paused", at=T + 2)
+    _counting(monkeypatch, calls, "customer.subscription.paused", fail_ids={first_bad["id"], second_bad["id"]})
+    link, good = customer_event("ann@example.com"), sub_event("trialing", at=T + 3)
+    harness.deliver(link, first_bad, second_bad, good)
+    assert Worker(harness.engine, harness.settings).run_once() == 4
+    assert harness.statuses([link["id"], first_bad["id"], second_bad["id"], good["id"]]) == [
+        "applied",
+        "pending",
+        "pending",
+        "applied",
+    ]
+    assert calls == [first_bad["id"], second_bad["id"]]
+    assert harness.subscription("sub_x") is None
+    assert harness.subscription("sub_y") is None
+    assert harness.tier_status("ann@example.com") == ("pro", "trialing")
+
+
+def _history() -> list[dict[str, Any]]:
+    """Two customers of one person (one email) with a subscription each, through their lifecycle,
+    same-second ties included, invoices naming the email, an event type not handled."""
+    return [
+        sub_event("incomplete", event_type="customer.subscription.created", at=T, price=BASIC),
+        sub_event("active", at=T, price=BASIC),
+        invoice_event("Ann@Example.com", at=T + 1),
+        sub_event("active", at=T + 10, price=PRO),
+        sub_event("past_due", at=T + 20, price=PRO),
+        invoice_event("ann@example.com", event_type="invoice.payment_failed", at=T + 20),
+        sub_event("trialing", sub_id="sub_b", customer_id="cus_2", at=T + 21, price=ENTERPRISE),
+        customer_event("ann@example.com", customer_id="cus_2", at=T + 22),
+        sub_event("active", at=T + 30, price=PRO),
+        sub_event("canceled", sub_id="sub_b", customer_id="cus_2", at=T + 40, price=ENTERPRISE),
+        sub_event("active", sub_id="sub_b", customer_id="cus_2", at=T + 41, price=ENTERPRISE),  # never revives
+        sub_event("unpaid", at=T + 60, price=PRO),
+        synthetic.event("charge.refunded", {"id": "ch_1", "customer": "cus_1"}, created=T + 61),
+    ]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_one_shuffled_batch_of_a_users_history_ends_as_applying_it_in_order(harness: Any, seed: int) -> None:
+    """Several events of one subscription and of one user, in any order in a single batch, give the
+    state that applying them one at a time in order gives."""
+    history = _history()
+    harness.reset()
+    for event in history:
+        harness.apply(event)
+    expected = _state(harness)
+    assert expected["users"] == [("ann@example.com", "free", "canceled")]
+
+    shuffled = list(history)
+    random.Random(seed).shuffle(shuffled)
+    shuffled.insert(random.Random(seed + 100).randrange(len(shuffled)), shuffled[0])  # a redelivery
+    harness.reset()
+    harness.deliver(*shuffled)
+    assert Worker(harness.engine, harness.settings).run_once() == len(history)
+    assert _state(harness) == expected
+    statuses = harness.statuses(event["id"] for event in history)
+    assert statuses == ["applied"] * (len(history) - 1) + ["ignored"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_one_batch_gives_what_one_event_per_batch_gives_in_the_same_order(harness: Any, seed: int) -> None:
+    """Order-dependent rules too (the first email seen links a customer; a newer email replaces an
+    older one): a whole shuffled history in one batch ends exactly as the same order one at a time."""
+    history = [
+        *_history(),
+        customer_event("ann.new@example.com", customer_id="cus_1", at=T + 50, event_type="customer.updated"),
+        customer_event("bob@example.com", customer_id="cus_3", at=T + 51),
+        sub_event("active", sub_id="sub_c", customer_id="cus_3", at=T + 52, price=BASIC),
+        invoice_event("carol@example.com", customer_id="cus_3", at=T + 53),
+    ]
+    random.Random(seed).shuffle(history)
+    harness.reset()
+    for event in history:
+        harness.apply(event)
+    expected = _state(harness)
+
+    harness.reset()
+    harness.deliver(*history)
+    assert Worker(harness.engine, harness.settings).run_once() == len(history)
+    assert _state(harness) == expected
+
+
+def test_a_failure_in_a_shuffled_batch_still_converges_once_retried(harness: Any, monkeypatch: Any) -> None:
+    """One event failing once in the middle of the batch: after its retry the state is the in-order one."""
+    history = _history()
+    harness.reset()
+    for event in history:
+        harness.apply(event)
+    expected = _state(harness)
+
+    shuffled = list(history)
+    random.Random(7).shuffle(shuffled)
+    victim = next(e for e in shuffled[3:] if e["type"] == "customer.subscription.updated")
+    failures: list[str] = []
+    real = handlers.HANDLERS["customer.subscription.updated"]
+
+    def once(store: Any, event: Any) -> str:
+        detail = real(store, event)
+        if event.event_id == victim["id"] and not failures:
+            failures.append(event.event_id)
+            raise RuntimeError("temporary trouble")
+        return detail
+
+    monkeypatch.setitem(handlers.HANDLERS, "customer.subscription.updated", once)
+    harness.reset()
+    harness.deliver(*shuffled)
+    worker = Worker(harness.engine, harness.settings)
+    assert worker.run_once() == len(history)
+    assert harness.event(victim["id"])["status"] == "pending"
+    assert worker.run_once(now=harness.event(victim["id"])["available_at"]) == 1
+    assert harness.event(victim["id"])["attempts"] == 2
+    assert _state(harness) == expected
+
+
+def test_the_store_begins_its_own_transaction_when_none_is_open_and_raises_sqlalchemy_errors(harness: Any) -> None:
+    """Outside the worker (operators' commands), the Store behaves as Connection.execute does:
+    the first statement begins the transaction; a database error is SQLAlchemy's exception."""
+    user_id = harness.add_user("ann@example.com", tier="pro", status="active")
+    with harness.engine.connect() as connection:
+        store = Store(connection, harness.settings.price_tiers)
+        assert not connection.in_transaction()
+        outcome = store.link_customer("cus_1", "ann@example.com", None, T)
+        assert connection.in_transaction()
+        assert outcome == f"customer cus_1 linked to user {user_id} by email"
+        assert store.customer_user("cus_1") == user_id
+        assert store.recompute_user(user_id) is None  # no subscriptions: left as is
+        connection.commit()
+    assert harness.customer("cus_1")["user_id"] == user_id
+
+    with harness.engine.connect() as connection:
+        store = Store(connection, harness.settings.price_tiers)
+        with pytest.raises(sa_exc.IntegrityError):
+            store._run("link_customer", {"cid": "cus_1", "uid": 987_654_321, "how": "email"})
+        connection.rollback()
+    assert harness.customer("cus_1")["user_id"] == user_id
+
+
+def test_the_claim_takes_the_oldest_due_events_whatever_their_backoff(harness: Any) -> None:
+    """New (available_at 0), replayed, and due-after-backoff events are claimed in inbox order, a
+    batch at a time; events not due yet and parked ones are left alone."""
+    events = [customer_event(f"user{n}@example.com", customer_id=f"cus_{n}") for n in range(8)]
+    harness.deliver(*events)
+    available = [0.0, 500.0, -5.0, 50.0, 0.0, 100.0, 0.0, 100.5]
+    parked = {4}
+    with harness.engine.begin() as connection:
+        for n, event in enumerate(events):
+            connection.execute(
+                events_table.update()
+                .where(events_table.c.stripe_event_id == event["id"])
+                .values(available_at=available[n], status="failed" if n in parked else "pending")
+            )
+    worker = Worker(harness.engine, dataclasses.replace(harness.settings, worker_batch_size=3))
+    order: list[list[str]] = []
+    for _ in range(4):
+        before = set(_applied(harness, events))
+        worker.run_once(now=100.0)
+        order.append(sorted(set(_applied(harness, events)) - before))
+    ids = [event["id"] for event in events]
+    assert order == [sorted([ids[0], ids[2], ids[3]]), sorted([ids[5], ids[6]]), [], []]
+    assert harness.statuses(ids) == [
+        "applied",
+        "pending",
+        "applied",
+        "applied",
+        "failed",
+        "applied",
+        "applied",
+        "pending",
+    ]
+
+
+def _applied(harness: Any, events: list[dict[str, Any]]) -> list[str]:
+    return [event["id"] for event in events if harness.event(event["id"])["status"] == "applied"]

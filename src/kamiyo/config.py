@@ -107,9 +107,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         admin_token=_admin_token(values.get("KAMIYO_ADMIN_TOKEN", "")),
         health_silence_seconds=_float(values, "HEALTH_SILENCE_SECONDS", 1800.0, low=0, high=30 * 86400),
         health_min_success_ratio=_float(values, "HEALTH_MIN_SUCCESS_RATIO", 0.95, low=0, high=1),
-        health_backlog_max_age_seconds=_float(
-            values, "HEALTH_BACKLOG_MAX_AGE_SECONDS", 600.0, low=1, high=30 * 86400
-        ),
+        health_backlog_max_age_seconds=_float(values, "HEALTH_BACKLOG_MAX_AGE_SECONDS", 600.0, low=1, high=30 * 86400),
     )
 
 

@@ -12,7 +12,10 @@ For each size, two syncs run, each in a fresh process so that its peak memory (`
 is its own: the first into an empty database (every customer linked, every user created), then
 a re-sync of the same database (nothing to change: the common case). A sync is what ``kamiyo
 sync`` runs (``parallel=True``: pages are read in a second process); the reader process's
-peak memory is reported too. Flat memory means the same peak for 10,000 and 100,000.
+peak memory is reported too. Flat memory means the same peak for 10,000 and 100,000. CPU is
+reported per subscription, writer plus reader process (the API server's is not counted): on a
+shared machine it is steadier than the wall clock. To compare two versions, run them alternately
+(e.g. the old one with ``PYTHONPATH`` pointing at a copy of its ``src``).
 """
 
 from __future__ import annotations
@@ -64,18 +67,27 @@ def measure(url: str, database_url: str) -> dict[str, Any]:
     engine.dispose()
     gateway = StripeApiGateway(API_KEY, url, budget=RateBudget(100_000))  # the rate budget lifted
     with open(os.devnull, "w") as devnull:
-        started, cpu = time.perf_counter(), time.process_time()
+        started, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
         summary = run_sync(settings, gateway=gateway, out=devnull, err=devnull)
         seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu
+    reader_cpu = _children_cpu() - children  # the reader process, joined when the sync ends
     return {
         "seen": summary.seen,
         "changed": summary.changed,
         "seconds": round(seconds, 2),
         "per_second": round(summary.seen / seconds),
-        "cpu_seconds": round(time.process_time() - cpu, 2),
+        "cpu_seconds": round(cpu_seconds, 2),
+        "reader_cpu_seconds": round(reader_cpu, 2),
+        "cpu_us_per_subscription": round((cpu_seconds + reader_cpu) / max(summary.seen, 1) * 1e6),
         "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "reader_peak_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
     }
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_size(count: int, postgres: bool) -> list[dict[str, Any]]:
@@ -130,12 +142,16 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {load[0]:.2f} at start")
     rows = [row for count in args.sizes for row in run_size(count, args.postgres)]
     print()
-    print("| database | subscriptions | sync | seconds | subscriptions/s | peak MB (writer) | peak MB (reader) |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+    print(
+        "| database | subscriptions | sync | seconds | subscriptions/s | CPU µs/subscription (writer + reader) "
+        "| peak MB (writer) | peak MB (reader) |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
             f"| {row['database']} | {row['subscriptions']:,} | {row['sync']} | {row['seconds']} | "
-            f"{row['per_second']:,} | {row['peak_mb']} | {row['reader_peak_mb']} |"
+            f"{row['per_second']:,} | {row['cpu_us_per_subscription']} ({row['cpu_seconds']} + "
+            f"{row['reader_cpu_seconds']} s) | {row['peak_mb']} | {row['reader_peak_mb']} |"
         )
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
 

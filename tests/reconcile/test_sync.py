@@ -7,13 +7,16 @@ import time
 import pytest
 
 from kamiyo import synthetic
+from kamiyo.domain.tiers import parse_price_tiers
 from kamiyo.errors import KamiyoError, StripeApiError
 from kamiyo.reconcile import runs
 from kamiyo.reconcile.gateway import StripeApiGateway
 from kamiyo.reconcile.ratelimit import RateBudget
+from kamiyo.reconcile.reader import ProcessReader
 from kamiyo.reconcile.sync import SyncListener, SyncScope, SyncSummary, _refresh_statistics_after, sync_subscriptions
 from reconcile.harness import TEST_RETRY, Db, paying_customer, webhook_for
 from stripe_api import API_KEY, FakeStripe, StripeApiServer
+from support import PRICE_TIERS
 
 
 def sync(db: Db, gateway: StripeApiGateway, **options: object) -> SyncSummary:
@@ -268,3 +271,28 @@ def test_on_postgresql_a_sync_leaves_the_planner_statistics_of_what_it_filled(
             " AND relname IN ('stripe_customers', 'stripe_subscriptions', 'users')"
         )
         assert sorted(row[0] for row in analyzed) == ["stripe_customers", "stripe_subscriptions", "users"]
+
+
+def test_the_reader_process_continues_after_the_pages_read_while_it_started(
+    account: FakeStripe, gateway: StripeApiGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    # While the child process starts, the first pages are read here; the child then reads the
+    # rest from the cursor after them: every subscription once, in the list's order.
+    for n in range(1, 501):  # five pages
+        paying_customer(account, n)
+    expected = [s["id"] for s in account.subscriptions()]  # the list's order
+    seen: list[str] = []
+    caplog.set_level("DEBUG", logger="kamiyo.reconcile")
+    pages = ProcessReader(gateway, parse_price_tiers(PRICE_TIERS), "sync:1", None)
+    try:
+        for page in pages:
+            seen.extend(item.snapshot.id for item in page.items)
+            assert page.last_id == seen[-1]
+            if len(seen) == 200:  # pages read here until now; the child takes over within the list
+                assert pages._ready.wait(60)
+    finally:
+        pages.close()
+    assert seen == expected
+    handoffs = [r.getMessage() for r in caplog.records if "reader process ready" in r.getMessage()]
+    assert len(handoffs) == 1, handoffs
+    assert " after 0 pages" not in handoffs[0], handoffs  # (a child ready at once would read them all)

@@ -302,7 +302,8 @@ const VIEWS = {
 };
 
 async function route() {
-  const [path, search] = (window.location.hash.slice(1) || "/overview").split("?");
+  const hash = window.location.hash;
+  const [path, search] = (hash.slice(1) || "/overview").split("?");
   const parts = path.split("/").filter(Boolean);
   let view = parts[0] in VIEWS ? parts[0] : "overview";
   let arg = new URLSearchParams(search || "");
@@ -315,6 +316,7 @@ async function route() {
   try {
     await VIEWS[view](arg);
     document.body.dataset.loaded = view;
+    document.body.dataset.loadedHash = hash;  // which filters the page shows (tests wait on it)
   } catch (err) {
     notice(`Could not load: ${err.message}`);
   }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 import pytest
@@ -18,6 +19,7 @@ from admin.events import (
     payment_with_client_secret,
     subscription_created,
 )
+from e2e.harness import wait_until
 from kamiyo import synthetic
 from kamiyo.domain.tiers import parse_price_tiers
 from kamiyo.operations.overrides import set_override
@@ -112,7 +114,11 @@ def test_deliveries_are_newest_first_with_a_mark_for_each_outcome_including_dupl
     body, headers = signed(customer_created("eve@example.com", "cus_eve"), "whsec_not_ours_0000000000000")
     assert console.client.post(WEBHOOK_PATH, content=body, headers=headers).status_code == 400
 
-    data = console.get("/admin/api/deliveries").json()
+    def counted() -> dict[str, Any]:  # delivery counts are written at most once a second
+        data: dict[str, Any] = console.get("/admin/api/deliveries").json()
+        return data if data["counts"].get("duplicate") and data["counts"].get("rejected") else {}
+
+    data = wait_until(counted, timeout=10, what="the duplicate and the rejection counted")
     events = [d for d in data["deliveries"] if d["kind"] == "event"]
     assert [d["event_id"] for d in events][:3] == [pending["id"], ignored["id"], failed["id"]]
     marks = {d["event_id"]: d["mark"] for d in events}

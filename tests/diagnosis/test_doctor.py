@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import insert
 
 from diagnosis.fake_stripe import FakeStripe, endpoint, fake_stripe
-from e2e.harness import free_port
+from e2e.harness import free_port, wait_until
 from kamiyo import synthetic
 from kamiyo.config import load_settings
 from kamiyo.db.engine import make_engine
@@ -80,7 +80,9 @@ def test_a_healthy_service_passes_every_step_exits_0_and_the_probe_leaves_no_tra
     assert (
         server.rows("SELECT id, email, subscription_tier, subscription_status, updated_at FROM users") == users_before
     )
-    # Neither the ping nor the probe counts as a delivery.
+    # Neither the ping nor the probe counts as a delivery (counts are written at most once a
+    # second: after that long, any count of theirs would be in the table).
+    time.sleep(1.5)
     assert server.rows("SELECT outcome, count FROM webhook_delivery_stats") == [("accepted", 1)]
 
 
@@ -92,6 +94,16 @@ def test_missing_secret_is_named_with_option_2(servers: ServerFactory) -> None:
     assert "Verdict: Option 2: Update Webhook Secret." in result.stdout
 
 
+def _counted_rejections(server: Server, count: int) -> None:
+    """The service writes its per-minute delivery counts at most once a second: wait for them."""
+
+    def rejected() -> bool:
+        rows = server.rows("SELECT COALESCE(SUM(count), 0) FROM webhook_delivery_stats WHERE outcome = 'rejected'")
+        return int(rows[0][0]) >= count
+
+    wait_until(rejected, timeout=10, what=f"{count} rejections counted")
+
+
 def test_wrong_secret_after_a_deploy_shows_as_an_invalid_signature_spike_with_option_2(
     servers: ServerFactory,
 ) -> None:
@@ -100,6 +112,7 @@ def test_wrong_secret_after_a_deploy_shows_as_an_invalid_signature_spike_with_op
     for n in range(10):
         body, headers = signed(synthetic.event("invoice.paid", {"id": f"in_{n}", "object": "invoice"}), OLD_SECRET)
         assert server.post(body, headers).status_code == 400
+    _counted_rejections(server, 10)
     diagnosis = diagnose(server)
     verdict = diagnosis.verdict
     assert verdict is not None
@@ -124,6 +137,7 @@ def test_clock_skew_shows_as_timestamp_failures_and_no_runbook_option(servers: S
         event = synthetic.event("invoice.paid", {"id": f"in_{n}", "object": "invoice"})
         body, headers = signed(event, timestamp=int(time.time()) - 900)
         assert server.post(body, headers).status_code == 400
+    _counted_rejections(server, 5)
     verdict = diagnose(server).verdict
     assert verdict is not None
     assert (verdict.cause, verdict.option) == ("clock_skew", None)

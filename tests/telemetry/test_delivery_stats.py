@@ -131,8 +131,10 @@ def test_a_flood_of_rejections_costs_one_upsert_per_batch_not_a_write_per_reques
 
 
 def test_rejections_counted_while_the_database_fails_are_kept_for_the_next_batch(engine: Engine) -> None:
-    """A failed commit loses no rejection: they ride along with the next batch that commits."""
-    failures = {"left": 1}
+    """A failed commit loses no rejection: they ride along with the next batch that commits.
+
+    The writer tries twice before it stops (its batch, then a last flush at stop): both fail here."""
+    failures = {"left": 2}
 
     def fail_once(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         if "webhook_delivery_stats" in statement and failures["left"]:
@@ -246,3 +248,53 @@ def test_state_of_an_empty_inbox_has_no_last_accepted_age(engine: Engine) -> Non
 def test_minute_of_truncates_to_the_minute() -> None:
     moment = datetime(2026, 11, 27, 10, 31, 59, tzinfo=UTC)
     assert minute_of(moment.timestamp()) == (moment - timedelta(seconds=59)).timestamp()
+
+
+def test_counts_gather_in_memory_and_go_out_with_a_later_batch_once_due(engine: Engine) -> None:
+    """Within ``stats_seconds`` of the last write, batches carry no stats statement; the counts
+    come out, complete, with the first batch after that (or on their own when none comes)."""
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("INSERT INTO webhook_delivery_stats"):
+            statements.append(statement)
+
+    writer = InboxWriter(engine, stats_seconds=1.5)
+    event.listen(engine, "before_cursor_execute", record)
+
+    async def scenario() -> None:
+        writer.start()
+        try:
+            assert await writer.store(_row("evt_a"))  # the first batch writes (nothing was written yet)
+            written = len(statements)
+            for n in range(5):
+                assert await writer.store(_row(f"evt_b{n}"))
+            writer.count_rejection("timestamp")
+            assert len(statements) == written  # five batches, no stats statement
+            assert _stats(engine) == {("accepted", "", "customer.updated"): 1}
+            await asyncio.sleep(2.5)  # no delivery: the writer writes the due counts by itself
+            assert len(statements) == written + 1
+            assert _stats(engine) == {("accepted", "", "customer.updated"): 6, ("rejected", "timestamp", ""): 1}
+        finally:
+            writer.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def test_counts_still_pending_are_written_when_the_writer_stops(engine: Engine) -> None:
+    writer = InboxWriter(engine, stats_seconds=3600)
+
+    async def scenario() -> None:
+        writer.start()
+        try:
+            await writer.store(_row("evt_1"))  # due at once: written with this batch
+            await writer.store(_row("evt_2"))  # not due for an hour
+            assert _stats(engine) == {("accepted", "", "customer.updated"): 1}
+        finally:
+            writer.stop()
+
+    asyncio.run(scenario())
+    assert _stats(engine) == {("accepted", "", "customer.updated"): 2}

@@ -169,3 +169,10 @@ def test_webhook_health_limits_are_read_from_the_environment() -> None:
         settings.health_min_success_ratio,
         settings.health_backlog_max_age_seconds,
     ) == (0, 0.99, 120)
+
+
+def test_the_in_process_worker_takes_smaller_batches_than_a_worker_process() -> None:
+    from kamiyo.web.app import IN_PROCESS_BATCH, _in_process
+
+    assert _in_process(load({})).worker_batch_size == IN_PROCESS_BATCH < load({}).worker_batch_size
+    assert _in_process(load({"WORKER_BATCH_SIZE": "10"})).worker_batch_size == 10

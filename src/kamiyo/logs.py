@@ -56,12 +56,15 @@ def configure_logging(level: str = "INFO", *, background: bool = False) -> None:
 
 
 class BackgroundHandler(logging.Handler):
-    """Queues records; a daemon thread formats them and writes each burst with one flush."""
+    """Queues records; a daemon thread formats them and writes each burst with one flush.
+
+    The queue also carries ``flush``'s events (set once what came before is written) and, last,
+    ``None`` (close)."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__()
         self._stream = stream
-        self._queue: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[logging.LogRecord | threading.Event | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="kamiyo-log", daemon=True)
         self._thread.start()
         atexit.register(self.close)
@@ -73,9 +76,7 @@ class BackgroundHandler(logging.Handler):
         """Wait until every record queued so far is written."""
         if self._thread.is_alive():
             done = threading.Event()
-            marker = logging.LogRecord("kamiyo.log", logging.NOTSET, "", 0, "", None, None)
-            marker.flushed = done
-            self._queue.put(marker)
+            self._queue.put(done)
             done.wait(timeout=10)
 
     def close(self) -> None:
@@ -86,17 +87,16 @@ class BackgroundHandler(logging.Handler):
 
     def _run(self) -> None:
         while True:
-            record = self._queue.get()
+            item = self._queue.get()
             lines: list[str] = []
             waiting: list[threading.Event] = []
-            while record is not None:
-                flushed = getattr(record, "flushed", None)
-                if flushed is not None:
-                    waiting.append(flushed)
+            while item is not None:
+                if isinstance(item, threading.Event):
+                    waiting.append(item)
                 else:
-                    lines.append(self._line(record))
+                    lines.append(self._line(item))
                 try:
-                    record = self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
             if lines:
@@ -105,7 +105,7 @@ class BackgroundHandler(logging.Handler):
                     self._stream.flush()
             for event in waiting:
                 event.set()
-            if record is None:
+            if item is None:
                 return
 
     def _line(self, record: logging.LogRecord) -> str:

@@ -9,13 +9,13 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine
 
+from appclient import AppClient
 from kamiyo import synthetic
 from kamiyo.config import Settings
 from kamiyo.processing.worker import Worker
 from kamiyo.telemetry.metrics import WebhookMetrics
 from kamiyo.web.app import WEBHOOK_PATH, create_app
 from support import signed
-from telemetry.appclient import AppClient
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 # Metric names are the identifiers our families start with; PromQL functions and labels are not.

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select
 
+from appclient import AppClient
 from kamiyo import synthetic
 from kamiyo.config import Settings
 from kamiyo.db.models import delivery_stats_table
@@ -18,7 +19,6 @@ from kamiyo.telemetry.metrics import FAILURE_REASONS, PROBE_EVENT_PREFIX, PROBE_
 from kamiyo.web.app import WEBHOOK_PATH, create_app
 from kamiyo.webhooks.signature import signature_header
 from support import SECRET, signed
-from telemetry.appclient import AppClient
 from telemetry.scrape import samples, value
 
 

@@ -11,6 +11,7 @@ import orjson
 import pytest
 from sqlalchemy import Engine, insert
 
+from appclient import AppClient
 from diagnosis.fake_stripe import FakeStripe, endpoint, fake_stripe
 from e2e.harness import free_port
 from kamiyo import synthetic
@@ -25,7 +26,6 @@ from kamiyo.web.app import WEBHOOK_PATH, create_app
 from kamiyo.webhooks.envelope import read_envelope
 from kamiyo.webhooks.inbox import inbox_row
 from support import SECRET
-from telemetry.appclient import AppClient
 
 NOW = time.time()
 

@@ -61,7 +61,3 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
     event.listen(engine, "rollback", _release)
 
     return engine
-
-
-def is_sqlite(engine: Engine) -> bool:
-    return engine.dialect.name == "sqlite"

@@ -210,7 +210,7 @@ def drift(connection: Connection, *, tiers: TierMap | None = None) -> list[Drift
 
 def unexplained_drift(connection: Connection, *, tiers: TierMap | None = None) -> list[DriftView]:
     """The users whose stored tier/status no subscription, override or audit entry explains:
-    a direct ``UPDATE users`` nobody documented. ``kamiyo doctor`` and ``kamiyo users drift`` report these."""
+    a direct ``UPDATE users`` nobody documented, as ``kamiyo users drift`` reports them."""
     return [d for d in drift(connection, tiers=tiers) if d.explained_by is None]
 
 

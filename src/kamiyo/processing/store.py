@@ -20,8 +20,8 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
 
+from kamiyo.db.driver import driver_execute
 from kamiyo.db.models import customers_table, subscriptions_table, user_overrides_table, users_table
 from kamiyo.domain.entitlement import SubscriptionState, UserState, user_state
 from kamiyo.domain.overrides import override_in_force, override_state
@@ -233,32 +233,10 @@ class _DriverStatements:
         self.by_name: dict[str, _Compiled] = {
             name: _Compiled(stmt, dialect, _INSERT_KEYS.get(name)) for name, stmt in vars(source).items()
         }
-        self.dbapi_error: type[Exception] = dialect.loaded_dbapi.Error
 
 
 _DRIVER_STATEMENTS: dict[tuple[type, str, str], _DriverStatements] = {}
 _DRIVER_LOCK = threading.Lock()
-
-
-def driver_execute(connection: Connection, compiled: _Compiled, params: Any, *, many: bool = False) -> Any:
-    """Run ``compiled`` (parameters already built) on the DBAPI connection of ``connection``'s
-    transaction; a database error comes out as SQLAlchemy's exception, as from ``execute``."""
-    if not connection.in_transaction():
-        connection.begin()  # what Connection.execute's autobegin would do
-    driver = connection.connection.driver_connection
-    assert driver is not None
-    dbapi_error: type[Exception] = connection.dialect.loaded_dbapi.Error
-    try:
-        if many:
-            cursor = driver.cursor()
-            try:
-                cursor.executemany(compiled.sql, params)
-            finally:
-                cursor.close()
-            return None
-        return driver.execute(compiled.sql, params)
-    except dbapi_error as exc:
-        raise DBAPIError.instance(compiled.sql, params, exc, dbapi_error, dialect=connection.dialect) from exc
 
 
 _COMPILED: dict[tuple[int, tuple[type, str, str]], tuple[Any, _Compiled]] = {}
@@ -311,12 +289,8 @@ class Store:
     def __init__(self, connection: Connection, tiers: TierMap) -> None:
         self.connection = connection
         self.tiers = tiers
-        self._dialect: Any = postgresql if connection.dialect.name == "postgresql" else sqlite
-        self._sql = _STATEMENTS["postgresql" if connection.dialect.name == "postgresql" else "sqlite"]
-        statements = _driver_statements(connection.dialect)
-        self._driver = statements.by_name
+        self._driver = _driver_statements(connection.dialect).by_name
         self._single_writer = connection.dialect.name == "sqlite"
-        self._dbapi_error = statements.dbapi_error
         self.deferred_logs: list[tuple[logging.Logger, int, str, tuple[Any, ...]]] | None = None
         # Customers whose row this transaction holds locked (so it exists until it ends): with
         # ``remember_customers`` on, ``ensure_customer`` skips them. Whoever rolls back part of
@@ -337,16 +311,7 @@ class Store:
     def _run(self, name: str, params: Mapping[str, Any]) -> Any:
         """Run one of ``_Statements`` on the DBAPI cursor of the connection's transaction."""
         compiled = self._driver[name]
-        connection = self.connection
-        if not connection.in_transaction():
-            connection.begin()  # what Connection.execute's autobegin would do
-        driver = connection.connection.driver_connection
-        assert driver is not None
-        args = compiled.parameters(params)
-        try:
-            return driver.execute(compiled.sql, args)
-        except self._dbapi_error as exc:
-            raise DBAPIError.instance(compiled.sql, args, exc, self._dbapi_error, dialect=connection.dialect) from exc
+        return driver_execute(self.connection, compiled.sql, compiled.parameters(params))
 
     def _rows(self, name: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         return self._driver[name].rows(self._run(name, params).fetchall())

@@ -31,12 +31,13 @@ from sqlalchemy import Engine, and_, bindparam, select, union_all, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from kamiyo.config import Settings
+from kamiyo.db.driver import driver_execute
 from kamiyo.db.models import events_table
 from kamiyo.domain.links import link_hint
 from kamiyo.errors import ApplyError, UnmappedPrice
 from kamiyo.operations.overrides import expire_overrides
 from kamiyo.processing.handlers import HANDLERS, StoredEvent
-from kamiyo.processing.store import Store, compiled_for, driver_execute
+from kamiyo.processing.store import Store, compiled_for
 from kamiyo.reconcile.gateway import StripeGateway
 from kamiyo.reconcile.schedule import BackfillSchedule
 from kamiyo.reconcile.verify import event_verifier
@@ -225,7 +226,7 @@ class Worker:
 
     def _record(self, connection: Any, outcomes: list[_Outcome]) -> None:
         compiled = compiled_for(_RECORD, connection.dialect)
-        driver_execute(connection, compiled, compiled.many([o.__dict__ for o in outcomes]), many=True)
+        driver_execute(connection, compiled.sql, compiled.many([o.__dict__ for o in outcomes]), many=True)
 
     def _apply(
         self,

@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Dialect, Engine
-from sqlalchemy.exc import DBAPIError
 
+from kamiyo.db.driver import driver_connection, sqlalchemy_errors
 from kamiyo.db.models import events_table
 from kamiyo.telemetry.delivery_stats import DeliveryKey, add_delivery_counts, minute_of
 from kamiyo.webhooks.envelope import Envelope
@@ -137,15 +137,9 @@ class _RawInsert:
             return [row[0] for row in connection.exec_driver_sql(sql, parameters)]
         import psycopg
 
-        driver = connection.connection.driver_connection
-        assert isinstance(driver, psycopg.Connection)
-        try:
-            with psycopg.RawCursor(driver) as cursor:
-                cursor.execute(sql, parameters)
-                return [row[0] for row in cursor.fetchall()]
-        except psycopg.Error as exc:
-            # As SQLAlchemy would have raised it: callers handle DBAPIError, whatever the path.
-            raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
+        with sqlalchemy_errors(connection, sql, None), psycopg.RawCursor(driver_connection(connection)) as cursor:
+            cursor.execute(sql, parameters)
+            return [row[0] for row in cursor.fetchall()]
 
     def parameters(self, rows: list[dict[str, Any]]) -> tuple[Any, ...]:
         values: list[Any] = []

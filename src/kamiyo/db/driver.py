@@ -1,0 +1,49 @@
+"""Statements sent to the DBAPI driver as they are, inside SQLAlchemy's transaction.
+
+The hot paths (the inbox writer, the worker's statements) skip SQLAlchemy's per-statement work,
+which costs many times the statement itself on SQLite. These two helpers keep what that path
+would have given: the connection's transaction (begun if need be) and errors raised as
+SQLAlchemy's ``DBAPIError`` classes, which the callers' retry and isolation logic handle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
+
+
+def driver_connection(connection: Connection) -> Any:
+    """The DBAPI connection of ``connection``'s transaction, begun as ``execute`` would begin it."""
+    if not connection.in_transaction():
+        connection.begin()
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    return driver
+
+
+@contextlib.contextmanager
+def sqlalchemy_errors(connection: Connection, sql: str, params: Any) -> Iterator[None]:
+    """Raise a driver error as SQLAlchemy would have raised it from ``Connection.execute``."""
+    error: type[Exception] = connection.dialect.loaded_dbapi.Error
+    try:
+        yield
+    except error as exc:
+        raise DBAPIError.instance(sql, params, exc, error, dialect=connection.dialect) from exc
+
+
+def driver_execute(connection: Connection, sql: str, params: Any, *, many: bool = False) -> Any:
+    """Run ``sql`` with the driver's own parameters; the cursor (None for ``many``)."""
+    driver = driver_connection(connection)
+    with sqlalchemy_errors(connection, sql, params):
+        if not many:
+            return driver.execute(sql, params)
+        cursor = driver.cursor()
+        try:
+            cursor.executemany(sql, params)
+        finally:
+            cursor.close()
+        return None

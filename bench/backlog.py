@@ -9,14 +9,20 @@ arrive before their customer is linked (they wait, then apply when the invoice l
 some updates arrive before the snapshot they replace (the stale one is left as is). One event
 in five uses the pre-basil payload shape.
 
+Alone: ``.venv/bin/python bench/backlog.py --events 20000`` (add ``--postgres URL``, an admin
+URL such as ``postgresql://postgres@127.0.0.1:5432/postgres``, for a throwaway PostgreSQL
+database as well).
+
 The worker runs with the service's defaults (batch of 200, metrics on, one log line per
 event at INFO, written to a file), exactly as ``kamiyo worker`` would.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import random
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,7 @@ from kamiyo.logs import configure_logging
 from kamiyo.processing.worker import Worker
 from kamiyo.webhooks.envelope import read_envelope
 from kamiyo.webhooks.inbox import inbox_row, insert_new_events
+from servers import throwaway_postgres
 
 _INSERT_CHUNK = 2000
 
@@ -193,3 +200,36 @@ def drain_backlog(database_url: str, count: int, workdir: Path, *, secret: str, 
         root.setLevel(saved[1])
         log_file.close()
         engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Drain a backlog of pending events with the worker; print the rate.")
+    parser.add_argument("--events", type=int, default=20_000, help="backlog size (20,000)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="stop the worker after this many seconds (300)")
+    parser.add_argument("--postgres", metavar="URL", help="admin URL: also drain on a throwaway PostgreSQL database")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="kamiyo-backlog-") as scratch:
+        where = Path(scratch) / "sqlite"
+        where.mkdir()
+        _print("SQLite", drain_backlog(f"sqlite:///{where / 'kamiyo.db'}", args.events, where, **_options(args)))
+        if args.postgres:
+            with throwaway_postgres(args.postgres) as url:
+                _print("PostgreSQL", drain_backlog(url, args.events, Path(scratch) / "pg", **_options(args)))
+    return 0
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"secret": "whsec_backlog_bench", "timeout": args.timeout}
+
+
+def _print(database: str, result: dict[str, Any]) -> None:
+    print(
+        f"{database}: {result['handled']:,} events in {result['elapsed_s']} s, "
+        f"{result['events_per_s']:,.1f} events/s, {result['cpu_us_per_event']} µs CPU/event "
+        f"(drained: {result['drained']}, statuses {result['statuses']}, users {result['users_by_tier']})",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,15 +10,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 
 from integration.test_worker import BASIC, ENTERPRISE, PRO, T, customer_event, invoice_event, sub_event
 from kamiyo import synthetic
-from kamiyo.db.models import customers_table, events_table, subscriptions_table, users_table
+from kamiyo.db.models import customers_table, events_table, subscriptions_table, user_overrides_table, users_table
 from kamiyo.processing import handlers
 from kamiyo.processing.store import Store
 from kamiyo.processing.worker import Worker
@@ -302,3 +306,173 @@ def test_the_claim_takes_the_oldest_due_events_whatever_their_backoff(harness: A
 
 def _applied(harness: Any, events: list[dict[str, Any]]) -> list[str]:
     return [event["id"] for event in events if harness.event(event["id"])["status"] == "applied"]
+
+
+# -- a batch applies each event exactly as a batch of its own would ---------------------------
+
+_EMAILS = ["ann@example.com", "Bob@Example.com", "carol@example.com", "dave@example.com"]
+_CUSTOMERS = ["cus_1", "cus_2", "cus_3"]
+_SUB_TYPES = [
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+    "customer.subscription.paused",
+    "customer.subscription.resumed",
+    "customer.subscription.trial_will_end",
+]
+_STATUSES = ["incomplete", "trialing", "active", "past_due", "unpaid", "paused", "canceled"]
+
+
+@st.composite
+def _mixed_histories(draw: st.DrawFn) -> tuple[list[dict[str, Any]], set[str]]:
+    """Events of three customers and four people in any order: subscriptions (one may change
+    customer), invoices and customer events naming emails, checkouts that move a customer to a
+    named user; and the ids of the events whose handler fails after writing."""
+    events: list[dict[str, Any]] = []
+    failing: set[str] = set()
+    for n in range(draw(st.integers(1, 24))):
+        at = T + draw(st.integers(0, 40))
+        customer_id = draw(st.sampled_from(_CUSTOMERS))
+        email = draw(st.sampled_from([*_EMAILS, None]))
+        kind = draw(st.sampled_from(["subscription", "subscription", "invoice", "customer", "checkout"]))
+        event_id = f"evt_mixed{n:03d}"
+        if kind == "subscription":
+            obj = synthetic.subscription(
+                sub_id=draw(st.sampled_from(["sub_1", "sub_2", "sub_3"])),
+                customer_id=customer_id,
+                status=draw(st.sampled_from(_STATUSES)),
+                price_obj=draw(st.sampled_from([BASIC, PRO, ENTERPRISE])),
+                created=T - 100,
+                api_version=synthetic.LATEST_API_VERSION,
+            )
+            event = synthetic.event(draw(st.sampled_from(_SUB_TYPES)), obj, created=at, event_id=event_id)
+            if draw(st.integers(0, 9)) == 0:
+                failing.add(event_id)
+        elif kind == "invoice":
+            obj = synthetic.invoice(
+                customer_id=customer_id,
+                sub_id="sub_1",
+                email=email,
+                paid=True,
+                api_version=synthetic.LATEST_API_VERSION,
+                created=at,
+            )
+            event = synthetic.event("invoice.paid", obj, created=at, event_id=event_id)
+        elif kind == "customer":
+            obj = synthetic.customer(customer_id=customer_id, email=email, created=at)
+            event = synthetic.event(
+                draw(st.sampled_from(["customer.created", "customer.updated"])), obj, created=at, event_id=event_id
+            )
+        else:
+            obj = synthetic.checkout_session(
+                customer_id=customer_id,
+                sub_id="sub_1",
+                email=email or _EMAILS[0],
+                client_reference_id=draw(st.sampled_from([*_EMAILS, None])),
+            )
+            event = synthetic.event("checkout.session.completed", obj, created=at, event_id=event_id)
+        events.append(event)
+    return events, failing
+
+
+def _customer_of(event: dict[str, Any]) -> str:
+    obj = event["data"]["object"]
+    return str(obj["id"] if event["type"].startswith("customer.") and obj["object"] == "customer" else obj["customer"])
+
+
+def _people_with_overrides(harness: Any) -> None:
+    """Carol has an override in force, Dave one that has expired (not yet swept)."""
+    now = datetime.now(UTC)
+    for email, expires in (
+        ("carol@example.com", now + timedelta(days=1)),
+        ("dave@example.com", now - timedelta(days=1)),
+    ):
+        user_id = harness.add_user(email, tier="basic", status="active")
+        with harness.engine.begin() as connection:
+            connection.execute(
+                user_overrides_table.insert().values(
+                    user_id=user_id, tier="enterprise", reason="test", set_by="test", set_at=now, expires_at=expires
+                )
+            )
+
+
+def _outcome(harness: Any, events: list[dict[str, Any]], records: list[logging.LogRecord]) -> dict[str, Any]:
+    """The state, each event's stored outcome and the log lines, user ids given as emails (PostgreSQL's
+    ids go on counting across resets) and the retry delay (random) left out."""
+    with harness.engine.connect() as connection:
+        emails = {int(i): str(e) for i, e in connection.execute(select(users_table.c.id, users_table.c.email))}
+
+    def named(text: str | None) -> str | None:
+        if text is None:
+            return None
+        text = re.sub(r"(user_id=|user )(\d+)", lambda m: m.group(1) + emails.get(int(m.group(2)), "?"), text)
+        return re.sub(r"retry in \d+s", "retry in ...", text)
+
+    outcomes = []
+    for event in events:
+        row = harness.event(event["id"])
+        outcomes.append((row["status"], row["attempts"], named(row["detail"]), named(row["last_error"])))
+    lines = [
+        named(r.getMessage())
+        for r in records
+        if r.name in ("kamiyo.state", "kamiyo.worker") and not r.getMessage().startswith("an event of the batch")
+    ]
+    return {**_state(harness), "events": outcomes, "log": lines}
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(history=_mixed_histories())
+def test_a_batch_applies_each_event_as_a_batch_of_its_own_would(
+    harness: Any, monkeypatch: Any, caplog: Any, history: tuple[list[dict[str, Any]], set[str]]
+) -> None:
+    """What a batch reads once and keeps (SQLite) gives every event the detail, log lines and effect
+    that applying it alone gives, and the same final state: links that change hands, overrides in
+    force and expired, a subscription that changes customer, failures after writing."""
+    events, failing = history
+    one_by_one, batch = _applied_one_by_one_and_in_one_batch(harness, monkeypatch, caplog, events, failing)
+    assert batch == one_by_one
+
+
+def test_a_subscription_that_changes_customer_within_a_batch_leaves_its_old_user(
+    harness: Any, monkeypatch: Any, caplog: Any
+) -> None:
+    """Ann's subscriptions, kept by the batch, lose the one that moves to Bob's customer. (On
+    PostgreSQL the batch runs Bob's customer first, the lock order: the result is the same.)"""
+    events = [
+        customer_event("ann@example.com", customer_id="cus_b"),
+        customer_event("bob@example.com", customer_id="cus_a"),
+        sub_event("active", sub_id="sub_1", customer_id="cus_b", price=ENTERPRISE, at=T + 1),
+        sub_event("active", sub_id="sub_1", customer_id="cus_a", price=PRO, at=T + 2),
+        sub_event("past_due", sub_id="sub_2", customer_id="cus_b", price=BASIC, at=T + 3),
+    ]
+    one_by_one, batch = _applied_one_by_one_and_in_one_batch(harness, monkeypatch, caplog, events, set())
+    assert batch == one_by_one
+    assert batch["users"][:2] == [("ann@example.com", "basic", "past_due"), ("bob@example.com", "pro", "active")]
+
+
+def _applied_one_by_one_and_in_one_batch(
+    harness: Any, monkeypatch: Any, caplog: Any, events: list[dict[str, Any]], failing: set[str]
+) -> list[dict[str, Any]]:
+    """``_outcome`` of applying ``events`` one per batch, then of applying them in a single batch,
+    each time from the same start; the handlers of ``failing`` raise after writing."""
+    if harness.engine.dialect.name == "postgresql":
+        # A batch there applies its events customer by customer (the lock order): so do both runs.
+        events = sorted(events, key=_customer_of)
+    caplog.set_level(logging.INFO)
+    results = []
+    with monkeypatch.context() as patch:  # undone after each example: hypothesis runs many in one test
+        for event_type in _SUB_TYPES:
+            _counting(patch, [], event_type, fail_ids=failing)
+        # A failed attempt is retried an hour later: each run applies every event once.
+        for batch_size in (1, len(events)):
+            harness.reset()
+            _people_with_overrides(harness)
+            harness.deliver(*events)
+            caplog.clear()
+            one_or_all = dataclasses.replace(harness.settings, worker_batch_size=batch_size, retry_base_seconds=3600.0)
+            worker = Worker(harness.engine, one_or_all)
+            assert sum(worker.run_once() for _ in range(len(events) // batch_size)) == len(events)
+            results.append(_outcome(harness, events, caplog.records))
+    return results

@@ -5,6 +5,9 @@ another within one event: subscription row → customer row → user row. Lockin
 before reading whether it is linked, and the user row before reading the user's subscriptions,
 closes the write-skew gaps between two workers applying events of one customer at once.
 (SQLite has a single writer, so ``FOR UPDATE`` is simply not rendered there.)
+
+On SQLite, a worker's batch reads each customer, user and user's subscriptions once and keeps
+them, up to date with its own writes, for its later events (``remember_batch``, batch_view.py).
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 
-from kamiyo.db.driver import driver_execute
+from kamiyo.db.driver import driver_connection
 from kamiyo.db.models import customers_table, subscriptions_table, user_overrides_table, users_table
 from kamiyo.domain.entitlement import SubscriptionState, UserState, user_state
 from kamiyo.domain.overrides import override_in_force, override_state
 from kamiyo.domain.subscriptions import SubscriptionSnapshot
 from kamiyo.domain.tiers import FREE, TierMap
+from kamiyo.processing.batch_view import BatchView, CustomerRow, UserRow
 
 log = logging.getLogger("kamiyo.state")
 _users = users_table
@@ -291,27 +296,51 @@ class Store:
         self.tiers = tiers
         self._driver = _driver_statements(connection.dialect).by_name
         self._single_writer = connection.dialect.name == "sqlite"
+        self._dialect = connection.dialect
+        self._dbapi_error: type[Exception] = connection.dialect.loaded_dbapi.Error
+        self._raw: Any = None  # the DBAPI connection of the open transaction (see _run)
         self.deferred_logs: list[tuple[logging.Logger, int, str, tuple[Any, ...]]] | None = None
         # Customers whose row this transaction holds locked (so it exists until it ends): with
-        # ``remember_customers`` on, ``ensure_customer`` skips them. Whoever rolls back part of
-        # the transaction (a savepoint) calls ``forget_customers``.
+        # ``remember_batch`` on, ``ensure_customer`` skips them. On SQLite, ``_view`` holds the
+        # rows the transaction has read. Whoever rolls back part of the transaction (a
+        # savepoint) calls ``forget_batch``.
         self._locked_customers: set[str] | None = None
+        self._view: BatchView | None = None
 
-    def remember_customers(self) -> None:
+    def remember_batch(self) -> None:
+        """For the rest of the transaction (a worker's batch), remember the customer rows it locks,
+        and on SQLite the rows it reads (``batch_view.py``)."""
         self._locked_customers = set()
+        if self._single_writer:
+            self._view = BatchView()
 
-    def forget_customers(self) -> None:
+    def forget_batch(self) -> None:
+        """Part of the transaction was rolled back: what it wrote or locked may be gone."""
         if self._locked_customers is not None:
             self._locked_customers.clear()
+        if self._view is not None:
+            self._view = BatchView()
 
     def _locked(self, customer_id: str) -> None:
         if self._locked_customers is not None:
             self._locked_customers.add(customer_id)
 
     def _run(self, name: str, params: Mapping[str, Any]) -> Any:
-        """Run one of ``_Statements`` on the DBAPI cursor of the connection's transaction."""
-        compiled = self._driver[name]
-        return driver_execute(self.connection, compiled.sql, compiled.parameters(params))
+        """Run one of ``_Statements`` on the DBAPI cursor of the connection's transaction.
+
+        What ``driver_execute`` does, with the DBAPI connection kept for as long as the
+        transaction is open and the error translated in a plain ``try``: on the worker's hot
+        path, its per-statement look-ups and context manager cost more than SQLite's work."""
+        return self._execute(self._driver[name], params)
+
+    def _execute(self, compiled: _Compiled, params: Mapping[str, Any]) -> Any:
+        values = compiled.parameters(params)
+        if self._raw is None or not self.connection.in_transaction():
+            self._raw = driver_connection(self.connection)
+        try:
+            return self._raw.execute(compiled.sql, values)
+        except self._dbapi_error as exc:
+            raise DBAPIError.instance(compiled.sql, values, exc, self._dbapi_error, dialect=self._dialect) from exc
 
     def _rows(self, name: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         return self._driver[name].rows(self._run(name, params).fetchall())
@@ -335,17 +364,32 @@ class Store:
         """
         self.ensure_customer(snap.customer_id)
         # RETURNING, not rowcount: psycopg reports rowcount -1 for this upsert, which is truthy.
-        return bool(self._rows("upsert_subscription", subscription_row(snap)))
+        stored = bool(self._rows("upsert_subscription", subscription_row(snap)))
+        if stored and self._view is not None:
+            customer = self._customer_row(snap.customer_id)
+            state = SubscriptionState(snap.id, snap.status, snap.tier, snap.stripe_created)
+            self._view.subscription_stored(state, customer.user_id if customer is not None else None)
+        return stored
 
     # -- customers and users ---------------------------------------------------------------
 
     def ensure_customer(self, customer_id: str) -> None:
         if self._locked_customers is not None and customer_id in self._locked_customers:
             return  # this transaction holds the row locked: it exists
+        if self._view is not None:
+            # Read first: most customers exist already, and an INSERT that inserts nothing costs
+            # SQLite about as much as one that does. A new row is known without reading it back.
+            if self._customer_row(customer_id) is None:
+                self._run("ensure_customer", {"id": customer_id, "email_seen_at": 0, "deleted": False})
+                self._view.customers[customer_id] = CustomerRow(user_id=None, email=None, email_seen_at=0)
+            return
         self._run("ensure_customer", {"id": customer_id, "email_seen_at": 0, "deleted": False})
 
     def customer_user(self, customer_id: str) -> int | None:
         """The user a customer is linked to, locking the customer row."""
+        if self._view is not None:
+            customer = self._customer_row(customer_id)
+            return customer.user_id if customer is not None else None
         row = self._first("customer_user", {"cid": customer_id})
         if row is None:
             return None
@@ -361,13 +405,13 @@ class Store:
         moves it. Users whose subscriptions change hands are recomputed.
         """
         self.ensure_customer(customer_id)
-        row = self._first("customer_row", {"cid": customer_id})
-        if row is None:
+        customer = self._customer_row(customer_id)
+        if customer is None:
             raise AssertionError(f"customer {customer_id} vanished inside the transaction")
-        self._locked(customer_id)
-        linked_user, stored_email, email_seen_at = row
-        if email and seen_at >= email_seen_at and email != stored_email:
+        linked_user = customer.user_id
+        if email and seen_at >= customer.email_seen_at and email != customer.email:
             self._run("set_customer_email", {"cid": customer_id, "new_email": email, "seen_at": seen_at})
+            customer.email, customer.email_seen_at = email, seen_at
 
         target: int | None = None
         how = ""
@@ -385,7 +429,10 @@ class Store:
             )
 
         self._run("link_customer", {"cid": customer_id, "uid": target, "how": how})
+        customer.user_id = target
         self._run("set_user_customer", {"uid": target, "cid": customer_id})
+        if self._view is not None:
+            self._view.subscriptions_moved(linked_user, target)
         self._info("customer linked customer=%s user_id=%s by=%s", customer_id, target, how)
         if linked_user is not None:
             # The previous user loses this customer's subscriptions: with none left, back to free.
@@ -393,6 +440,21 @@ class Store:
             self.recompute_user(linked_user, reset_when_none=True)
         self.recompute_user(target)
         return f"customer {customer_id} linked to user {target} by {how}"
+
+    def _customer_row(self, customer_id: str) -> CustomerRow | None:
+        """The customer's link and email, locking its row; None when there is no such customer."""
+        if self._view is not None:
+            known = self._view.customers.get(customer_id)
+            if known is not None:
+                return known
+        row = self._first("customer_row", {"cid": customer_id})
+        if row is None:
+            return None
+        self._locked(customer_id)
+        customer = CustomerRow(*row)
+        if self._view is not None:
+            self._view.customers[customer_id] = customer
+        return customer
 
     def _user_by_ref(self, ref: str) -> int | None:
         from kamiyo.domain.links import normalize_email
@@ -428,12 +490,10 @@ class Store:
         if self._single_writer:
             # SQLite: nothing can change between statements of a write transaction, so the
             # override is read along with the user row (derived_state in one statement fewer).
-            user = self._first("user_state_override", {"uid": user_id})
-            if user is None:
-                raise AssertionError(f"no user {user_id}")
-            email, tier, status, override_tier, override_expires = user
-            if override_tier is not None and override_in_force(override_expires, datetime.now(UTC)):
-                after = override_state(str(override_tier))
+            known = self._user_row(user_id)
+            email, tier, status = known.email, known.tier, known.status
+            if known.override_tier is not None and override_in_force(known.override_expires, datetime.now(UTC)):
+                after = override_state(str(known.override_tier))
             else:
                 after = self.stripe_state(user_id)
                 if after is None and reset_when_none:
@@ -452,6 +512,8 @@ class Store:
         self._run(
             "set_user_state", {"uid": user_id, "tier": after.tier, "status": after.status, "now": datetime.now(UTC)}
         )
+        if self._view is not None:
+            self._view.user_state_written(user_id, after.tier, after.status)
         self._info(
             "user state changed user_id=%s email=%s tier=%s->%s status=%s->%s",
             user_id,
@@ -462,6 +524,20 @@ class Store:
             after.status,
         )
         return UserChange(user_id, email, before, after)
+
+    def _user_row(self, user_id: int) -> UserRow:
+        """SQLite: the user row with the user's override, in one statement (or from the view)."""
+        if self._view is not None:
+            known = self._view.users.get(user_id)
+            if known is not None:
+                return known
+        row = self._first("user_state_override", {"uid": user_id})
+        if row is None:
+            raise AssertionError(f"no user {user_id}")
+        user = UserRow(*row)
+        if self._view is not None:
+            self._view.users[user_id] = user
+        return user
 
     def derived_state(self, user_id: int, *, reset_when_none: bool = False) -> UserState | None:
         """What the user's tier and status should be: an override in force, else Stripe's state."""
@@ -475,8 +551,12 @@ class Store:
 
     def stripe_state(self, user_id: int) -> UserState | None:
         """The tier and status the user's subscriptions give; None when they have none."""
-        rows = self._rows("user_subscriptions", {"uid": user_id})
-        return user_state((SubscriptionState(*row) for row in rows), self.tiers)
+        states = self._view.subscriptions(user_id) if self._view is not None else None
+        if states is None:
+            states = [SubscriptionState(*row) for row in self._rows("user_subscriptions", {"uid": user_id})]
+            if self._view is not None:
+                self._view.set_subscriptions(user_id, states)
+        return user_state(states, self.tiers)
 
     def override_tier(self, user_id: int) -> str | None:
         """The tier of the user's manual override if one is in force now (an expired one is ignored

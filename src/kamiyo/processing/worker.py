@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy import Engine, and_, bindparam, select, union_all, update
@@ -110,6 +110,7 @@ class Worker:
         self._pg = engine.dialect.name == "postgresql"
         self._limit = settings.worker_batch_size
         self._claimed: list[Any] = []
+        self._draining = False  # the last batch was full (SQLite: claim without looking first)
         self._next_override_sweep = 0.0
 
     def run_once(self, now: float | None = None) -> int:
@@ -174,12 +175,14 @@ class Worker:
         the events of ``failed`` are recorded as failed attempts without being run again."""
         self._claimed = []
         claim = _claim(self._limit, pg=self._pg, negative_now=now < 0)
-        if not self._pg and not self._anything_due(now):
+        draining, self._draining = self._draining, False
+        if not self._pg and not draining and not self._anything_due(now):
             # SQLite has one write lock; an idle worker that took it on every poll would make the
             # runbook's `sqlite3 ... UPDATE users` (no busy timeout by default) fail as "locked".
+            # Right after a full batch there is most likely more: no need to look first.
             return 0
         with self.engine.begin() as connection:
-            rows = connection.execute(claim, {"now": now}).all()
+            rows = _claimed_rows(connection, claim, now)
             if not rows:
                 return 0
             self._claimed = list(rows)
@@ -190,7 +193,7 @@ class Worker:
             store = Store(connection, self.settings.price_tiers)
             logs: list[_LogLine] = []
             store.deferred_logs = logs
-            store.remember_customers()
+            store.remember_batch()
             outcomes, seconds = [], []
             for row in rows:
                 started = time.perf_counter()
@@ -204,6 +207,7 @@ class Worker:
         for logger, level, message, args in logs:
             logger.log(level, message, *args)
         self._count(rows, outcomes, seconds)
+        self._draining = len(rows) == self._limit
         return len(rows)
 
     def _anything_due(self, now: float) -> bool:
@@ -264,7 +268,7 @@ class Worker:
                 raise _EventFailed(row.id, error, parked=isinstance(exc, UnmappedPrice)) from exc
             if logs is not None:
                 del logs[mark:]  # what the handler logged was rolled back with its savepoint
-            store.forget_customers()  # rows it created or locked may be gone with the savepoint
+            store.forget_batch()  # rows it wrote or locked may be gone with the savepoint
             return self._failure(row, error, now, parked=isinstance(exc, UnmappedPrice), logs=logs)
         applied = "webhook event applied event=%s type=%s %s"
         _log(logs, log, logging.INFO, applied, row.stripe_event_id, row.type, detail)
@@ -348,6 +352,25 @@ class Worker:
         if backfill is not None:
             backfill.join()
         log.info("worker stopped")
+
+
+class _ClaimedRow(NamedTuple):
+    """An inbox row as a batch claims it: ``_CLAIMED_COLUMNS``, in that order."""
+
+    id: int
+    stripe_event_id: str
+    type: str
+    created: int
+    payload: str
+    attempts: int
+
+
+def _claimed_rows(connection: Any, claim: Any, now: float) -> list[_ClaimedRow]:
+    """Run the claim on the driver's cursor: SQLAlchemy's execute and rows took longer than the
+    claim itself (SQLite: 720 against 270 µs for a batch of 200)."""
+    compiled = compiled_for(claim, connection.dialect)
+    cursor = driver_execute(connection, compiled.sql, compiled.parameters({"now": now}))
+    return [_ClaimedRow(*row) for row in compiled.rows(cursor.fetchall())]
 
 
 _CLAIMED_COLUMNS = (

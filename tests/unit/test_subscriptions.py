@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import random
+from enum import IntEnum
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -176,6 +178,69 @@ def test_a_subscription_missing_what_every_version_has_raises_value_error(field:
     event["data"]["object"][field] = None
     with pytest.raises(ValueError, match="without id, customer or status"):
         read(event)
+
+
+def _variants() -> list[Any]:
+    """Subscription objects along every branch of the reading: both period shapes, expanded or
+    bare customer and price, plan-only, non-mapping items, unmapped and missing prices."""
+    variants: list[Any] = [sub_event(api_version=shape.values[0])["data"]["object"] for shape in SHAPES]
+    basil = sub_event(api_version=synthetic.BASIL, extra_prices=(synthetic.price("ent_yearly"),))["data"]["object"]
+    basil["items"]["data"][1]["current_period_end"] = CREATED + 2 * MONTH
+    basil["customer"] = synthetic.customer(customer_id="cus_expanded", email="ada@example.com")
+    variants.append(basil)
+    bare = sub_event()["data"]["object"]
+    bare["items"]["data"][0]["price"] = "price_basic"
+    bare["items"]["data"].append("si_not_an_object")
+    variants.append(bare)
+    plan_only = sub_event(api_version=synthetic.LEGACY_API_VERSION)["data"]["object"]
+    del plan_only["items"]
+    plan_only["plan"] = {"id": "ent_yearly", "object": "plan"}
+    variants.append(plan_only)
+    odd_numbers = sub_event(status="trialing")["data"]["object"]
+    odd_numbers.update(created=True, cancel_at=1.5, canceled_at="1760000000", livemode=1)
+    variants.append(odd_numbers)
+    unmapped = sub_event(price_obj=synthetic.price("price_1Xyz", lookup_key="mystery"))["data"]["object"]
+    variants.append(unmapped)
+    no_prices = sub_event()["data"]["object"]
+    no_prices["items"]["data"] = [{"id": "si_1"}, 7]
+    variants.append(no_prices)
+    variants.append({**sub_event()["data"]["object"], "customer": {"object": "customer"}})
+    return variants
+
+
+def _frozen(value: Any) -> Any:
+    """``value`` with every dict made a read-only Mapping that is not a dict (lists stay lists)."""
+    if isinstance(value, dict):
+        return MappingProxyType({key: _frozen(inner) for key, inner in value.items()})
+    if isinstance(value, list):
+        return [_frozen(inner) for inner in value]
+    return value
+
+
+def _outcome(obj: Any) -> Any:
+    try:
+        return read_subscription(obj, TIERS, created=CREATED, event_type=UPDATED, event_id="evt_1")
+    except (UnmappedPrice, ValueError) as exc:
+        return type(exc), str(exc)
+
+
+@pytest.mark.parametrize("obj", _variants())
+def test_any_mapping_reads_as_the_same_json_dicts_do(obj: Any) -> None:
+    """JSON-decoded dicts take a quicker type check than other Mappings: the same snapshot, or the same error."""
+    assert _outcome(_frozen(obj)) == _outcome(obj)
+
+
+def test_integer_fields_take_int_subclasses_but_not_bools() -> None:
+    obj = sub_event()["data"]["object"]
+    obj.update(created=True, cancel_at=_Seconds(CREATED + 7), trial_end=False)
+    snap = read_subscription(obj, TIERS, created=CREATED, event_type=UPDATED, event_id="evt_1")
+    assert (snap.stripe_created, snap.cancel_at, snap.trial_end) == (0, CREATED + 7, None)
+
+
+class _Seconds(IntEnum):
+    """An ``int`` that is not exactly an int."""
+
+    LATER = CREATED + 7
 
 
 def test_object_id_reads_an_id_string_or_an_expanded_object() -> None:

@@ -16,9 +16,10 @@ register: taking a maximum is insensitive to order and repetition). The key is, 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from kamiyo.domain.tiers import TierMap
 from kamiyo.errors import UnmappedPrice
@@ -69,13 +70,16 @@ def object_id(value: Any) -> str | None:
     """An expandable field's id: Stripe sends either ``"cus_..."`` or ``{"id": "cus_...", ...}``."""
     if isinstance(value, str) and value:
         return value
-    if isinstance(value, Mapping):
+    if _is_mapping(value):
         inner = value.get("id")
         return inner if isinstance(inner, str) and inner else None
     return None
 
 
+@functools.lru_cache(maxsize=256)
 def version_for(status: str, created: int, event_type: str, event_id: str) -> Version:
+    """The version of a snapshot; an immutable value, shared between snapshots with the same key
+    (a sync's page gives every subscription of one status the same one: built once, pickled once)."""
     terminal = 1 if status in TERMINAL_STATUSES else 0
     rank = _STATUS_RANK.get(status, 3) * 10 + _TYPE_RANK.get(event_type, 1)
     return Version(terminal=terminal, created=created, rank=rank, event_id=event_id)
@@ -95,7 +99,8 @@ def read_subscription(
     if not sub_id or not customer_id or not isinstance(status, str):
         raise ValueError("subscription object without id, customer or status")
 
-    prices = [_price_of(item) for item in _items(obj)]
+    items = _items(obj)
+    prices = [_price_of(item) for item in items]
     if not prices:
         raise UnmappedPrice(f"subscription {sub_id} has no priced items to map to a tier")
     # An item whose price names no tier (seats, metered add-ons) grants nothing; the best
@@ -114,10 +119,10 @@ def read_subscription(
         customer_id=customer_id,
         status=status,
         tier=best_tier,
-        price_ids=tuple(str(p.get("id")) for p in prices if p.get("id")),
+        price_ids=tuple([str(p.get("id")) for p in prices if p.get("id")]),
         livemode=bool(obj.get("livemode", False)),
         stripe_created=_int(obj.get("created")) or 0,
-        current_period_end=_period_end(obj),
+        current_period_end=_period_end(obj, items),
         cancel_at_period_end=bool(obj.get("cancel_at_period_end", False)),
         cancel_at=_int(obj.get("cancel_at")),
         canceled_at=_int(obj.get("canceled_at")),
@@ -125,6 +130,12 @@ def read_subscription(
         trial_end=_int(obj.get("trial_end")),
         version=version_for(status, created, event_type, event_id),
     )
+
+
+def _is_mapping(value: Any) -> TypeGuard[Mapping[str, Any]]:
+    """``isinstance(value, Mapping)``; a JSON-decoded object, an exact dict, skips the ABC's check,
+    which was most of the time a sync spent reading a subscription."""
+    return type(value) is dict or isinstance(value, Mapping)
 
 
 def _price_label(price: Mapping[str, Any]) -> str:
@@ -135,33 +146,35 @@ def _price_label(price: Mapping[str, Any]) -> str:
 
 def _items(obj: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     items = obj.get("items")
-    data = items.get("data") if isinstance(items, Mapping) else None
+    data = items.get("data") if _is_mapping(items) else None
     if isinstance(data, list) and data:
-        return [item for item in data if isinstance(item, Mapping)]
+        return [item for item in data if _is_mapping(item)]
     # Very old API versions put a single plan on the subscription itself.
     plan = obj.get("plan")
-    return [{"plan": plan}] if isinstance(plan, Mapping) else []
+    return [{"plan": plan}] if _is_mapping(plan) else []
 
 
 def _price_of(item: Mapping[str, Any]) -> Mapping[str, Any]:
     price = item.get("price")
-    if isinstance(price, Mapping):
+    if _is_mapping(price):
         return price
     if isinstance(price, str):
         return {"id": price}
     plan = item.get("plan")  # before prices existed, a plan played the same part
-    return plan if isinstance(plan, Mapping) else {}
+    return plan if _is_mapping(plan) else {}
 
 
-def _period_end(obj: Mapping[str, Any]) -> int | None:
+def _period_end(obj: Mapping[str, Any], items: list[Mapping[str, Any]]) -> int | None:
     """Before 2025-03-31.basil on the subscription; from basil on, only on each item."""
     top = _int(obj.get("current_period_end"))
     if top is not None:
         return top
-    ends = [_int(item.get("current_period_end")) for item in _items(obj)]
+    ends = [_int(item.get("current_period_end")) for item in items]
     known = [end for end in ends if end is not None]
     return max(known) if known else None
 
 
 def _int(value: Any) -> int | None:
+    if type(value) is int:  # the usual case, a JSON number: no second check for bool
+        return value
     return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -117,6 +117,7 @@ class _PageStatements:
         self.set_user_customer = (
             update(_users).where(_users.c.id == bindparam("_user")).values(stripe_customer_id=bindparam("_id"))
         )
+        self.lock_users = select(_users.c.id).where(_users.c.id.in_(_ids())).order_by(_users.c.id).with_for_update()
         # Each user, locked, with whether an override exists (then the Store decides, in full).
         self.users = (
             select(
@@ -200,7 +201,7 @@ class _Compiled:
                 self._sql = self._sql.replace(token, "IN ({})")
             else:
                 element = binds[name].type.compile(dialect=dialect)
-                self._sql = self._sql.replace(token, f"= ANY (CAST(%({name})s AS {element}[]))")
+                self._sql = self._sql.replace(token, f"= ANY (CAST({_array_parameter(name)} AS {element}[]))")
         # PostgreSQL: the rows of an INSERT (or of an UPDATE by key) as one statement over arrays,
         # a parameter per column (psycopg's executemany sends a statement per row: 30-90 us of
         # driver work and a server round each; a VALUES row each would be parsed anew each time).
@@ -257,13 +258,21 @@ class _Compiled:
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s(?:::[A-Z ()0-9]+)?")
 
 
+def _array_parameter(name: str) -> str:
+    """A list parameter, sent in binary (``%(name)b``): psycopg writes an array in text with a
+    regular-expression search per element to decide its quoting, 3 to 13 times the CPU of the
+    binary form (a timestamp column: 270 against 20 us per 100 values); the CAST around it
+    fixes the type either way."""
+    return f"%({name})b"
+
+
 def _unnest(names: Sequence[str], types: dict[str, str]) -> str:
-    return "unnest(" + ", ".join(f"CAST(%({name})s AS {types[name]}[])" for name in names) + ")"
+    return "unnest(" + ", ".join(f"CAST({_array_parameter(name)} AS {types[name]}[])" for name in names) + ")"
 
 
 def _insert_from_arrays(sql: str, types: dict[str, str]) -> str:
     """``INSERT INTO t (a, b) VALUES (%(a)s, %(b)s) ON CONFLICT ...`` (PostgreSQL) as
-    ``INSERT INTO t (a, b) SELECT * FROM unnest(%(a)s::A[], %(b)s::B[]) ON CONFLICT ...``: the same
+    ``INSERT INTO t (a, b) SELECT * FROM unnest(%(a)b::A[], %(b)b::B[]) ON CONFLICT ...``: the same
     statement, its conflict clause and guard included, for every row of the arrays, in their order."""
     head, values, rest = sql.partition(" VALUES (")
     row, conflict, tail = rest.rpartition(") ON CONFLICT ")
@@ -277,7 +286,7 @@ def _insert_from_arrays(sql: str, types: dict[str, str]) -> str:
 
 def _update_from_arrays(sql: str, types: dict[str, str]) -> str:
     """``UPDATE t SET a=%(a)s WHERE t.id = %(k)s`` (PostgreSQL) as
-    ``UPDATE t SET a=v.a FROM unnest(%(a)s::A[], %(k)s::K[]) AS v(a, k) WHERE t.id = v.k``.
+    ``UPDATE t SET a=v.a FROM unnest(%(a)b::A[], %(k)b::K[]) AS v(a, k) WHERE t.id = v.k``.
 
     Only for rows this transaction has already locked (``FOR UPDATE``): the order in which the
     join updates them then takes no lock in an order of its own.
@@ -312,7 +321,9 @@ class _CompiledPage:
         self.insert_users = _Compiled(sql.insert_users, dialect, ["email", "subscription_tier"])
         self.users_by_email = _Compiled(sql.users_by_email, dialect)
         self.link_customer = _Compiled(sql.link_customer, dialect, locked_update=True)
-        self.set_user_customer = _Compiled(sql.set_user_customer, dialect)
+        self.lock_users = _Compiled(sql.lock_users, dialect)
+        self.set_user_customer = _Compiled(sql.set_user_customer, dialect, locked_update=True)  # after lock_users
+        self.row_locks = dialect.name != "sqlite"  # SQLite locks the whole database: FOR UPDATE is not rendered
         self.users = _Compiled(sql.users, dialect)
         self.subscriptions = _Compiled(sql.subscriptions, dialect)
         self.set_user_state = _Compiled(sql.set_user_state, dialect, locked_update=True)
@@ -379,7 +390,15 @@ def apply_page(connection: Connection, tiers: TierMap, items: Sequence[SyncItem]
         user_by_email = {row.email: int(row.id) for row in sql.users_by_email.rows(connection, new_emails)}
         new_links = [{"_id": cid, "_user": user_by_email[email]} for cid, email in unlinked.items()]
         sql.link_customer.execute(connection, new_links)
-        sql.set_user_customer.execute(connection, new_links)
+        # One row per user, the last of its customers in this order (as the rows one by one would
+        # leave it), its row locked first in id order (PostgreSQL): then one UPDATE over arrays
+        # instead of psycopg's statement per row (about 7 us per subscription of a first sync).
+        customer_of = {link["_user"]: link["_id"] for link in new_links}
+        if sql.row_locks:
+            sql.lock_users.rows(connection, sorted(customer_of))
+        sql.set_user_customer.execute(
+            connection, [{"_id": cid, "_user": user_id} for user_id, cid in sorted(customer_of.items())]
+        )
         for cid, email in unlinked.items():
             user_of[cid] = user_by_email[email]
             reasons[cid].append(f"customer {cid} linked by email")

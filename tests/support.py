@@ -74,3 +74,26 @@ def signed(
     body = orjson.dumps(event)
     header = signature_header(body, secret, int(time.time()) if timestamp is None else timestamp)
     return body, {"Stripe-Signature": header, "Content-Type": "application/json; charset=utf-8"}
+
+
+def event_row(event_id: str, *, email: str = "ann@example.com") -> dict[str, Any]:
+    """An inbox row (``inbox_row``) of a ``customer.updated`` event with this id and email."""
+    from kamiyo import synthetic
+    from kamiyo.webhooks.envelope import read_envelope
+    from kamiyo.webhooks.inbox import inbox_row
+
+    obj = synthetic.customer(customer_id="cus_inbox", email=email, created=100)
+    body = orjson.dumps(synthetic.event("customer.updated", obj, created=100, event_id=event_id))
+    envelope, _ = read_envelope(body)
+    return inbox_row(envelope, body, status="pending")
+
+
+def stored_emails(engine: Any) -> dict[str, str]:
+    """Stored event id → the email in its stored payload."""
+    from sqlalchemy import select
+
+    from kamiyo.db.models import events_table
+
+    with engine.connect() as connection:
+        rows = connection.execute(select(events_table.c.stripe_event_id, events_table.c.payload)).all()
+    return {row.stripe_event_id: orjson.loads(row.payload)["data"]["object"]["email"] for row in rows}

@@ -8,6 +8,7 @@ import logging
 import queue
 import sys
 import threading
+from collections.abc import Iterator
 from typing import TextIO
 
 
@@ -101,8 +102,9 @@ class BackgroundHandler(logging.Handler):
                     break
             if lines:
                 with contextlib.suppress(OSError, ValueError):  # stderr closed: nobody left to tell
-                    self._stream.write("\n".join(lines) + "\n")
-                    self._stream.flush()
+                    for piece in _pieces(lines):
+                        self._stream.write(piece)
+                        self._stream.flush()
             for event in waiting:
                 event.set()
             if item is None:
@@ -113,3 +115,26 @@ class BackgroundHandler(logging.Handler):
             return self.format(record)
         except Exception as exc:  # noqa: BLE001 - a bad record must not stop the writer
             return f"logging error: {exc.__class__.__name__} formatting a record of {record.name}"
+
+
+# PIPE_BUF on Linux: one write of at most this many bytes to a pipe is never interleaved with another.
+_ATOMIC_WRITE = 4096
+
+
+def _pieces(lines: list[str]) -> Iterator[str]:
+    """The lines, joined into writes of at most ``_ATOMIC_WRITE`` bytes cut only between lines.
+
+    ``kamiyo serve`` and its inbox writer process share one stderr (a pipe under Docker): a line
+    must never be cut in two by the other process's write. A single longer line goes out whole.
+    """
+    piece: list[str] = []
+    size = 0
+    for line in lines:
+        length = len(line.encode("utf-8", "replace")) + 1
+        if piece and size + length > _ATOMIC_WRITE:
+            yield "\n".join(piece) + "\n"
+            piece, size = [], 0
+        piece.append(line)
+        size += length
+    if piece:
+        yield "\n".join(piece) + "\n"

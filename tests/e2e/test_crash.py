@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
 
 import httpx
 import pytest
@@ -61,6 +63,10 @@ def test_every_acknowledged_event_survives_kill_9_and_applies_after_restart(
     # Durable before anything else runs: read the database of the dead server.
     stored = {row[0] for row in server.rows("SELECT stripe_event_id FROM webhook_events")}
     assert acked <= stored, f"{len(acked - stored)} acknowledged event(s) were lost"
+    # The dead server's inbox writer process stores what it was sent, then exits by itself.
+    writer = re.search(r"inbox writer process (\d+) started", server.log())
+    assert writer is not None, "the server names its inbox writer process"
+    wait_until(lambda: not _running(int(writer[1])), timeout=30, what="the orphaned inbox writer to exit")
 
     server.start()
     ids = list(acked)
@@ -113,3 +119,12 @@ def _deliver_and_kill(server: KamiyoServer, deliveries: list[dict]) -> tuple[set
                 if len(acked) == KILL_AFTER_ACKS:
                     server.kill()
     return acked, sorted(set(statuses)), errors
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")

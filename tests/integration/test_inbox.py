@@ -5,45 +5,31 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import orjson
 import pytest
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import DBAPIError
 
-from kamiyo import synthetic
 from kamiyo.db.models import events_table
-from kamiyo.webhooks.envelope import read_envelope
-from kamiyo.webhooks.inbox import InboxWriter, inbox_row, insert_new_events
-
-
-def _row(event_id: str, *, email: str = "ann@example.com") -> dict[str, Any]:
-    obj = synthetic.customer(customer_id="cus_inbox", email=email, created=100)
-    body = orjson.dumps(synthetic.event("customer.updated", obj, created=100, event_id=event_id))
-    envelope, _ = read_envelope(body)
-    return inbox_row(envelope, body, status="pending")
-
-
-def _stored(engine: Engine) -> dict[str, str]:
-    """Stored event id → the email in its stored payload."""
-    with engine.connect() as connection:
-        rows = connection.execute(select(events_table.c.stripe_event_id, events_table.c.payload)).all()
-    return {row.stripe_event_id: orjson.loads(row.payload)["data"]["object"]["email"] for row in rows}
+from kamiyo.webhooks.inbox import InboxWriter, insert_new_events
+from support import event_row, stored_emails
 
 
 def test_insert_new_events_reports_only_new_ids_and_keeps_the_first_copy(engine: Engine) -> None:
     """A second insert of a known id is not new and does not overwrite the first stored body."""
     with engine.begin() as connection:
-        assert insert_new_events(connection, [_row("evt_a"), _row("evt_b")]) == {"evt_a", "evt_b"}
+        assert insert_new_events(connection, [event_row("evt_a"), event_row("evt_b")]) == {"evt_a", "evt_b"}
     with engine.begin() as connection:
-        assert insert_new_events(connection, [_row("evt_a", email="other@example.com"), _row("evt_c")]) == {"evt_c"}
+        assert insert_new_events(connection, [event_row("evt_a", email="other@example.com"), event_row("evt_c")]) == {
+            "evt_c"
+        }
     with engine.begin() as connection:
-        assert insert_new_events(connection, [_row("evt_b")]) == set()
-    assert _stored(engine) == {"evt_a": "ann@example.com", "evt_b": "ann@example.com", "evt_c": "ann@example.com"}
+        assert insert_new_events(connection, [event_row("evt_b")]) == set()
+    assert stored_emails(engine) == {"evt_a": "ann@example.com", "evt_b": "ann@example.com", "evt_c": "ann@example.com"}
 
 
 def test_a_row_sent_to_the_driver_reads_back_as_one_inserted_through_sqlalchemy(engine: Engine) -> None:
     """The raw multi-row insert converts each value as the column's type would (times, booleans, None)."""
-    fast = {**_row("evt_fast"), "api_version": None, "livemode": True, "available_at": 12.5, "attempts": 3}
+    fast = {**event_row("evt_fast"), "api_version": None, "livemode": True, "available_at": 12.5, "attempts": 3}
     orm = {**fast, "stripe_event_id": "evt_orm"}
     with engine.begin() as connection:
         assert insert_new_events(connection, [fast]) == {"evt_fast"}
@@ -61,20 +47,20 @@ def test_a_row_sent_to_the_driver_reads_back_as_one_inserted_through_sqlalchemy(
 
 
 def test_many_rows_go_in_chunks_and_each_new_id_is_reported_once(engine: Engine) -> None:
-    rows = [_row(f"evt_many_{n}") for n in range(600)]
+    rows = [event_row(f"evt_many_{n}") for n in range(600)]
     with engine.begin() as connection:
         assert insert_new_events(connection, rows[:10]) == {f"evt_many_{n}" for n in range(10)}
         assert insert_new_events(connection, rows + rows[:5]) == {f"evt_many_{n}" for n in range(10, 600)}
-    assert len(_stored(engine)) == 600
+    assert len(stored_emails(engine)) == 600
 
 
 def test_inbox_rejects_a_second_row_with_the_same_event_id_at_the_database(engine: Engine) -> None:
     """The unique constraint itself, not only the writer, guarantees one row per event id."""
     with engine.begin() as connection:
-        connection.execute(events_table.insert().values(_row("evt_once")))
+        connection.execute(events_table.insert().values(event_row("evt_once")))
     with pytest.raises(DBAPIError), engine.begin() as connection:
-        connection.execute(events_table.insert().values(_row("evt_once")))
-    assert list(_stored(engine)) == ["evt_once"]
+        connection.execute(events_table.insert().values(event_row("evt_once")))
+    assert list(stored_emails(engine)) == ["evt_once"]
 
 
 def _run_writer(engine: Engine, scenario: Any, **kwargs: Any) -> Any:
@@ -97,11 +83,11 @@ def test_writer_commits_every_concurrent_store_and_answers_new(engine: Engine) -
 
     async def scenario(writer: InboxWriter) -> list[bool]:
         writer.start()
-        return list(await asyncio.gather(*(writer.store(_row(i)) for i in ids)))
+        return list(await asyncio.gather(*(writer.store(event_row(i)) for i in ids)))
 
     outcomes = _run_writer(engine, scenario, max_batch=16, on_commit=lambda: commits.append(1))
     assert outcomes == [True] * len(ids)
-    assert sorted(_stored(engine)) == ids
+    assert sorted(stored_emails(engine)) == ids
     assert len(commits) >= len(ids) // 16  # the on_commit wake-up fires once per batch with a new row
 
 
@@ -109,13 +95,13 @@ def test_writer_answers_duplicate_when_two_deliveries_of_one_id_share_a_batch(en
     """Two deliveries of one id queued before the writer runs: exactly one is new, one row is stored."""
 
     async def scenario(writer: InboxWriter) -> list[bool]:
-        tasks = [asyncio.ensure_future(writer.store(_row(i))) for i in ("evt_twice", "evt_other", "evt_twice")]
+        tasks = [asyncio.ensure_future(writer.store(event_row(i))) for i in ("evt_twice", "evt_other", "evt_twice")]
         await asyncio.sleep(0)  # every request is queued; the writer then takes them as one batch
         writer.start()
         return list(await asyncio.gather(*tasks))
 
     assert _run_writer(engine, scenario) == [True, True, False]
-    assert sorted(_stored(engine)) == ["evt_other", "evt_twice"]
+    assert sorted(stored_emails(engine)) == ["evt_other", "evt_twice"]
 
 
 def test_writer_answers_duplicate_for_an_id_committed_by_an_earlier_batch(engine: Engine) -> None:
@@ -123,13 +109,13 @@ def test_writer_answers_duplicate_for_an_id_committed_by_an_earlier_batch(engine
 
     async def scenario(writer: InboxWriter) -> tuple[bool, bool, bool]:
         writer.start()
-        first = await writer.store(_row("evt_redelivered"))
-        second = await writer.store(_row("evt_redelivered", email="changed@example.com"))
-        third = await writer.store(_row("evt_fresh"))
+        first = await writer.store(event_row("evt_redelivered"))
+        second = await writer.store(event_row("evt_redelivered", email="changed@example.com"))
+        third = await writer.store(event_row("evt_fresh"))
         return first, second, third
 
     assert _run_writer(engine, scenario) == (True, False, True)
-    assert _stored(engine) == {"evt_redelivered": "ann@example.com", "evt_fresh": "ann@example.com"}
+    assert stored_emails(engine) == {"evt_redelivered": "ann@example.com", "evt_fresh": "ann@example.com"}
 
 
 def test_writer_raises_on_storage_failure_for_every_waiting_request_and_recovers(engine: Engine) -> None:
@@ -139,19 +125,19 @@ def test_writer_raises_on_storage_failure_for_every_waiting_request_and_recovers
         connection.execute(text("ALTER TABLE webhook_events RENAME TO webhook_events_away"))
 
     async def scenario(writer: InboxWriter) -> tuple[list[Any], bool]:
-        tasks = [asyncio.ensure_future(writer.store(_row(i))) for i in ("evt_lost_1", "evt_lost_2")]
+        tasks = [asyncio.ensure_future(writer.store(event_row(i))) for i in ("evt_lost_1", "evt_lost_2")]
         await asyncio.sleep(0)
         writer.start()
         failures = list(await asyncio.gather(*tasks, return_exceptions=True))
         with engine.begin() as connection:
             connection.execute(text("ALTER TABLE webhook_events_away RENAME TO webhook_events"))
-        return failures, await writer.store(_row("evt_after_recovery"))
+        return failures, await writer.store(event_row("evt_after_recovery"))
 
     failures, recovered = _run_writer(engine, scenario)
     assert len(failures) == 2
     assert all(isinstance(f, DBAPIError) for f in failures), failures
     assert recovered is True
-    assert list(_stored(engine)) == ["evt_after_recovery"]
+    assert list(stored_emails(engine)) == ["evt_after_recovery"]
 
 
 def test_writer_stop_commits_requests_already_queued(engine: Engine) -> None:
@@ -159,7 +145,7 @@ def test_writer_stop_commits_requests_already_queued(engine: Engine) -> None:
 
     async def scenario(writer: InboxWriter) -> list[bool]:
         writer.start()
-        tasks = [asyncio.ensure_future(writer.store(_row(f"evt_queued_{i}"))) for i in range(5)]
+        tasks = [asyncio.ensure_future(writer.store(event_row(f"evt_queued_{i}"))) for i in range(5)]
         await asyncio.sleep(0)
         await asyncio.get_running_loop().run_in_executor(None, writer.stop)
         return list(await asyncio.gather(*tasks))

@@ -16,10 +16,12 @@ class _Stream(io.StringIO):
     def __init__(self) -> None:
         super().__init__()
         self.writes = 0
+        self.pieces: list[str] = []
         self.written = threading.Event()
 
     def write(self, text: str) -> int:
         self.writes += 1
+        self.pieces.append(text)
         self.written.set()
         return super().write(text)
 
@@ -62,6 +64,36 @@ def test_a_burst_queued_while_the_writer_is_busy_is_written_at_once() -> None:
     assert stream.getvalue().splitlines() == ["first"] + [f"line {n}" for n in range(50)]
     assert stream.writes == 1
     handler.close()
+
+
+def test_a_burst_is_written_in_pieces_a_pipe_never_interleaves() -> None:
+    """kamiyo serve and its inbox writer process share stderr: no write over PIPE_BUF (4096
+    bytes), and every write ends at the end of a line. A longer line goes out whole."""
+    stream = _Stream()
+    gate = threading.Lock()
+    gate.acquire()
+
+    class Held(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            if record.getMessage() == "first":
+                with gate:  # the burst below queues up behind this line
+                    pass
+            return record.getMessage()
+
+    handler = BackgroundHandler(stream)
+    handler.setFormatter(Held())
+    handler.handle(_record("first"))
+    lines = [f"webhook accepted event=evt_{n:04d} é" for n in range(400)] + ["x" * 5000, "last"]
+    for line in lines:
+        handler.handle(_record(line))
+    gate.release()
+    handler.flush()
+    handler.close()
+    pieces = stream.pieces
+    assert "".join(pieces).splitlines() == ["first", *lines]
+    assert len(pieces) > 3
+    assert all(piece.endswith("\n") for piece in pieces)
+    assert all(len(piece.encode()) <= 4096 for piece in pieces if "x" * 5000 not in piece)
 
 
 def test_close_writes_what_is_still_queued() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -38,6 +39,7 @@ from kamiyo.telemetry.webhook_health import StripeProbe, cached_probe, run_check
 from kamiyo.web.admin import admin_routes
 from kamiyo.web.webhook import WEBHOOK_PATH, Receive, Scope, Send, WebhookEndpoint
 from kamiyo.webhooks.inbox import InboxWriter
+from kamiyo.webhooks.inbox_process import InboxProcess
 
 log = logging.getLogger("kamiyo.webhook")
 __all__ = ["WEBHOOK_PATH", "create_app"]
@@ -65,8 +67,14 @@ def create_app(
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         db = engine or make_engine(settings)
         wake = threading.Event()
-        writer = InboxWriter(db, on_commit=wake.set, count_deliveries=metrics is not None)
-        writer.start()
+        writer: InboxWriter | InboxProcess
+        if engine is None and not _in_memory(settings):
+            # The service itself (kamiyo serve): the writer in a process of its own, off this GIL.
+            writer = InboxProcess(settings, on_commit=wake.set, count_deliveries=metrics is not None)
+            await writer.start()
+        else:  # an engine given by a test, or one in-memory SQLite database: the same process
+            writer = InboxWriter(db, on_commit=wake.set, count_deliveries=metrics is not None)
+            writer.start()
         stop = threading.Event()
         worker_thread = None
         if with_worker:
@@ -90,7 +98,10 @@ def create_app(
         try:
             yield
         finally:
-            writer.stop()
+            if isinstance(writer, InboxProcess):
+                await writer.stop()
+            else:
+                writer.stop()
             stop.set()
             wake.set()
             if worker_thread is not None:
@@ -167,6 +178,11 @@ def _stripe_probe(settings: Settings) -> StripeProbe | None:
     if view is None:
         return None
     return cached_probe(lambda: f"Stripe API reachable ({len(view.webhook_endpoints())} webhook endpoint(s))")
+
+
+def _in_memory(settings: Settings) -> bool:
+    url = make_url(settings.database_url)
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
 def _ping(engine: Engine) -> None:

@@ -20,7 +20,7 @@ from kamiyo.errors import PayloadTooLarge, WebhookRejected
 from kamiyo.processing.handlers import HANDLED_TYPES
 from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX, PROBE_USER_AGENT, WebhookMetrics
 from kamiyo.webhooks.envelope import read_envelope
-from kamiyo.webhooks.inbox import InboxWriter, inbox_row
+from kamiyo.webhooks.inbox import Inbox, inbox_row
 from kamiyo.webhooks.signature import verify_signature
 
 log = logging.getLogger("kamiyo.webhook")
@@ -43,7 +43,7 @@ class WebhookEndpoint:
     """The endpoint as an ASGI app. ``writer`` is looked up per request: it exists once the
     lifespan has started."""
 
-    def __init__(self, settings: Settings, metrics: WebhookMetrics | None, writer: Callable[[], InboxWriter]) -> None:
+    def __init__(self, settings: Settings, metrics: WebhookMetrics | None, writer: Callable[[], Inbox]) -> None:
         self._secrets = settings.webhook_secrets
         self._tolerance = settings.signature_tolerance
         self._max_body = settings.max_body_bytes
@@ -102,7 +102,6 @@ class WebhookEndpoint:
             self._metrics.delivery_received(
                 envelope.type, time.perf_counter() - started, ignored=new and status == "ignored"
             )
-        log.info("webhook %s event=%s type=%s", "accepted" if new else "duplicate", envelope.event_id, envelope.type)
         return 200, {"received": True, "id": envelope.event_id, "duplicate": not new}
 
     def _count_rejection(self, reason: str, started: float, event_type: str = "") -> None:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from kamiyo.errors import PayloadError
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(NamedTuple):
+    """Immutable; a tuple because one is made per delivery (a frozen dataclass costs 4x as much)."""
+
     event_id: str
     type: str
     api_version: str | None

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, Dialect, Engine
 
@@ -27,15 +27,31 @@ from kamiyo.telemetry.delivery_stats import DeliveryKey, add_delivery_counts, mi
 from kamiyo.webhooks.envelope import Envelope
 
 log = logging.getLogger("kamiyo.inbox")
+delivery_log = logging.getLogger("kamiyo.webhook")  # the endpoint's logger: one line per delivery
 _table = events_table
 
 
 @dataclass(slots=True)
-class _Pending:
+class Pending:
+    """A row waiting for its batch."""
+
     row: dict[str, Any]
-    future: asyncio.Future[bool]
-    loop: asyncio.AbstractEventLoop
+    # Whoever waits for the row: (event loop, future) in this process, a number across processes
+    # (inbox_process.py). The writer's ``resolve`` knows which.
+    waiter: Any
     counted: bool = True
+
+
+class Inbox(Protocol):
+    """Where the webhook endpoint stores rows: ``InboxWriter`` here, or ``InboxProcess``."""
+
+    async def store(self, row: dict[str, Any], *, counted: bool = True) -> bool: ...
+
+    def count_rejection(self, reason: str, event_type: str = "") -> None: ...
+
+
+# Answers a batch's waiters: the outcomes (True: the event is new), or the error that failed it.
+Resolver = Callable[[list[Pending], list[bool] | None, BaseException | None], None]
 
 
 @dataclass(slots=True)
@@ -181,8 +197,10 @@ class InboxWriter:
         on_commit: Callable[[], None] | None = None,
         count_deliveries: bool = True,
         stats_seconds: float = 1.0,
+        resolve: Resolver | None = None,
     ) -> None:
         self._engine = engine
+        self._resolve = resolve or _resolve_futures
         self._max_batch = max_batch
         self._on_commit = on_commit
         self._count_deliveries = count_deliveries
@@ -190,7 +208,7 @@ class InboxWriter:
         self._stats_due = 0.0  # time.monotonic() from which pending counts go out with the next batch
         # Counts not yet committed (kept across a failed batch, so an outage loses none).
         self._counts: dict[DeliveryKey, int] = {}
-        self._queue: queue.SimpleQueue[_Pending | _Count | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Pending | _Count | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -211,8 +229,12 @@ class InboxWriter:
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
-        self._queue.put(_Pending(row, future, loop, counted))
+        self.submit(row, (loop, future), counted=counted)
         return await future
+
+    def submit(self, row: dict[str, Any], waiter: Any, *, counted: bool = True) -> None:
+        """Queue ``row``; ``resolve`` answers ``waiter`` once its batch is committed (or failed)."""
+        self._queue.put(Pending(row, waiter, counted))
 
     def count_rejection(self, reason: str, event_type: str = "") -> None:
         """Count a rejected delivery with the next batch; returns at once, never touches the database."""
@@ -231,7 +253,7 @@ class InboxWriter:
                 continue
             if first is None:
                 break
-            batch: list[_Pending | _Count] = [first]
+            batch: list[Pending | _Count] = [first]
             while len(batch) < self._max_batch:
                 try:
                     item = self._queue.get_nowait()
@@ -241,7 +263,7 @@ class InboxWriter:
                     stopping = True
                     break
                 batch.append(item)
-            pending: list[_Pending] = []
+            pending: list[Pending] = []
             for item in batch:
                 if isinstance(item, _Count):
                     self._counts[item.key] = self._counts.get(item.key, 0) + 1
@@ -251,7 +273,7 @@ class InboxWriter:
         if self._counts:
             self._commit([], final=True)
 
-    def _commit(self, batch: list[_Pending], *, final: bool = False) -> None:
+    def _commit(self, batch: list[Pending], *, final: bool = False) -> None:
         if not batch and not (self._counts and (final or time.monotonic() >= self._stats_due)):
             return
         try:
@@ -268,13 +290,20 @@ class InboxWriter:
                 log.error("delivery stats not stored (kept for the next batch): %s", exc.__class__.__name__)
                 return
             log.error("inbox commit failed for event %s: %s", batch[0].row["stripe_event_id"], exc.__class__.__name__)
-            _resolve(batch, None, exc)
+            self._resolve(batch, None, exc)
             return
-        _resolve(batch, outcomes, None)
+        self._resolve(batch, outcomes, None)
         if self._on_commit is not None and any(outcomes):
             self._on_commit()
+        # The delivery's log line, written here rather than by the request: in kamiyo serve this
+        # is the writer's process, and the event loop's time goes to the next request instead.
+        for item, new in zip(batch, outcomes, strict=True):
+            row = item.row
+            delivery_log.info(
+                "webhook %s event=%s type=%s", "accepted" if new else "duplicate", row["stripe_event_id"], row["type"]
+            )
 
-    def _insert(self, batch: list[_Pending], *, final: bool = False) -> list[bool]:
+    def _insert(self, batch: list[Pending], *, final: bool = False) -> list[bool]:
         """Insert the batch in one transaction; per item, True if its event was new."""
         # Two deliveries of one event in the same batch: the first is inserted, the rest
         # answer "duplicate", exactly as if they had come in separate batches.
@@ -301,9 +330,7 @@ class InboxWriter:
         return outcomes
 
 
-def _with_stored(
-    pending: dict[DeliveryKey, int], batch: list[_Pending], outcomes: list[bool]
-) -> dict[DeliveryKey, int]:
+def _with_stored(pending: dict[DeliveryKey, int], batch: list[Pending], outcomes: list[bool]) -> dict[DeliveryKey, int]:
     """The pending counts plus one accepted or duplicate count per stored delivery, by minute and type."""
     counts = dict(pending)
     for item, new in zip(batch, outcomes, strict=True):
@@ -314,11 +341,13 @@ def _with_stored(
     return counts
 
 
-def _resolve(batch: list[_Pending], outcomes: list[bool] | None, error: BaseException | None) -> None:
+def _resolve_futures(batch: list[Pending], outcomes: list[bool] | None, error: BaseException | None) -> None:
+    """The waiters are futures of ``store``'s event loops."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[bool], bool | None]]] = {}
     for index, item in enumerate(batch):
         outcome = outcomes[index] if outcomes is not None else None
-        by_loop.setdefault(item.loop, []).append((item.future, outcome))
+        loop, future = item.waiter
+        by_loop.setdefault(loop, []).append((future, outcome))
     for loop, pairs in by_loop.items():
         # One wake-up of the event loop per batch, not one per request.
         loop.call_soon_threadsafe(_settle, pairs, error)

@@ -61,7 +61,7 @@ def verify_signature(header: str | None, body: bytes, secrets: Sequence[str], *,
     signed = b"%d." % timestamp + body
     matched = False
     for secret in secrets:
-        expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+        expected = hmac.digest(secret.encode(), signed, "sha256").hex()  # OpenSSL's one-shot HMAC
         for candidate in candidates:
             # No early exit: the time taken does not depend on which candidate matched.
             matched |= hmac.compare_digest(expected, candidate)

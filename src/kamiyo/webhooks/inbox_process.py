@@ -1,0 +1,320 @@
+"""The inbox writer in a process of its own: what ``kamiyo serve`` runs.
+
+In one process, the inbox writer thread and the event loop share one GIL. Each batch's Python
+work (binding parameters, the transaction, answering the requests) stops the loop, and each time
+the writer returns from SQLite (the insert, the commit's fsync) it waits for the loop to let go
+of the GIL again; the requests of a batch wait through all of it. In a child process the writer
+has an interpreter of its own, and the loop only pickles each row into a socket and reads the
+answers back (measured in bench/: docs/PERFORMANCE.md).
+
+The child runs the same ``InboxWriter``: the same batches, transaction and delivery counts. A 2xx
+still means committed, since a request waits for the child's answer, which is sent after the
+commit. Should the child die, the requests waiting on it fail (the endpoint answers 503 and
+Stripe retries) and a new child starts; a row it committed without answering is a duplicate the
+next time. Should the server die, the child finishes what it was sent, then exits.
+
+Messages are lists of tuples, pickled, each framed by its length. Server to child:
+``("start", settings, count_deliveries)``, ``("store", number, row, counted)``,
+``("count", reason, event_type)``, ``("stop",)``. Child to server: ``("ready",)``,
+``("done", numbers, outcomes)``, ``("failed", numbers, error)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import pickle
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, cast
+
+from kamiyo.config import Settings
+from kamiyo.webhooks.inbox import InboxWriter, Pending
+
+log = logging.getLogger("kamiyo.inbox")
+_LENGTH = struct.Struct("!I")
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+RESTART_PAUSE = 1.0  # between a child's death and the next start, so a crash loop does not spin
+
+
+class InboxUnavailable(Exception):
+    """The row's fate is unknown or it was not stored: the delivery must be retried."""
+
+
+def _frame(message: list[tuple[Any, ...]]) -> bytes:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(data)) + data
+
+
+class _Frames:
+    """Cuts a byte stream back into the messages ``_frame`` made."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[list[tuple[Any, ...]]]:
+        self._buffer += data
+        messages = []
+        start = 0
+        while len(self._buffer) - start >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(self._buffer, start)
+            end = start + _LENGTH.size + size
+            if len(self._buffer) < end:
+                break
+            # Only ever from the other end of our own socketpair, never from the network.
+            messages.append(pickle.loads(memoryview(self._buffer)[start + _LENGTH.size : end]))  # noqa: S301
+            start = end
+        del self._buffer[:start]
+        return messages
+
+
+# -- the server's side -------------------------------------------------------------------------
+
+
+class InboxProcess:
+    """``InboxWriter``'s ``store`` and ``count_rejection``, served by a child process.
+
+    Used from one event loop: ``await start()``, then ``store`` from its requests, ``await stop()``.
+    """
+
+    def __init__(
+        self, settings: Settings, *, on_commit: Callable[[], None] | None = None, count_deliveries: bool = True
+    ) -> None:
+        self._settings = settings
+        self._on_commit = on_commit
+        self._count_deliveries = count_deliveries
+        self._numbers = itertools.count()
+        self._waiting: dict[int, asyncio.Future[bool]] = {}
+        self._link: _Link | None = None  # the socket to the current child, from its start
+        self._ready = False  # the current child has said it can store
+        self._process: subprocess.Popen[bytes] | None = None
+        self._restart: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it is ready to store."""
+        if self._ready and self._process is not None and self._process.poll() is None:
+            return self._process.pid
+        return None
+
+    async def start(self) -> None:
+        """Start the child and wait until it is ready to store."""
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self._process = subprocess.Popen(  # noqa: S603 - this interpreter, our module
+                [sys.executable, "-m", "kamiyo.webhooks.inbox_process", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                # Not in the terminal's process group: a Ctrl-C stops the server, which then stops
+                # the child after its last batch, instead of killing the child mid-batch.
+                start_new_session=True,
+            )
+        ready: asyncio.Future[None] = loop.create_future()
+        _transport, self._link = await loop.create_unix_connection(lambda: _Link(self, ready), sock=ours)
+        self._link.send(("start", self._settings, self._count_deliveries))
+        try:
+            await asyncio.wait_for(ready, timeout=START_TIMEOUT)
+        except BaseException:
+            self._link.close()  # the child reads the end of its input, and exits
+            raise
+        self._ready = True
+        log.info("inbox writer process %d started", self._process.pid)
+
+    async def store(self, row: dict[str, Any], *, counted: bool = True) -> bool:
+        """Commit ``row``; True if the event is new, False if its id was already stored."""
+        link = self._link
+        if link is None or not self._ready:
+            raise InboxUnavailable("the inbox writer process is not running")
+        number = next(self._numbers)
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting[number] = future
+        link.send(("store", number, row, counted))
+        return await future
+
+    def count_rejection(self, reason: str, event_type: str = "") -> None:
+        """Count a rejected delivery (in the child's next batch); returns at once."""
+        if self._count_deliveries and self._link is not None and self._ready:
+            self._link.send(("count", reason, event_type))
+
+    async def stop(self) -> None:
+        """Let the child finish what it was sent, then wait for it to exit."""
+        self._stopping = True
+        if self._restart is not None:
+            self._restart.cancel()
+        if self._link is not None:
+            self._link.send(("stop",))
+        if self._process is not None:
+            await asyncio.get_running_loop().run_in_executor(None, _end, self._process)
+
+    def _answered(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "done":
+            _kind, numbers, outcomes = message
+            for number, new in zip(numbers, outcomes, strict=True):
+                future = self._waiting.pop(number, None)
+                if future is not None and not future.done():
+                    future.set_result(new)
+            if self._on_commit is not None and any(outcomes):
+                self._on_commit()
+        elif kind == "failed":
+            _kind, numbers, error = message
+            for number in numbers:
+                future = self._waiting.pop(number, None)
+                if future is not None and not future.done():
+                    future.set_exception(InboxUnavailable(error))
+
+    def _lost(self, link: _Link) -> None:
+        if link is not self._link:
+            return  # the socket of a child already replaced
+        was_ready = self._ready
+        self._link, self._ready = None, False
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(InboxUnavailable("the inbox writer process stopped before answering"))
+        if self._stopping or not was_ready:
+            return  # a child that failed to start: its starter says so
+        code = self._process.poll() if self._process is not None else None
+        log.error(
+            "inbox writer process exited (code %s): %d waiting deliveries answered 503; starting a new one",
+            code,
+            len(waiting),
+        )
+        self._restart = asyncio.get_running_loop().create_task(self._start_again())
+
+    async def _start_again(self) -> None:
+        while not self._stopping:
+            if self._process is not None:
+                await asyncio.get_running_loop().run_in_executor(None, _end, self._process)
+            await asyncio.sleep(RESTART_PAUSE)
+            try:
+                await self.start()
+                return
+            except Exception as exc:  # noqa: BLE001 - keep trying: without it no delivery is stored
+                log.error("inbox writer process did not start: %s", exc.__class__.__name__)
+
+
+class _Link(asyncio.Protocol):
+    """The socket to one child. What the loop sends in one turn goes out as one message."""
+
+    def __init__(self, owner: InboxProcess, ready: asyncio.Future[None]) -> None:
+        self._owner = owner
+        self._ready = ready
+        self._frames = _Frames()
+        self._outbox: list[tuple[Any, ...]] = []
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not asyncio's class
+
+    def send(self, item: tuple[Any, ...]) -> None:
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(item)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _flush(self) -> None:
+        items, self._outbox = self._outbox, []
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(_frame(items))
+
+    def data_received(self, data: bytes) -> None:
+        for message in self._frames.feed(data):
+            for item in message:
+                if item[0] == "ready":
+                    if not self._ready.done():
+                        self._ready.set_result(None)
+                else:
+                    self._owner._answered(item)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._ready.done():
+            self._ready.set_exception(InboxUnavailable("the inbox writer process exited while starting"))
+        self._owner._lost(self)
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    """Wait for the child to exit; kill it if it does not within STOP_TIMEOUT."""
+    try:
+        process.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        log.error("inbox writer process %d did not stop within %.0f s; killing it", process.pid, STOP_TIMEOUT)
+        process.kill()
+        process.wait()
+
+
+# -- the child ---------------------------------------------------------------------------------
+
+
+def serve(connection: socket.socket) -> None:
+    """Store what the server sends until it says stop or goes away, then finish and return."""
+    from kamiyo.db.engine import make_engine
+    from kamiyo.logs import configure_logging
+
+    lock = threading.Lock()
+
+    def send(*items: tuple[Any, ...]) -> None:
+        with lock, contextlib.suppress(OSError):  # the server is gone: nobody is left to answer
+            connection.sendall(_frame(list(items)))
+
+    def resolve(batch: list[Pending], outcomes: list[bool] | None, error: BaseException | None) -> None:
+        numbers = [item.waiter for item in batch]
+        if error is None:
+            send(("done", numbers, outcomes))
+        else:
+            send(("failed", numbers, f"{error.__class__.__name__} storing the event; retry later"))
+
+    frames = _Frames()
+    writer: InboxWriter | None = None
+    engine = None
+    try:
+        while True:
+            data = connection.recv(1 << 16)
+            if not data:
+                return  # the server is gone; the finally below stores what it sent
+            for message in frames.feed(data):
+                for item in message:
+                    kind = item[0]
+                    if kind == "store":
+                        assert writer is not None
+                        writer.submit(item[2], item[1], counted=item[3])
+                    elif kind == "count":
+                        assert writer is not None
+                        writer.count_rejection(item[1], item[2])
+                    elif kind == "start":
+                        settings: Settings = item[1]
+                        configure_logging(settings.log_level, background=True)
+                        engine = make_engine(settings)
+                        writer = InboxWriter(engine, count_deliveries=item[2], resolve=resolve)
+                        writer.start()
+                        send(("ready",))
+                    elif kind == "stop":
+                        return
+    finally:
+        if writer is not None:
+            writer.stop()
+        if engine is not None:
+            engine.dispose()
+        connection.close()
+
+
+def main(argv: list[str]) -> int:
+    with socket.socket(fileno=int(argv[0])) as connection:
+        serve(connection)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

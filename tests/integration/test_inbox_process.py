@@ -1,0 +1,119 @@
+"""The inbox writer process (what ``kamiyo serve`` runs): every answer is true, and its death loses nothing.
+
+Each test starts a real child process on the fixture's database (SQLite file or PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select, text
+
+from kamiyo.config import Settings
+from kamiyo.db.models import delivery_stats_table
+from kamiyo.webhooks.inbox_process import InboxProcess, InboxUnavailable
+from support import event_row, stored_emails
+
+Scenario = Callable[[InboxProcess], Awaitable[Any]]
+
+
+def _run(settings: Settings, scenario: Scenario, **kwargs: Any) -> Any:
+    """Start a writer process, run ``scenario`` on it, stop it."""
+
+    async def main() -> Any:
+        writer = InboxProcess(settings, **kwargs)
+        await writer.start()
+        try:
+            return await scenario(writer)
+        finally:
+            await writer.stop()
+
+    return asyncio.run(main())
+
+
+def test_each_event_is_stored_once_and_answered_new_or_duplicate(settings: Settings, engine: Engine) -> None:
+    """300 concurrent stores, each id delivered twice: one answer "new" per id, one row per id."""
+    commits: list[int] = []
+    ids = [f"evt_proc_{n:03d}" for n in range(150)]
+
+    async def scenario(writer: InboxProcess) -> list[bool]:
+        return list(await asyncio.gather(*(writer.store(event_row(event_id)) for event_id in ids + ids)))
+
+    outcomes = _run(settings, scenario, on_commit=lambda: commits.append(1))
+    by_id: dict[str, list[bool]] = {}
+    for event_id, new in zip(ids + ids, outcomes, strict=True):
+        by_id.setdefault(event_id, []).append(new)
+    assert all(sorted(answers) == [False, True] for answers in by_id.values())
+    assert sorted(stored_emails(engine)) == ids
+    assert commits  # the in-process worker's wake-up
+
+
+def test_an_event_already_stored_is_answered_duplicate(settings: Settings, engine: Engine) -> None:
+    async def scenario(writer: InboxProcess) -> tuple[bool, bool]:
+        return await writer.store(event_row("evt_twice")), await writer.store(
+            event_row("evt_twice", email="x@example.com")
+        )
+
+    assert _run(settings, scenario) == (True, False)
+    assert stored_emails(engine) == {"evt_twice": "ann@example.com"}  # the first copy is kept
+
+
+def test_stop_stores_what_was_sent_and_writes_the_delivery_counts(settings: Settings, engine: Engine) -> None:
+    async def scenario(writer: InboxProcess) -> list[asyncio.Task[bool]]:
+        tasks = [asyncio.ensure_future(writer.store(event_row(f"evt_stop_{n}"))) for n in range(50)]
+        writer.count_rejection("invalid_signature")
+        await asyncio.sleep(0)  # the stores are sent; stop() follows them on the same socket
+        return tasks
+
+    async def main() -> list[bool]:
+        writer = InboxProcess(settings)
+        await writer.start()
+        tasks = await scenario(writer)
+        await writer.stop()
+        return [task.result() for task in tasks]
+
+    assert asyncio.run(main()) == [True] * 50
+    assert len(stored_emails(engine)) == 50
+    with engine.connect() as connection:
+        counts = dict(
+            connection.execute(
+                select(delivery_stats_table.c.outcome, func.sum(delivery_stats_table.c.count)).group_by(
+                    delivery_stats_table.c.outcome
+                )
+            ).all()
+        )
+    assert counts == {"accepted": 50, "rejected": 1}
+
+
+def test_a_dead_writer_fails_its_waiting_deliveries_and_a_new_one_takes_over(
+    settings: Settings, engine: Engine
+) -> None:
+    """Killed mid-batch (its commit blocked by another writer): the waiting store fails, never
+    answers "stored"; a new child starts and stores the retry."""
+
+    async def scenario(writer: InboxProcess) -> tuple[type[BaseException], bool]:
+        first = writer.pid
+        assert first is not None
+        with engine.begin() as blocker:  # holds the write lock: the child's batch waits behind it
+            if blocker.dialect.name == "postgresql":
+                blocker.execute(text("LOCK TABLE webhook_events IN EXCLUSIVE MODE"))
+            waiting = asyncio.ensure_future(writer.store(event_row("evt_retried")))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
+            os.kill(first, signal.SIGKILL)
+            with pytest.raises(InboxUnavailable) as failed:
+                await asyncio.wait_for(waiting, timeout=10)
+        deadline = time.monotonic() + 30
+        while writer.pid in (None, first) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert writer.pid not in (None, first)
+        return failed.type, await writer.store(event_row("evt_retried"))
+
+    assert _run(settings, scenario) == (InboxUnavailable, True)
+    assert list(stored_emails(engine)) == ["evt_retried"]

@@ -211,3 +211,54 @@ def test_a_scrape_while_the_database_is_down_still_answers_with_database_up_zero
     found = samples(page)
     assert value(found, "webhook_database_up") == 0
     assert ("webhook_events_backlog", ()) not in found
+
+
+def test_deliveries_counted_in_bulk_read_exactly_as_counted_one_by_one() -> None:
+    """``flush`` gives the counters and every histogram bucket (edges included) and sum the values
+    ``Counter.inc`` and ``Histogram.observe`` one delivery at a time would have given."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from kamiyo.telemetry.metrics import _LATENCY_BUCKETS
+
+    deliveries = [("invoice.paid", 0.0004, False), ("invoice.paid", 0.001, False), ("charge.refunded", 0.0025, True)]
+    deliveries += [("customer.created", bound, False) for bound in _LATENCY_BUCKETS]  # exactly on each edge
+    deliveries += [("customer.created", 0.0031 * n, n % 7 == 0) for n in range(500)] + [("invoice.paid", 42.0, False)]
+
+    bulk = WebhookMetrics()
+    for event_type, seconds, ignored in deliveries:
+        bulk.delivery_received(event_type, seconds, ignored=ignored)
+    bulk.flush()
+
+    registry = CollectorRegistry()
+    attempts = Counter("webhook_attempts", "POST deliveries to the webhook endpoint.", registry=registry)
+    received = Counter("stripe_webhooks_received", "by type", ["type"], registry=registry)
+    ignored_counter = Counter("webhook_events_ignored", "by type", ["type"], registry=registry)
+    latency = Histogram("webhook_request_duration_seconds", "latency", buckets=_LATENCY_BUCKETS, registry=registry)
+    for event_type, seconds, ignored in deliveries:
+        attempts.inc()
+        received.labels(event_type).inc()
+        if ignored:
+            ignored_counter.labels(event_type).inc()
+        latency.observe(seconds)
+
+    def lines(exposition: bytes, *names: str) -> list[str]:
+        return sorted(line for line in exposition.decode().splitlines() if line.startswith(names))
+
+    names = ("webhook_attempts_total", "stripe_webhooks_received_total", "webhook_events_ignored_total")
+    names += ("webhook_request_duration_seconds_",)
+    assert lines(generate_latest(bulk.registry), *names) == lines(generate_latest(registry), *names)
+    assert lines(generate_latest(bulk.registry), "webhook_request_duration_seconds_count") == [
+        f"webhook_request_duration_seconds_count {float(len(deliveries))}"
+    ]
+
+
+def test_queued_deliveries_are_counted_within_seconds_without_a_scrape() -> None:
+    """Another process may answer the scrape (multiprocess mode): the counts reach the registry by
+    themselves, at least once a second."""
+    metrics = WebhookMetrics()
+    metrics.delivery_received("invoice.paid", 0.002, ignored=False)
+    deadline = time.monotonic() + 10
+    while metrics.registry.get_sample_value("webhook_attempts_total") != 1.0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metrics.registry.get_sample_value("webhook_attempts_total") == 1.0
+    assert metrics.registry.get_sample_value("stripe_webhooks_received_total", {"type": "invoice.paid"}) == 1.0

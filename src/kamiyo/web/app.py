@@ -106,6 +106,8 @@ def create_app(
             wake.set()
             if worker_thread is not None:
                 worker_thread.join(timeout=30)
+            if metrics is not None:
+                metrics.flush()  # the last deliveries' counts, for whoever reads the shared directory
             if engine is None:
                 db.dispose()
 

@@ -9,8 +9,8 @@ the run (5% re-deliveries), ``kamiyo serve`` with the in-process worker off, a f
 run. Three variants per round, on the same machine in the same minute:
 
 - ``off``: ``METRICS_ENABLED=false`` (no Prometheus counting, no delivery stats);
-- ``on``: the default (Prometheus counters and histograms in-process, per-minute delivery
-  stats upserted by the inbox writer in each batch's transaction);
+- ``on``: the default (Prometheus counters and histograms in the server's process, per-minute
+  delivery counts gathered by the inbox writer and written at most once a second);
 - ``on, multiprocess``: as ``on`` with ``PROMETHEUS_MULTIPROC_DIR`` set (counters in mmap files).
 
 The order of the variants flips every round, so a machine that slows down or speeds up over the

@@ -176,8 +176,9 @@ def markdown(record: dict[str, Any]) -> str:
         "\"vs bare\" is the median over rounds of kamiyo's req/s divided by the bare app's in the same"
         " round (the in-process-worker run is compared with the bare median). Target ≥ 25%, aim 40%."
         " Server CPU per request is the server process's user + system time over the run divided by"
-        " the requests answered: event-loop thread + other threads (inbox writer, worker; for"
-        " PostgreSQL, not the database server's own CPU). \"CPU vs bare\" is the bare app's CPU per"
+        " the requests answered: event-loop thread + everything else of the server (its inbox"
+        " writer process, the worker thread, the log thread; for PostgreSQL, not the database"
+        " server's own CPU). \"CPU vs bare\" is the bare app's CPU per"
         " request over this one's: the share of bare's rate it would reach if both were CPU-bound; it"
         " moves far less with the neighbours' load than req/s, which is the first figure to move"
         " when the shared machine is busy (the bare app is pure CPU, kamiyo waits on fsync too).",

@@ -103,10 +103,12 @@ class Server:
         raise RuntimeError(f"{self.name} not ready after {START_TIMEOUT:.0f} s:\n{self.log_tail()}")
 
     def cpu_seconds(self) -> tuple[float, float]:
-        """CPU time used so far (user + system): by the main thread, and by all other threads."""
+        """CPU time used so far (user + system): by the main thread (the event loop), and by
+        everything else of the server: its other threads and its child processes (kamiyo serve's
+        inbox writer)."""
         total = _cpu(Path(f"/proc/{self.pid}/stat"))
         main = _cpu(Path(f"/proc/{self.pid}/task/{self.pid}/stat"))
-        return main, total - main
+        return main, total - main + sum(_cpu(stat) for stat in _children(self.pid))
 
     def stop(self, *, kill: bool = False) -> None:
         """SIGTERM (graceful), or SIGKILL: a crash, after which every acknowledged event must be stored."""
@@ -124,6 +126,20 @@ class Server:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def _children(pid: int) -> list[Path]:
+    """The /proc stat files of the processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = entry / "stat"
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(stat)
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+    return found
 
 
 def _cpu(stat: Path) -> float:

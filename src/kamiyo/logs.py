@@ -8,6 +8,7 @@ import logging
 import queue
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import TextIO
 
@@ -56,6 +57,9 @@ def configure_logging(level: str = "INFO", *, background: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+LINGER_SECONDS = 0.005  # how late a line may be written, at most; a flush waits at most as long
+
+
 class BackgroundHandler(logging.Handler):
     """Queues records; a daemon thread formats them and writes each burst with one flush.
 
@@ -89,6 +93,11 @@ class BackgroundHandler(logging.Handler):
     def _run(self) -> None:
         while True:
             item = self._queue.get()
+            if isinstance(item, logging.LogRecord):
+                # Let the rest of the burst arrive first. While this thread sleeps instead of
+                # waiting on the queue, a record is queued without waking it: no thread switch
+                # per line for the thread that logs (the inbox writer logs one per delivery).
+                time.sleep(LINGER_SECONDS)
             lines: list[str] = []
             waiting: list[threading.Event] = []
             while item is not None:

@@ -12,6 +12,8 @@ import pytest
 from kamiyo import synthetic
 from kamiyo.telemetry.metrics import WebhookMetrics
 from kamiyo.web.webhook import WebhookEndpoint
+from kamiyo.webhooks.envelope import Envelope
+from kamiyo.webhooks.inbox import inbox_row
 from support import make_settings, signed
 
 
@@ -20,7 +22,8 @@ class _Writer:
         self.stored: list[dict[str, Any]] = []
         self.rejections: list[str] = []
 
-    async def store(self, row: dict[str, Any], *, counted: bool = True) -> bool:
+    async def store_event(self, envelope: Envelope, body: bytes, *, status: str, counted: bool = True) -> bool:
+        row = inbox_row(envelope, body, status=status)
         new = all(r["stripe_event_id"] != row["stripe_event_id"] for r in self.stored)
         self.stored.append(row)
         return new

@@ -94,6 +94,8 @@ def _server_class() -> type:
 
 
 def worker(settings: Settings) -> int:
+    # A line per event applied: written by a thread of its own, a burst per write (as serve does).
+    configure_logging(settings.log_level, background=True)
     engine = make_engine(settings)
     _require_current_schema(engine)
     stop = threading.Event()

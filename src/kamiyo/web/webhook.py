@@ -20,7 +20,7 @@ from kamiyo.errors import PayloadTooLarge, WebhookRejected
 from kamiyo.processing.handlers import HANDLED_TYPES
 from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX, PROBE_USER_AGENT, WebhookMetrics
 from kamiyo.webhooks.envelope import read_envelope
-from kamiyo.webhooks.inbox import Inbox, inbox_row
+from kamiyo.webhooks.inbox import Inbox
 from kamiyo.webhooks.signature import verify_signature
 
 log = logging.getLogger("kamiyo.webhook")
@@ -91,7 +91,7 @@ class WebhookEndpoint:
         status = "pending" if envelope.type in HANDLED_TYPES else "ignored"
         counted = not envelope.event_id.startswith(PROBE_EVENT_PREFIX)
         try:
-            new = await self._writer().store(inbox_row(envelope, body, status=status), counted=counted)
+            new = await self._writer().store_event(envelope, body, status=status, counted=counted)
         except Exception as exc:  # noqa: BLE001 - storage down: Stripe must retry, so not 2xx
             log.error(
                 "webhook not stored event=%s type=%s: %s", envelope.event_id, envelope.type, exc.__class__.__name__

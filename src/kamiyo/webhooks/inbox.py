@@ -45,7 +45,7 @@ class Pending:
 class Inbox(Protocol):
     """Where the webhook endpoint stores rows: ``InboxWriter`` here, or ``InboxProcess``."""
 
-    async def store(self, row: dict[str, Any], *, counted: bool = True) -> bool: ...
+    async def store_event(self, envelope: Envelope, body: bytes, *, status: str, counted: bool = True) -> bool: ...
 
     def count_rejection(self, reason: str, event_type: str = "") -> None: ...
 
@@ -61,8 +61,11 @@ class _Count:
     key: DeliveryKey
 
 
-def inbox_row(envelope: Envelope, body: bytes, *, status: str, source: str = "webhook") -> dict[str, Any]:
-    """The inbox row for one verified event (``body`` is known to be UTF-8 JSON)."""
+def inbox_row(
+    envelope: Envelope, body: bytes, *, status: str, source: str = "webhook", received_at: datetime | None = None
+) -> dict[str, Any]:
+    """The inbox row for one verified event (``body`` is known to be UTF-8 JSON), received now
+    unless ``received_at`` says when."""
     return {
         "stripe_event_id": envelope.event_id,
         "type": envelope.type,
@@ -72,7 +75,7 @@ def inbox_row(envelope: Envelope, body: bytes, *, status: str, source: str = "we
         "object_id": envelope.object_id,
         "payload": body.decode("utf-8"),
         "source": source,
-        "received_at": datetime.now(UTC),
+        "received_at": received_at or datetime.now(UTC),
         "status": status,
         "attempts": 0,
         "available_at": 0.0,
@@ -221,6 +224,10 @@ class InboxWriter:
             self._queue.put(None)
             self._thread.join(timeout=30)
             self._thread = None
+
+    async def store_event(self, envelope: Envelope, body: bytes, *, status: str, counted: bool = True) -> bool:
+        """Commit the inbox row of a verified delivery; True if the event is new (see ``store``)."""
+        return await self.store(inbox_row(envelope, body, status=status), counted=counted)
 
     async def store(self, row: dict[str, Any], *, counted: bool = True) -> bool:
         """Commit ``row``; True if the event is new, False if its id was already stored.

@@ -15,7 +15,9 @@ next time. Should the server die, the child finishes what it was sent, then exit
 
 Messages are lists of tuples, pickled, each framed by its length. Server to child:
 ``("start", settings, count_deliveries)``, ``("store", number, row, counted)``,
-``("count", reason, event_type)``, ``("stop",)``. Child to server: ``("ready",)``,
+``("event", number, envelope, body, status, counted, received_at)`` (the row is made in the
+child: a tuple and bytes pickle in a fifth of the row's time), ``("count", reason, event_type)``,
+``("stop",)``. Child to server: ``("ready",)``,
 ``("done", numbers, outcomes)``, ``("failed", numbers, error)``.
 """
 
@@ -31,11 +33,14 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from kamiyo.config import Settings
-from kamiyo.webhooks.inbox import InboxWriter, Pending
+from kamiyo.webhooks.envelope import Envelope
+from kamiyo.webhooks.inbox import InboxWriter, Pending, inbox_row
 
 log = logging.getLogger("kamiyo.inbox")
 _LENGTH = struct.Struct("!I")
@@ -131,13 +136,20 @@ class InboxProcess:
 
     async def store(self, row: dict[str, Any], *, counted: bool = True) -> bool:
         """Commit ``row``; True if the event is new, False if its id was already stored."""
+        return await self._send("store", row, counted)
+
+    async def store_event(self, envelope: Envelope, body: bytes, *, status: str, counted: bool = True) -> bool:
+        """Commit the inbox row of a verified delivery (made in the child, received now)."""
+        return await self._send("event", envelope, body, status, counted, time.time())
+
+    async def _send(self, kind: str, *fields: Any) -> bool:
         link = self._link
         if link is None or not self._ready:
             raise InboxUnavailable("the inbox writer process is not running")
         number = next(self._numbers)
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting[number] = future
-        link.send(("store", number, row, counted))
+        link.send((kind, number, *fields))
         return await future
 
     def count_rejection(self, reason: str, event_type: str = "") -> None:
@@ -287,7 +299,12 @@ def serve(connection: socket.socket) -> None:
             for message in frames.feed(data):
                 for item in message:
                     kind = item[0]
-                    if kind == "store":
+                    if kind == "event":
+                        assert writer is not None
+                        _kind, number, envelope, body, status, counted, received = item
+                        at = datetime.fromtimestamp(received, UTC)
+                        writer.submit(inbox_row(envelope, body, status=status, received_at=at), number, counted=counted)
+                    elif kind == "store":
                         assert writer is not None
                         writer.submit(item[2], item[1], counted=item[3])
                     elif kind == "count":

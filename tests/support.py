@@ -76,15 +76,22 @@ def signed(
     return body, {"Stripe-Signature": header, "Content-Type": "application/json; charset=utf-8"}
 
 
-def event_row(event_id: str, *, email: str = "ann@example.com") -> dict[str, Any]:
-    """An inbox row (``inbox_row``) of a ``customer.updated`` event with this id and email."""
+def event_delivery(event_id: str, *, email: str = "ann@example.com") -> tuple[Any, bytes]:
+    """The envelope and raw body of a ``customer.updated`` event with this id and email."""
     from kamiyo import synthetic
     from kamiyo.webhooks.envelope import read_envelope
-    from kamiyo.webhooks.inbox import inbox_row
 
     obj = synthetic.customer(customer_id="cus_inbox", email=email, created=100)
     body = orjson.dumps(synthetic.event("customer.updated", obj, created=100, event_id=event_id))
     envelope, _ = read_envelope(body)
+    return envelope, body
+
+
+def event_row(event_id: str, *, email: str = "ann@example.com") -> dict[str, Any]:
+    """An inbox row (``inbox_row``) of a ``customer.updated`` event with this id and email."""
+    from kamiyo.webhooks.inbox import inbox_row
+
+    envelope, body = event_delivery(event_id, email=email)
     return inbox_row(envelope, body, status="pending")
 
 

@@ -312,14 +312,7 @@ def _applied(harness: Any, events: list[dict[str, Any]]) -> list[str]:
 
 _EMAILS = ["ann@example.com", "Bob@Example.com", "carol@example.com", "dave@example.com"]
 _CUSTOMERS = ["cus_1", "cus_2", "cus_3"]
-_SUB_TYPES = [
-    "customer.subscription.created",
-    "customer.subscription.updated",
-    "customer.subscription.deleted",
-    "customer.subscription.paused",
-    "customer.subscription.resumed",
-    "customer.subscription.trial_will_end",
-]
+_SUB_TYPES = [name for name in synthetic.SUPPORTED_TRIGGERS if name.startswith("customer.subscription.")]
 _STATUSES = ["incomplete", "trialing", "active", "past_due", "unpaid", "paused", "canceled"]
 
 

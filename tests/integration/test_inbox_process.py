@@ -18,9 +18,14 @@ from sqlalchemy import Engine, func, select, text
 from kamiyo.config import Settings
 from kamiyo.db.models import delivery_stats_table
 from kamiyo.webhooks.inbox_process import InboxProcess, InboxUnavailable
-from support import event_row, stored_emails
+from support import event_delivery, stored_emails
 
 Scenario = Callable[[InboxProcess], Awaitable[Any]]
+
+
+async def _store(writer: InboxProcess, event_id: str, *, email: str = "ann@example.com") -> bool:
+    envelope, body = event_delivery(event_id, email=email)
+    return await writer.store_event(envelope, body, status="pending")
 
 
 def _run(settings: Settings, scenario: Scenario, **kwargs: Any) -> Any:
@@ -43,7 +48,7 @@ def test_each_event_is_stored_once_and_answered_new_or_duplicate(settings: Setti
     ids = [f"evt_proc_{n:03d}" for n in range(150)]
 
     async def scenario(writer: InboxProcess) -> list[bool]:
-        return list(await asyncio.gather(*(writer.store(event_row(event_id)) for event_id in ids + ids)))
+        return list(await asyncio.gather(*(_store(writer, event_id) for event_id in ids + ids)))
 
     outcomes = _run(settings, scenario, on_commit=lambda: commits.append(1))
     by_id: dict[str, list[bool]] = {}
@@ -56,9 +61,7 @@ def test_each_event_is_stored_once_and_answered_new_or_duplicate(settings: Setti
 
 def test_an_event_already_stored_is_answered_duplicate(settings: Settings, engine: Engine) -> None:
     async def scenario(writer: InboxProcess) -> tuple[bool, bool]:
-        return await writer.store(event_row("evt_twice")), await writer.store(
-            event_row("evt_twice", email="x@example.com")
-        )
+        return await _store(writer, "evt_twice"), await _store(writer, "evt_twice", email="x@example.com")
 
     assert _run(settings, scenario) == (True, False)
     assert stored_emails(engine) == {"evt_twice": "ann@example.com"}  # the first copy is kept
@@ -66,7 +69,7 @@ def test_an_event_already_stored_is_answered_duplicate(settings: Settings, engin
 
 def test_stop_stores_what_was_sent_and_writes_the_delivery_counts(settings: Settings, engine: Engine) -> None:
     async def scenario(writer: InboxProcess) -> list[asyncio.Task[bool]]:
-        tasks = [asyncio.ensure_future(writer.store(event_row(f"evt_stop_{n}"))) for n in range(50)]
+        tasks = [asyncio.ensure_future(_store(writer, f"evt_stop_{n}")) for n in range(50)]
         writer.count_rejection("invalid_signature")
         await asyncio.sleep(0)  # the stores are sent; stop() follows them on the same socket
         return tasks
@@ -103,7 +106,7 @@ def test_a_dead_writer_fails_its_waiting_deliveries_and_a_new_one_takes_over(
         with engine.begin() as blocker:  # holds the write lock: the child's batch waits behind it
             if blocker.dialect.name == "postgresql":
                 blocker.execute(text("LOCK TABLE webhook_events IN EXCLUSIVE MODE"))
-            waiting = asyncio.ensure_future(writer.store(event_row("evt_retried")))
+            waiting = asyncio.ensure_future(_store(writer, "evt_retried"))
             await asyncio.sleep(0.5)
             assert not waiting.done()
             os.kill(first, signal.SIGKILL)
@@ -113,7 +116,7 @@ def test_a_dead_writer_fails_its_waiting_deliveries_and_a_new_one_takes_over(
         while writer.pid in (None, first) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert writer.pid not in (None, first)
-        return failed.type, await writer.store(event_row("evt_retried"))
+        return failed.type, await _store(writer, "evt_retried")
 
     assert _run(settings, scenario) == (InboxUnavailable, True)
     assert list(stored_emails(engine)) == ["evt_retried"]

@@ -42,20 +42,27 @@ def test_every_line_is_written_in_order_and_flush_waits_for_them() -> None:
     handler.close()
 
 
-def test_a_burst_queued_while_the_writer_is_busy_is_written_at_once() -> None:
-    stream = _Stream()
+def _held_after_first() -> tuple[logging.Formatter, threading.Lock]:
+    """A formatter that stops at the line "first" until the returned lock is released: the lines
+    handled meanwhile queue up as one burst behind it."""
     gate = threading.Lock()
     gate.acquire()
 
-    class Slow(logging.Formatter):
+    class Held(logging.Formatter):
         def format(self, record: logging.LogRecord) -> str:
             if record.getMessage() == "first":
-                with gate:  # held until the burst below is queued
+                with gate:
                     pass
             return record.getMessage()
 
+    return Held(), gate
+
+
+def test_a_burst_queued_while_the_writer_is_busy_is_written_at_once() -> None:
+    stream = _Stream()
+    formatter, gate = _held_after_first()
     handler = BackgroundHandler(stream)
-    handler.setFormatter(Slow())
+    handler.setFormatter(formatter)
     handler.handle(_record("first"))
     for n in range(50):
         handler.handle(_record(f"line {n}"))
@@ -70,18 +77,9 @@ def test_a_burst_is_written_in_pieces_a_pipe_never_interleaves() -> None:
     """kamiyo serve and its inbox writer process share stderr: no write over PIPE_BUF (4096
     bytes), and every write ends at the end of a line. A longer line goes out whole."""
     stream = _Stream()
-    gate = threading.Lock()
-    gate.acquire()
-
-    class Held(logging.Formatter):
-        def format(self, record: logging.LogRecord) -> str:
-            if record.getMessage() == "first":
-                with gate:  # the burst below queues up behind this line
-                    pass
-            return record.getMessage()
-
+    formatter, gate = _held_after_first()
     handler = BackgroundHandler(stream)
-    handler.setFormatter(Held())
+    handler.setFormatter(formatter)
     handler.handle(_record("first"))
     lines = [f"webhook accepted event=evt_{n:04d} é" for n in range(400)] + ["x" * 5000, "last"]
     for line in lines:

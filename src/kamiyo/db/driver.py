@@ -1,7 +1,7 @@
 """Statements sent to the DBAPI driver as they are, inside SQLAlchemy's transaction.
 
 The hot paths (the inbox writer, the worker's statements) skip SQLAlchemy's per-statement work,
-which costs many times the statement itself on SQLite. These two helpers keep what that path
+which costs many times the statement itself on SQLite. These helpers keep what that path
 would have given: the connection's transaction (begun if need be) and errors raised as
 SQLAlchemy's ``DBAPIError`` classes, which the callers' retry and isolation logic handle.
 """
@@ -12,8 +12,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Connection
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Connection, Dialect
+from sqlalchemy.exc import DBAPIError, StatementError
 
 
 def driver_connection(connection: Connection) -> Any:
@@ -25,14 +25,18 @@ def driver_connection(connection: Connection) -> Any:
     return driver
 
 
+def as_sqlalchemy_error(dialect: Dialect, sql: str, params: Any, exc: Exception) -> StatementError:
+    """The error SQLAlchemy's ``Connection.execute`` would have raised for the driver's ``exc``."""
+    return DBAPIError.instance(sql, params, exc, dialect.loaded_dbapi.Error, dialect=dialect)
+
+
 @contextlib.contextmanager
 def sqlalchemy_errors(connection: Connection, sql: str, params: Any) -> Iterator[None]:
     """Raise a driver error as SQLAlchemy would have raised it from ``Connection.execute``."""
-    error: type[Exception] = connection.dialect.loaded_dbapi.Error
     try:
         yield
-    except error as exc:
-        raise DBAPIError.instance(sql, params, exc, error, dialect=connection.dialect) from exc
+    except connection.dialect.loaded_dbapi.Error as exc:
+        raise as_sqlalchemy_error(connection.dialect, sql, params, exc) from exc
 
 
 def driver_execute(connection: Connection, sql: str, params: Any, *, many: bool = False) -> Any:

@@ -23,9 +23,8 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
 
-from kamiyo.db.driver import driver_connection
+from kamiyo.db.driver import as_sqlalchemy_error, driver_connection
 from kamiyo.db.models import customers_table, subscriptions_table, user_overrides_table, users_table
 from kamiyo.domain.entitlement import SubscriptionState, UserState, user_state
 from kamiyo.domain.overrides import override_in_force, override_state
@@ -331,16 +330,14 @@ class Store:
         What ``driver_execute`` does, with the DBAPI connection kept for as long as the
         transaction is open and the error translated in a plain ``try``: on the worker's hot
         path, its per-statement look-ups and context manager cost more than SQLite's work."""
-        return self._execute(self._driver[name], params)
-
-    def _execute(self, compiled: _Compiled, params: Mapping[str, Any]) -> Any:
+        compiled = self._driver[name]
         values = compiled.parameters(params)
         if self._raw is None or not self.connection.in_transaction():
             self._raw = driver_connection(self.connection)
         try:
             return self._raw.execute(compiled.sql, values)
         except self._dbapi_error as exc:
-            raise DBAPIError.instance(compiled.sql, values, exc, self._dbapi_error, dialect=self._dialect) from exc
+            raise as_sqlalchemy_error(self._dialect, compiled.sql, values, exc) from exc
 
     def _rows(self, name: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         return self._driver[name].rows(self._run(name, params).fetchall())

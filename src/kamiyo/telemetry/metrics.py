@@ -117,7 +117,6 @@ class WebhookMetrics:
             buckets=_LAG_BUCKETS,
             registry=reg,
         )
-        self._latency_bounds: list[float] = [*_LATENCY_BUCKETS, float("inf")]
         # Every reason exported from the start (at 0), so a failure ratio has a series to rate().
         self._failure_children = {reason: self.failures.labels(reason) for reason in FAILURE_REASONS}
         self._received_children: dict[str, Counter] = {}
@@ -154,9 +153,12 @@ class WebhookMetrics:
             queue = self._received_queue
             if not queue:
                 return
+            # ``Histogram.observe`` one value at a time, done in bulk: its own bounds (+Inf last),
+            # buckets and sum.
+            histogram: Any = self.request_seconds
+            bounds = histogram._upper_bounds
             by_type: dict[str, int] = {}
             ignored_by_type: dict[str, int] = {}
-            bounds = self._latency_bounds
             in_bucket = [0] * len(bounds)
             total_seconds = 0.0
             count = 0
@@ -173,8 +175,6 @@ class WebhookMetrics:
                 self._received_child(event_type).inc(n)
             for event_type, n in ignored_by_type.items():
                 self._ignored_child(event_type).inc(n)
-            # ``Histogram.observe`` one value at a time, in bulk: the same buckets and sum.
-            histogram: Any = self.request_seconds
             histogram._sum.inc(total_seconds)
             for index, n in enumerate(in_bucket):
                 if n:

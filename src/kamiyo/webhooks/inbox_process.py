@@ -14,10 +14,9 @@ Stripe retries) and a new child starts; a row it committed without answering is 
 next time. Should the server die, the child finishes what it was sent, then exits.
 
 Messages are lists of tuples, pickled, each framed by its length. Server to child:
-``("start", settings, count_deliveries)``, ``("store", number, row, counted)``,
-``("event", number, envelope, body, status, counted, received_at)`` (the row is made in the
-child: a tuple and bytes pickle in a fifth of the row's time), ``("count", reason, event_type)``,
-``("stop",)``. Child to server: ``("ready",)``,
+``("start", settings, count_deliveries)``, ``("event", number, envelope, body, status, counted,
+received_at)`` (the row is made in the child: a tuple and bytes pickle in a fifth of the row's
+time), ``("count", reason, event_type)``, ``("stop",)``. Child to server: ``("ready",)``,
 ``("done", numbers, outcomes)``, ``("failed", numbers, error)``.
 """
 
@@ -84,9 +83,9 @@ class _Frames:
 
 
 class InboxProcess:
-    """``InboxWriter``'s ``store`` and ``count_rejection``, served by a child process.
+    """``InboxWriter``'s ``store_event`` and ``count_rejection``, served by a child process.
 
-    Used from one event loop: ``await start()``, then ``store`` from its requests, ``await stop()``.
+    Used from one event loop: ``await start()``, then ``store_event`` from its requests, ``await stop()``.
     """
 
     def __init__(
@@ -134,22 +133,16 @@ class InboxProcess:
         self._ready = True
         log.info("inbox writer process %d started", self._process.pid)
 
-    async def store(self, row: dict[str, Any], *, counted: bool = True) -> bool:
-        """Commit ``row``; True if the event is new, False if its id was already stored."""
-        return await self._send("store", row, counted)
-
     async def store_event(self, envelope: Envelope, body: bytes, *, status: str, counted: bool = True) -> bool:
-        """Commit the inbox row of a verified delivery (made in the child, received now)."""
-        return await self._send("event", envelope, body, status, counted, time.time())
-
-    async def _send(self, kind: str, *fields: Any) -> bool:
+        """Commit the inbox row of a verified delivery (made in the child, received now); True if
+        the event is new, False if its id was already stored."""
         link = self._link
         if link is None or not self._ready:
             raise InboxUnavailable("the inbox writer process is not running")
         number = next(self._numbers)
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting[number] = future
-        link.send((kind, number, *fields))
+        link.send(("event", number, envelope, body, status, counted, time.time()))
         return await future
 
     def count_rejection(self, reason: str, event_type: str = "") -> None:
@@ -304,9 +297,6 @@ def serve(connection: socket.socket) -> None:
                         _kind, number, envelope, body, status, counted, received = item
                         at = datetime.fromtimestamp(received, UTC)
                         writer.submit(inbox_row(envelope, body, status=status, received_at=at), number, counted=counted)
-                    elif kind == "store":
-                        assert writer is not None
-                        writer.submit(item[2], item[1], counted=item[3])
                     elif kind == "count":
                         assert writer is not None
                         writer.count_rejection(item[1], item[2])

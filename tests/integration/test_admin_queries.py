@@ -47,6 +47,13 @@ def test_recent_deliveries_are_newest_first_and_filter_by_status_and_type(harnes
     assert event_types(harness.engine) == ["customer.created", "customer.subscription.updated"]
 
 
+def test_the_type_filter_lists_the_types_of_pending_events_too(harness: Any) -> None:
+    """The type index leaves out pending events; the list of types must not."""
+    harness.apply(_customer("pat@example.com", "cus_p"))
+    harness.deliver(_subscription("cus_p"))  # stored, not applied yet
+    assert event_types(harness.engine) == ["customer.created", "customer.subscription.updated"]
+
+
 def test_the_customer_filter_takes_a_customer_id_or_an_email_and_matches_the_customer_the_event_names(
     harness: Any,
 ) -> None:

@@ -5,14 +5,16 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import orjson
+import pytest
 from sqlalchemy import text, update
 
 from integration.conftest import Harness
 from kamiyo import synthetic
 from kamiyo.db.models import user_overrides_table
+from kamiyo.operations import users
 from kamiyo.operations.overrides import set_override
 from kamiyo.operations.users import StateView, drift, show_user, unexplained_drift
-from operations.conftest import BASIC, PRO, Customer
+from operations.conftest import BASIC, CREATED, PRO, Customer
 
 
 def _manual_update(ops: Harness, email: str, tier: str, status: str | None) -> None:
@@ -62,6 +64,27 @@ def test_show_user_reports_state_subscriptions_events_override_and_manual_action
     assert [a.action for a in report.audit] == ["override.set"]
     # Plain values: orjson serialises the whole report as it is (the admin API's JSON).
     assert orjson.loads(orjson.dumps(report))["override"]["tier"] == "pro"
+
+
+def test_show_user_finds_the_events_of_its_subscription_by_object_id_pending_or_taken_up(
+    ops: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond the payload search window only the object id finds an event: the applied ones through
+    the object index, which leaves out pending events, and the pending ones through the claim index."""
+    monkeypatch.setattr(users, "PAYLOAD_SEARCH_WINDOW", 0)
+    customer = Customer("by-object")
+    created, applied = customer.created(), customer.subscription("active", price=BASIC)
+    ops.apply(created, applied)
+    waiting = customer.subscription("past_due", price=BASIC, at=CREATED + 30)
+    ops.deliver(waiting)  # stored, not applied yet
+    with ops.engine.connect() as connection:
+        report = show_user(connection, customer.email, tiers=ops.settings.price_tiers)
+    assert report is not None
+    assert [(e.event_id, e.status) for e in report.recent_events] == [
+        (waiting["id"], "pending"),
+        (applied["id"], "applied"),
+        (created["id"], "applied"),
+    ]
 
 
 def test_show_user_finds_events_that_name_only_the_email_and_is_none_for_an_unknown_user(ops: Harness) -> None:

@@ -37,6 +37,12 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
         cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
+        # Statement journals in memory: a multi-row statement inside a transaction (the inbox
+        # writer's batch insert, the worker's batch updates) journals every page it changes, and
+        # past 64 KiB SQLite spills that journal to a temporary file created, written and deleted
+        # per statement: 8 write calls per stored event instead of 5 (bench/: writer CPU per
+        # event 54 -> 40 us). The journal is only ever needed to undo a failed statement.
+        cursor.execute("PRAGMA temp_store=MEMORY")
         cursor.close()
 
     @event.listens_for(engine, "begin")

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -98,19 +99,34 @@ class Subscription(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.current_timestamp())
 
 
+# The lookup indexes of the inbox (by type, by object) hold the events the worker has taken up,
+# not the pending ones. Every delivery inserts a row while the endpoint waits; a row in those two
+# indexes costs the inbox writer two more random B-tree pages per event, half its work per event
+# (bench/: 36 -> 20 us of writer CPU per event on SQLite). The worker adds each row to them when
+# it sets the row's outcome. A query of the pending events by type or object finds them through
+# the claim index instead (``status = 'pending'``): the backlog, not the whole inbox.
+# A literal, not a bound parameter, so that both SQLite and PostgreSQL can prove a query's
+# condition implies the index's.
+NOT_PENDING = text("status <> 'pending'")
+
+
 class WebhookEvent(Base):
     """The inbox: every accepted event, stored before the endpoint answers."""
 
     __tablename__ = "webhook_events"
-    __table_args__ = (Index("ix_webhook_events_claim", "status", "available_at"),)
+    __table_args__ = (
+        Index("ix_webhook_events_claim", "status", "available_at"),
+        Index("ix_webhook_events_type", "type", sqlite_where=NOT_PENDING, postgresql_where=NOT_PENDING),
+        Index("ix_webhook_events_object_id", "object_id", sqlite_where=NOT_PENDING, postgresql_where=NOT_PENDING),
+    )
 
     id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
     stripe_event_id: Mapped[str] = mapped_column(String(255), unique=True)
-    type: Mapped[str] = mapped_column(String(255), index=True)
+    type: Mapped[str] = mapped_column(String(255))
     api_version: Mapped[str | None] = mapped_column(String(64))
     created: Mapped[int] = mapped_column(BigInteger)
     livemode: Mapped[bool] = mapped_column(Boolean)
-    object_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    object_id: Mapped[str | None] = mapped_column(String(255))
     payload: Mapped[str] = mapped_column(Text)
     source: Mapped[str] = mapped_column(String(16), default="webhook", server_default="webhook")
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

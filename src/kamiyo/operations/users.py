@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection, func, or_, select
 
 from kamiyo.db.models import (
+    NOT_PENDING,
     customers_table,
     events_table,
     subscriptions_table,
@@ -259,7 +260,10 @@ def _recent_events(
     the email in their payload (invoices, checkout sessions, payment intents), newest first."""
     matches = []
     if customer_ids or sub_ids:
-        matches.append(_events.c.object_id.in_([*customer_ids, *sub_ids]))
+        by_object = _events.c.object_id.in_([*customer_ids, *sub_ids])
+        # The object index holds the events taken up by the worker; pending ones come from the
+        # claim index (models.NOT_PENDING).
+        matches += [by_object & NOT_PENDING, by_object & (_events.c.status == "pending")]
     newest = connection.execute(select(func.max(_events.c.id))).scalar()
     if newest is not None:
         text = [_events.c.payload.contains(c, autoescape=True) for c in customer_ids]

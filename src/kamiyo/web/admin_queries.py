@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Engine, func, or_, select
 
-from kamiyo.db.models import customers_table, delivery_stats_table, events_table, users_table
+from kamiyo.db.models import NOT_PENDING, customers_table, delivery_stats_table, events_table, users_table
 from kamiyo.domain.links import link_hint
 from kamiyo.telemetry.delivery_stats import minute_of, utc_seconds
 
@@ -101,8 +101,11 @@ def _like_escape(text: str) -> str:
 
 def event_types(engine: Engine) -> list[str]:
     """Every event type in the inbox, for the console's type filter."""
+    # The type index holds the events taken up by the worker; pending ones come from the claim index.
+    taken_up = select(_events.c.type).where(NOT_PENDING).distinct()
+    pending = select(_events.c.type).where(_events.c.status == "pending").distinct()
     with engine.connect().execution_options(readonly=True) as connection:
-        return list(connection.execute(select(_events.c.type).distinct().order_by(_events.c.type)).scalars())
+        return sorted(set(connection.execute(taken_up).scalars()) | set(connection.execute(pending).scalars()))
 
 
 def recent_deliveries(

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, func, or_, select
+from sqlalchemy import Engine, func, or_, select, union
 
 from kamiyo.db.models import NOT_PENDING, customers_table, delivery_stats_table, events_table, users_table
 from kamiyo.domain.links import link_hint
@@ -102,10 +102,11 @@ def _like_escape(text: str) -> str:
 def event_types(engine: Engine) -> list[str]:
     """Every event type in the inbox, for the console's type filter."""
     # The type index holds the events taken up by the worker; pending ones come from the claim index.
-    taken_up = select(_events.c.type).where(NOT_PENDING).distinct()
-    pending = select(_events.c.type).where(_events.c.status == "pending").distinct()
+    types = union(
+        select(_events.c.type).where(NOT_PENDING), select(_events.c.type).where(_events.c.status == "pending")
+    ).order_by("type")
     with engine.connect().execution_options(readonly=True) as connection:
-        return sorted(set(connection.execute(taken_up).scalars()) | set(connection.execute(pending).scalars()))
+        return list(connection.execute(types).scalars())
 
 
 def recent_deliveries(

@@ -153,12 +153,13 @@ class _RawInsert:
         """Insert ``rows`` in the connection's transaction; the event ids that were new."""
         sql, parameters = self.sql(len(rows)), self.parameters(rows)
         with sqlalchemy_errors(connection, sql, None):
+            driver = driver_connection(connection)
             if not self._numbered:
                 # The sqlite3 cursor itself: SQLAlchemy's result objects cost the writer 4 us per row.
-                return [row[0] for row in driver_connection(connection).execute(sql, parameters)]
+                return [row[0] for row in driver.execute(sql, parameters)]
             import psycopg
 
-            with psycopg.RawCursor(driver_connection(connection)) as cursor:
+            with psycopg.RawCursor(driver) as cursor:
                 cursor.execute(sql, parameters)
                 return [row[0] for row in cursor.fetchall()]
 

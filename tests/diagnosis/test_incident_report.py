@@ -21,7 +21,7 @@ from kamiyo.telemetry.delivery_stats import add_delivery_counts
 from kamiyo.webhooks.envelope import read_envelope
 from kamiyo.webhooks.inbox import inbox_row
 
-START = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
+START = datetime(2025, 6, 2, 10, 0, tzinfo=UTC)
 END = START + timedelta(hours=1)
 
 
@@ -153,7 +153,7 @@ def test_the_report_counts_a_known_incident_exactly(engine: Engine) -> None:
     assert d.failures_by_reason == {"invalid_signature": 42, "timestamp": 1}
     assert d.failures_by_type == {"unknown (rejected before the body was read)": 43}
     assert d.accepted_by_type == {"invoice.paid": 4, "customer.subscription.updated": 6}
-    assert (d.first_failure, d.last_failure) == ("2026-11-27T10:10:00Z", "2026-11-27T10:30:00Z")
+    assert (d.first_failure, d.last_failure) == ("2025-06-02T10:10:00Z", "2025-06-02T10:30:00Z")
     assert report.late_by_type == {"customer.subscription.updated": 2, "invoice.paid": 1}
     assert (report.parked, report.parked_by_reason, report.still_parked) == (1, {"UnmappedPrice": 1}, 1)
     assert (report.backfilled, report.backfilled_by_source) == (1, {"backfill": 1})
@@ -163,7 +163,7 @@ def test_the_report_counts_a_known_incident_exactly(engine: Engine) -> None:
     ]
     assert report.manual_overrides == [
         {
-            "at": "2026-11-27T10:31:00Z",
+            "at": "2025-06-02T10:31:00Z",
             "action": "override.set",
             "by": "oncall",
             "user": "bob@example.com",
@@ -185,7 +185,7 @@ def test_markdown_and_json_carry_the_same_numbers(engine: Engine) -> None:
     _incident(engine)
     report = build_report(engine, START, END)
     markdown = to_markdown(report)
-    assert "# Stripe webhook incident: 2026-11-27T10:00:00Z to 2026-11-27T11:00:00Z" in markdown
+    assert "# Stripe webhook incident: 2025-06-02T10:00:00Z to 2025-06-02T11:00:00Z" in markdown
     assert "- Attempts: 55 (accepted 10, duplicate 2, failed 43); success 21.8%" in markdown
     assert "| invalid_signature | 42 |" in markdown
     assert "| ann@example.com | pro/active |" in markdown

@@ -16,7 +16,8 @@ import pytest
 from sqlalchemy import Engine, func, select, text
 
 from kamiyo.config import Settings
-from kamiyo.db.models import delivery_stats_table
+from kamiyo.db.models import delivery_stats_table, events_table
+from kamiyo.telemetry.metrics import ProcessedTally
 from kamiyo.webhooks.inbox_process import InboxProcess, InboxUnavailable
 from support import event_delivery, stored_emails
 
@@ -120,3 +121,70 @@ def test_a_dead_writer_fails_its_waiting_deliveries_and_a_new_one_takes_over(
 
     assert _run(settings, scenario) == (InboxUnavailable, True)
     assert list(stored_emails(engine)) == ["evt_retried"]
+
+
+def _statuses(engine: Engine) -> dict[str, str]:
+    with engine.connect() as connection:
+        return dict(connection.execute(select(events_table.c.stripe_event_id, events_table.c.status)).all())
+
+
+async def _until_applied(engine: Engine, *event_ids: str, timeout: float = 30.0) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        statuses = _statuses(engine)
+        if all(statuses.get(event_id) == "applied" for event_id in event_ids):
+            return statuses
+        await asyncio.sleep(0.05)
+    return _statuses(engine)
+
+
+def test_the_worker_in_the_child_applies_what_it_stores_and_reports_each_batch(
+    settings: Settings, engine: Engine
+) -> None:
+    """What ``kamiyo serve`` runs by default: stored events are applied in the child, and the
+    server gets the counts of what was applied."""
+    tallies: list[ProcessedTally] = []
+    ids = [f"evt_applied_{n}" for n in range(20)]
+
+    async def scenario(writer: InboxProcess) -> tuple[bool | None, dict[str, str]]:
+        assert all(await asyncio.gather(*(_store(writer, event_id) for event_id in ids)))
+        return writer.worker_alive(), await _until_applied(engine, *ids)
+
+    alive, statuses = _run(settings, scenario, worker=settings, on_processed=tallies.append)
+    assert alive is True
+    assert statuses == dict.fromkeys(ids, "applied")
+    assert sum(tally.applied.get("customer.updated", 0) for tally in tallies) == len(ids)
+    assert sum(sum(tally.lag_buckets) for tally in tallies) == len(ids)
+
+
+def test_without_a_worker_the_child_applies_nothing(settings: Settings, engine: Engine) -> None:
+    async def scenario(writer: InboxProcess) -> bool | None:
+        assert await _store(writer, "evt_left_pending")
+        await asyncio.sleep(0.5)
+        return writer.worker_alive()
+
+    assert _run(settings, scenario) is None
+    assert _statuses(engine) == {"evt_left_pending": "pending"}
+
+
+def test_a_dead_child_takes_its_worker_along_and_the_next_child_starts_another(
+    settings: Settings, engine: Engine
+) -> None:
+    async def scenario(writer: InboxProcess) -> list[bool | None]:
+        first = writer.pid
+        assert first is not None
+        seen = [writer.worker_alive()]
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while writer.pid == first and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        seen.append(writer.worker_alive())  # between the death and the next start
+        deadline = time.monotonic() + 30
+        while writer.pid is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert await _store(writer, "evt_after_restart")
+        seen.append(writer.worker_alive())
+        assert (await _until_applied(engine, "evt_after_restart"))["evt_after_restart"] == "applied"
+        return seen
+
+    assert _run(settings, scenario, worker=settings) == [True, False, True]

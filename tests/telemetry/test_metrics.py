@@ -252,6 +252,59 @@ def test_deliveries_counted_in_bulk_read_exactly_as_counted_one_by_one() -> None
     ]
 
 
+def test_worker_batches_counted_by_tally_read_exactly_as_counted_one_by_one() -> None:
+    """A batch's ``ProcessedTally``, pickled as the inbox process sends it to the server, gives
+    every counter, bucket (edges included) and sum that one increment and one ``observe`` per
+    event would have given."""
+    import pickle
+
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from kamiyo.telemetry.metrics import _LAG_BUCKETS, _LATENCY_BUCKETS, ProcessedTally
+
+    committed_at = 1_800_000_000.0
+    outcomes = [("applied", "invoice.paid", int(committed_at) - 3, 0.0004), ("ignored", "charge.refunded", 1, 0.0)]
+    outcomes += [
+        ("applied", "customer.created", int(committed_at - lag), bound)
+        for bound, lag in zip(_LATENCY_BUCKETS, _LAG_BUCKETS, strict=False)
+    ]  # on each edge of the apply histogram and each whole-second edge of the lag histogram
+    outcomes += [("applied", "customer.created", int(committed_at - _LAG_BUCKETS[-1]), 0.0)]  # the last lag edge
+    outcomes += [("pending", "invoice.paid", 5, 0.01), ("failed", "invoice.paid", 5, 0.02)]
+    outcomes += [("applied", "customer.updated", int(committed_at) + 2, 12.5)]  # Stripe's clock ahead: lag 0
+    batches = [outcomes[:5], outcomes[5:]]
+
+    tallied = WebhookMetrics()
+    for batch in batches:
+        tallied.count_processed(pickle.loads(pickle.dumps(ProcessedTally.of(iter(batch), committed_at))))
+
+    registry = CollectorRegistry()
+    counters = {
+        status: Counter(f"webhook_events_{status}", "by type", ["type"], registry=registry)
+        for status in ("applied", "failed", "ignored")
+    }
+    apply = Histogram("webhook_event_apply_duration_seconds", "s", buckets=_LATENCY_BUCKETS, registry=registry)
+    lag = Histogram("webhook_event_apply_lag_seconds", "s", buckets=_LAG_BUCKETS, registry=registry)
+    for status, event_type, created, seconds in outcomes:
+        counters["failed" if status == "pending" else status].labels(event_type).inc()
+        if status == "applied":
+            apply.observe(seconds)
+            lag.observe(max(0.0, committed_at - created))
+
+    def lines(exposition: bytes) -> list[str]:
+        names = ("webhook_events_applied_", "webhook_events_failed_", "webhook_events_ignored_")
+        names += ("webhook_event_apply_duration_seconds_", "webhook_event_apply_lag_seconds_")
+        return sorted(line for line in exposition.decode().splitlines() if line.startswith(names))
+
+    got, expected = lines(generate_latest(tallied.registry)), lines(generate_latest(registry))
+    assert [line for line in got if "_sum " not in line] == [line for line in expected if "_sum " not in line]
+    sums = [(dict(line.split() for line in lines_ if "_sum " in line)) for lines_ in (got, expected)]
+    assert sums[0].keys() == sums[1].keys()
+    assert len(sums[0]) == 2
+    for name, total in sums[0].items():  # added in another order: equal up to rounding
+        assert float(total) == pytest.approx(float(sums[1][name]), rel=1e-12)
+    assert "webhook_event_apply_lag_seconds_count 16.0" in got
+
+
 def test_queued_deliveries_are_counted_within_seconds_without_a_scrape() -> None:
     """Another process may answer the scrape (multiprocess mode): the counts reach the registry by
     themselves, at least once a second."""

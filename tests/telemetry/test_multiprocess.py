@@ -1,4 +1,5 @@
-"""Several processes (two `kamiyo serve`, one `kamiyo worker`): counters neither reset nor double."""
+"""Several processes (two `kamiyo serve`, one `kamiyo worker`, the worker inside `kamiyo serve`'s
+inbox process): counts neither reset, double nor go missing."""
 
 from __future__ import annotations
 
@@ -56,3 +57,22 @@ def test_any_process_reports_the_sum_of_all_and_a_restart_loses_nothing(servers:
     found = samples(second.metrics_text())
     assert value(found, "webhook_attempts_total") == 7  # not reset to 1, not doubled to 13
     assert value(found, "webhook_events_applied_total", type="customer.created") == 5
+
+
+@pytest.mark.slow
+def test_serve_reports_what_the_worker_in_its_inbox_process_applied(servers: ServerFactory) -> None:
+    """`kamiyo serve` alone (WORKER_IN_PROCESS, the default): its worker runs in the inbox
+    writer's process, and the serve process reports that worker's counts and liveness."""
+    server = servers()
+    events = [_event(n) for n in range(3)]
+    for event in events:
+        assert server.deliver(event).status_code == 200
+    for event in events:
+        server.wait_status(str(event["id"]), "applied")
+    found = samples(server.metrics_text())
+    assert value(found, "webhook_events_applied_total", type="customer.created") == 3
+    assert value(found, "webhook_event_apply_lag_seconds_count") == 3
+    assert value(found, "webhook_workers_alive") == 1
+    health = server.http.get("/api/v1/payments/webhook/health").json()
+    worker = next(check for check in health["checks"] if check["name"] == "worker")
+    assert (worker["status"], worker["in_process_worker"]) == ("ok", True)

@@ -42,7 +42,7 @@ from kamiyo.reconcile.gateway import StripeGateway
 from kamiyo.reconcile.schedule import BackfillSchedule
 from kamiyo.reconcile.verify import event_verifier
 from kamiyo.telemetry.heartbeat import Heartbeat
-from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX, WebhookMetrics, process_metrics
+from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX, ProcessedCounter, process_metrics
 
 log = logging.getLogger("kamiyo.worker")
 _events = events_table
@@ -97,7 +97,7 @@ class Worker:
         engine: Engine,
         settings: Settings,
         *,
-        metrics: WebhookMetrics | None = None,
+        metrics: ProcessedCounter | None = None,
         gateway: StripeGateway | None = None,
     ) -> None:
         self.engine = engine
@@ -105,7 +105,7 @@ class Worker:
         # Stripe's API (issue 3): customer look-ups, STRIPE_VERIFY_EVENTS, the scheduled backfill.
         self.gateway = gateway
         self.verifier = event_verifier(settings, gateway)
-        self.metrics = (metrics or process_metrics()) if settings.metrics_enabled else None
+        self.metrics: ProcessedCounter | None = (metrics or process_metrics()) if settings.metrics_enabled else None
         self.heartbeat = Heartbeat(engine)
         self._pg = engine.dialect.name == "postgresql"
         self._limit = settings.worker_batch_size

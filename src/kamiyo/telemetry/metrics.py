@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import bisect
 import collections
+import dataclasses
 import functools
 import logging
 import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -61,6 +62,9 @@ PROBE_EVENT_PREFIX = "evt_kamiyo_probe_"
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _LAG_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
+# Each histogram's bucket bounds as it keeps them (+Inf last), for counting observations in bulk.
+_APPLY_BOUNDS = (*_LATENCY_BUCKETS, float("inf"))
+_LAG_BOUNDS = (*_LAG_BUCKETS, float("inf"))
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 FLUSH_SECONDS = 1.0  # queued deliveries are counted at least this often (and before every scrape)
 
@@ -68,6 +72,13 @@ FLUSH_SECONDS = 1.0  # queued deliveries are counted at least this often (and be
 def multiprocess_dir() -> str | None:
     """The shared directory of multiprocess mode, or None (prometheus_client reads the same variable)."""
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class ProcessedCounter(Protocol):
+    """What the worker counts its committed batches with: ``WebhookMetrics``, or a relay to the
+    process that serves ``GET /metrics`` (inbox_process.py)."""
+
+    def events_processed(self, outcomes: Iterable[tuple[str, str, int, float]], committed_at: float) -> None: ...
 
 
 class WebhookMetrics:
@@ -175,10 +186,7 @@ class WebhookMetrics:
                 self._received_child(event_type).inc(n)
             for event_type, n in ignored_by_type.items():
                 self._ignored_child(event_type).inc(n)
-            histogram._sum.inc(total_seconds)
-            for index, n in enumerate(in_bucket):
-                if n:
-                    histogram._buckets[index].inc(n)
+            _observe_in_bulk(histogram, in_bucket, total_seconds)
 
     def _received_child(self, event_type: str) -> Counter:
         child = self._received_children.get(event_type)
@@ -213,15 +221,73 @@ class WebhookMetrics:
         ``status`` is the stored outcome: applied, ignored, pending (a failed attempt that will
         be retried) or failed (parked).
         """
+        self.count_processed(ProcessedTally.of(outcomes, committed_at))
+
+    def count_processed(self, tally: ProcessedTally) -> None:
+        """Add a batch's tally: made here, or by a worker in another process (inbox_process.py)."""
+        for counter, by_type in (
+            (self.applied, tally.applied),
+            (self.ignored, tally.ignored),
+            (self.failed, tally.failed),
+        ):
+            for event_type, n in by_type.items():
+                counter.labels(event_type).inc(n)
+        _observe_in_bulk(self.apply_seconds, tally.apply_buckets, tally.apply_sum)
+        _observe_in_bulk(self.lag_seconds, tally.lag_buckets, tally.lag_sum)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessedTally:
+    """The worker's metrics of one committed batch, summed: per-type counts and, for each of the
+    two histograms, the count per bucket (``WebhookMetrics``' bounds) and the sum. A few numbers
+    per batch, whatever its size, to add or to send to another process."""
+
+    applied: dict[str, int]
+    ignored: dict[str, int]
+    failed: dict[str, int]
+    apply_buckets: list[int]
+    apply_sum: float
+    lag_buckets: list[int]
+    lag_sum: float
+
+    @classmethod
+    def of(cls, outcomes: Iterable[tuple[str, str, int, float]], committed_at: float) -> ProcessedTally:
+        """Tally ``(status, type, created, apply seconds)`` of each event of a batch committed at ``committed_at``."""
+        by_status: dict[str, dict[str, int]] = {"applied": {}, "ignored": {}, "failed": {}}
+        apply_buckets = [0] * len(_APPLY_BOUNDS)
+        lag_buckets = [0] * len(_LAG_BOUNDS)
+        apply_sum = lag_sum = 0.0
         for status, event_type, created, seconds in outcomes:
+            counts = by_status["failed" if status not in by_status else status]  # pending: a failed attempt
+            counts[event_type] = counts.get(event_type, 0) + 1
             if status == "applied":
-                self.applied.labels(event_type).inc()
-                self.apply_seconds.observe(seconds)
-                self.lag_seconds.observe(max(0.0, committed_at - created))
-            elif status == "ignored":
-                self.ignored.labels(event_type).inc()
-            else:
-                self.failed.labels(event_type).inc()
+                lag = max(0.0, committed_at - created)
+                apply_buckets[bisect.bisect_left(_APPLY_BOUNDS, seconds)] += 1
+                lag_buckets[bisect.bisect_left(_LAG_BOUNDS, lag)] += 1
+                apply_sum += seconds
+                lag_sum += lag
+        return cls(
+            applied=by_status["applied"],
+            ignored=by_status["ignored"],
+            failed=by_status["failed"],
+            apply_buckets=apply_buckets,
+            apply_sum=apply_sum,
+            lag_buckets=lag_buckets,
+            lag_sum=lag_sum,
+        )
+
+
+def _observe_in_bulk(histogram: Histogram, in_bucket: Sequence[int], total: float) -> None:
+    """``Histogram.observe`` of many values at once: ``in_bucket[i]`` values fell in the i-th
+    bucket (the first whose bound is >= the value, +Inf last), and they add up to ``total``."""
+    buckets: Any = histogram
+    if len(in_bucket) != len(buckets._upper_bounds):
+        raise ValueError(f"{len(in_bucket)} bucket counts for a histogram of {len(buckets._upper_bounds)} buckets")
+    for index, n in enumerate(in_bucket):
+        if n:
+            buckets._buckets[index].inc(n)
+    if any(in_bucket):
+        buckets._sum.inc(total)
 
 
 @functools.cache

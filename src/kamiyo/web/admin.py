@@ -92,8 +92,8 @@ class _Context:
 
     @property
     def in_process_worker(self) -> bool | None:
-        thread = self._state.get("worker_thread")
-        return None if thread is None else bool(thread.is_alive())
+        alive: bool | None = self._state["worker_alive"]()
+        return alive
 
 
 Handler = Callable[[_Context, Request, Operator], Awaitable[Response]]

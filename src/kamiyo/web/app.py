@@ -11,7 +11,7 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -67,25 +67,34 @@ def create_app(
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         db = engine or make_engine(settings)
         wake = threading.Event()
+        stop = threading.Event()
         writer: InboxWriter | InboxProcess
+        worker_thread = None
+        worker_alive: Callable[[], bool | None]
         if engine is None and not _in_memory(settings):
-            # The service itself (kamiyo serve): the writer in a process of its own, off this GIL.
-            writer = InboxProcess(settings, on_commit=wake.set, count_deliveries=metrics is not None)
+            # The service itself (kamiyo serve): the writer, and the worker beside it, in a process
+            # of their own, off this GIL.
+            writer = InboxProcess(
+                settings,
+                count_deliveries=metrics is not None,
+                worker=_in_process(settings) if with_worker else None,
+                on_processed=metrics.count_processed if metrics is not None else None,
+            )
             await writer.start()
+            worker_alive = writer.worker_alive
         else:  # an engine given by a test, or one in-memory SQLite database: the same process
             writer = InboxWriter(db, on_commit=wake.set, count_deliveries=metrics is not None)
             writer.start()
-        stop = threading.Event()
-        worker_thread = None
-        if with_worker:
-            worker_thread = threading.Thread(
-                target=Worker(db, _in_process(settings), metrics=metrics).run,
-                args=(stop, wake),
-                name="kamiyo-worker",
-                daemon=True,
-            )
-            worker_thread.start()
-        state.update(engine=db, writer=writer, worker_thread=worker_thread, stripe_probe=_stripe_probe(settings))
+            if with_worker:
+                worker_thread = threading.Thread(
+                    target=Worker(db, _in_process(settings), metrics=metrics).run,
+                    args=(stop, wake),
+                    name="kamiyo-worker",
+                    daemon=True,
+                )
+                worker_thread.start()
+            worker_alive = (lambda: None) if worker_thread is None else worker_thread.is_alive
+        state.update(engine=db, writer=writer, worker_alive=worker_alive, stripe_probe=_stripe_probe(settings))
         if metrics is not None:
             state["scrape"] = scrape_source(metrics, StateCollector(db, settings))
         if not secrets:
@@ -119,12 +128,11 @@ def create_app(
         return _json(200, {"status": "ok", "database": "ok"})
 
     async def webhook_health(_request: Request) -> Response:
-        worker_thread = state.get("worker_thread")
         report = await run_in_threadpool(
             run_checks,
             state["engine"],
             settings,
-            in_process_worker=None if worker_thread is None else worker_thread.is_alive(),
+            in_process_worker=state["worker_alive"](),
             stripe_probe=state.get("stripe_probe"),
             started_at=started_at,
         )

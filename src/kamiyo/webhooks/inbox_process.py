@@ -13,11 +13,20 @@ commit. Should the child die, the requests waiting on it fail (the endpoint answ
 Stripe retries) and a new child starts; a row it committed without answering is a duplicate the
 next time. Should the server die, the child finishes what it was sent, then exits.
 
+The in-process worker of ``kamiyo serve`` (WORKER_IN_PROCESS) runs in the child too, as a thread
+beside the writer. In the server's process it shared the event loop's GIL: every batch it
+applied held up the requests in flight (p99 about 100 ms while applying; about 12 ms here,
+docs/PERFORMANCE.md). The writer wakes it after each commit of a new event, without a round trip
+through the server. It counts its batches into the server's metrics (``ProcessedTally``), and
+the server knows whether it runs (``worker_alive``, for the health check). A child that dies
+takes its worker with it; the next child starts a new one.
+
 Messages are lists of tuples, pickled, each framed by its length. Server to child:
-``("start", settings, count_deliveries)``, ``("event", number, envelope, body, status, counted,
-received_at)`` (the row is made in the child: a tuple and bytes pickle in a fifth of the row's
-time), ``("count", reason, event_type)``, ``("stop",)``. Child to server: ``("ready",)``,
-``("done", numbers, outcomes)``, ``("failed", numbers, error)``.
+``("start", settings, count_deliveries, worker_settings)``, ``("event", number, envelope, body,
+status, counted, received_at)`` (the row is made in the child: a tuple and bytes pickle in a fifth
+of the row's time), ``("count", reason, event_type)``, ``("stop",)``. Child to server:
+``("ready",)``, ``("done", numbers, outcomes)``, ``("failed", numbers, error)``, ``("processed",
+tally)``, ``("worker_stopped",)``.
 """
 
 from __future__ import annotations
@@ -33,13 +42,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
+
+from sqlalchemy import Engine
 
 from kamiyo.config import Settings
+from kamiyo.telemetry.metrics import ProcessedTally
 from kamiyo.webhooks.envelope import Envelope
 from kamiyo.webhooks.inbox import InboxWriter, Pending, inbox_row
+
+if TYPE_CHECKING:
+    from kamiyo.processing.worker import Worker
 
 log = logging.getLogger("kamiyo.inbox")
 _LENGTH = struct.Struct("!I")
@@ -86,14 +101,25 @@ class InboxProcess:
     """``InboxWriter``'s ``store_event`` and ``count_rejection``, served by a child process.
 
     Used from one event loop: ``await start()``, then ``store_event`` from its requests, ``await stop()``.
+    With ``worker`` (the worker's settings) the child also runs a worker; ``on_processed`` gets
+    the tally of each batch it commits.
     """
 
     def __init__(
-        self, settings: Settings, *, on_commit: Callable[[], None] | None = None, count_deliveries: bool = True
+        self,
+        settings: Settings,
+        *,
+        on_commit: Callable[[], None] | None = None,
+        count_deliveries: bool = True,
+        worker: Settings | None = None,
+        on_processed: Callable[[ProcessedTally], None] | None = None,
     ) -> None:
         self._settings = settings
         self._on_commit = on_commit
         self._count_deliveries = count_deliveries
+        self._worker_settings = worker
+        self._on_processed = on_processed
+        self._worker_running = False  # the current child's worker thread, from "ready" to "worker_stopped"
         self._numbers = itertools.count()
         self._waiting: dict[int, asyncio.Future[bool]] = {}
         self._link: _Link | None = None  # the socket to the current child, from its start
@@ -108,6 +134,12 @@ class InboxProcess:
         if self._ready and self._process is not None and self._process.poll() is None:
             return self._process.pid
         return None
+
+    def worker_alive(self) -> bool | None:
+        """Whether the child's worker is running; None when the child runs none."""
+        if self._worker_settings is None:
+            return None
+        return self._worker_running and self.pid is not None
 
     async def start(self) -> None:
         """Start the child and wait until it is ready to store."""
@@ -124,7 +156,7 @@ class InboxProcess:
             )
         ready: asyncio.Future[None] = loop.create_future()
         _transport, self._link = await loop.create_unix_connection(lambda: _Link(self, ready), sock=ours)
-        self._link.send(("start", self._settings, self._count_deliveries))
+        self._link.send(("start", self._settings, self._count_deliveries, self._worker_settings))
         try:
             await asyncio.wait_for(ready, timeout=START_TIMEOUT)
         except BaseException:
@@ -162,7 +194,14 @@ class InboxProcess:
 
     def _answered(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "done":
+        if kind == "ready":
+            self._worker_running = self._worker_settings is not None
+        elif kind == "processed":
+            if self._on_processed is not None:
+                self._on_processed(message[1])
+        elif kind == "worker_stopped":
+            self._worker_running = False
+        elif kind == "done":
             _kind, numbers, outcomes = message
             for number, new in zip(numbers, outcomes, strict=True):
                 future = self._waiting.pop(number, None)
@@ -181,7 +220,7 @@ class InboxProcess:
         if link is not self._link:
             return  # the socket of a child already replaced
         was_ready = self._ready
-        self._link, self._ready = None, False
+        self._link, self._ready, self._worker_running = None, False, False
         waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
             if not future.done():
@@ -238,11 +277,9 @@ class _Link(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         for message in self._frames.feed(data):
             for item in message:
-                if item[0] == "ready":
-                    if not self._ready.done():
-                        self._ready.set_result(None)
-                else:
-                    self._owner._answered(item)
+                self._owner._answered(item)
+                if item[0] == "ready" and not self._ready.done():
+                    self._ready.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._ready.done():
@@ -283,6 +320,7 @@ def serve(connection: socket.socket) -> None:
 
     frames = _Frames()
     writer: InboxWriter | None = None
+    worker: _WorkerThread | None = None
     engine = None
     try:
         while True:
@@ -302,19 +340,64 @@ def serve(connection: socket.socket) -> None:
                         writer.count_rejection(item[1], item[2])
                     elif kind == "start":
                         settings: Settings = item[1]
+                        worker_settings: Settings | None = item[3]
                         configure_logging(settings.log_level, background=True)
                         engine = make_engine(settings)
-                        writer = InboxWriter(engine, count_deliveries=item[2], resolve=resolve)
+                        wake = threading.Event()
+                        writer = InboxWriter(
+                            engine,
+                            count_deliveries=item[2],
+                            resolve=resolve,
+                            on_commit=wake.set if worker_settings is not None else None,
+                        )
                         writer.start()
+                        if worker_settings is not None:
+                            worker = _WorkerThread(engine, worker_settings, wake, send)
                         send(("ready",))
                     elif kind == "stop":
                         return
     finally:
         if writer is not None:
-            writer.stop()
+            writer.stop()  # first: what the server sent is stored, and answered while it listens
+        if worker is not None:
+            worker.stop()
         if engine is not None:
             engine.dispose()
         connection.close()
+
+
+class _WorkerThread:
+    """The in-process worker, in the child: applies events beside the writer until ``stop``."""
+
+    def __init__(
+        self, engine: Engine, settings: Settings, wake: threading.Event, send: Callable[[tuple[Any, ...]], None]
+    ) -> None:
+        from kamiyo.processing.worker import Worker  # the stripe library and the handlers: only when needed
+
+        self._send = send
+        self._stop = threading.Event()
+        self._wake = wake
+        worker = Worker(engine, settings, metrics=self if settings.metrics_enabled else None)
+        self._thread = threading.Thread(target=self._run, args=(worker,), name="kamiyo-worker", daemon=True)
+        self._thread.start()
+
+    def events_processed(self, outcomes: Iterable[tuple[str, str, int, float]], committed_at: float) -> None:
+        """The worker's metrics of a committed batch, summed here and counted by the server."""
+        self._send(("processed", ProcessedTally.of(outcomes, committed_at)))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=STOP_TIMEOUT)
+
+    def _run(self, worker: Worker) -> None:
+        try:
+            worker.run(self._stop, self._wake)
+        except Exception:
+            log.exception("in-process worker stopped by an error; events are stored but not applied")
+        finally:
+            if not self._stop.is_set():
+                self._send(("worker_stopped",))
 
 
 def main(argv: list[str]) -> int:

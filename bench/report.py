@@ -121,6 +121,18 @@ def console_table(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _order(record: dict[str, Any]) -> str:
+    """The runs of one round, in the order they ran."""
+    ran = {run["scenario"] for run in record["ingest"]}
+    names = (
+        ("bare", "bare"),
+        ("sqlite", "kamiyo SQLite"),
+        ("sqlite_worker", "kamiyo SQLite with its worker"),
+        ("postgres", "kamiyo PostgreSQL"),
+    )
+    return " → ".join(name for scenario, name in names if scenario in ran)
+
+
 def markdown(record: dict[str, Any]) -> str:
     """The generated block of docs/PERFORMANCE.md (between the markers)."""
     figures = aggregate(record)
@@ -140,7 +152,7 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"Load: `wrk -t{opts['threads']} -c{opts['connections']}` (concurrency {opts['connections']}),"
         f" {opts['duration']:g} s per run after a {opts['warmup']:g} s warm-up, {opts['rounds']} round(s)"
-        " of bare → kamiyo SQLite → kamiyo PostgreSQL, each on a fresh server and a fresh database."
+        f" of {_order(record)}, each on a fresh server and a fresh database."
         f" Deliveries are signed just before each run, {record['pool']['mean_body_bytes']:.0f} bytes of"
         " JSON on average, 5% of them re-deliveries of an earlier event. Service defaults otherwise"
         " (`SQLITE_SYNCHRONOUS=FULL`, `LOG_LEVEL=INFO`, metrics on).",
@@ -174,10 +186,10 @@ def markdown(record: dict[str, Any]) -> str:
     out += [
         "",
         "\"vs bare\" is the median over rounds of kamiyo's req/s divided by the bare app's in the same"
-        " round (the in-process-worker run is compared with the bare median). Target ≥ 25%, aim 40%."
+        " round. Target ≥ 25%, aim 40%."
         " Server CPU per request is the server process's user + system time over the run divided by"
         " the requests answered: event-loop thread + everything else of the server (its inbox"
-        " writer process, the worker thread, the log thread; for PostgreSQL, not the database"
+        " writer process, with the in-process worker when it runs, and the log thread; for PostgreSQL, not the database"
         " server's own CPU). \"CPU vs bare\" is the bare app's CPU per"
         " request over this one's: the share of bare's rate it would reach if both were CPU-bound; it"
         " moves far less with the neighbours' load than req/s, which is the first figure to move"
@@ -199,7 +211,8 @@ def markdown(record: dict[str, Any]) -> str:
             left = "none was left pending when it stopped (the worker kept up with what was acknowledged)."
         out += [
             "",
-            f"With the in-process worker, {drain['applied_during_load']:,} events were applied during the load; {left}",
+            f"With the in-process worker, {drain['applied_during_load']:,} events were applied during the load"
+            f" (of the runs, the one that left the most pending); {left}",
         ]
     apply = record.get("apply", {})
     if apply:

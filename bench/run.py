@@ -11,8 +11,8 @@ What one run measures, on this machine, in this order:
    each under ``wrk`` at concurrency 32 replaying deliveries signed just before the run (5%
    re-deliveries). Each server is then killed with SIGKILL, and every event it acknowledged
    with a 2xx is looked up in its database: "durable" is checked, not assumed.
-2. One more SQLite run with the in-process worker on, and the time it then takes to drain
-   what the load left pending.
+2. In each round, one more SQLite run with the in-process worker on, and the time it then
+   takes to drain what the load left pending.
 3. Apply: a backlog of realistic pending events drained by ``Worker.run_once`` (SQLite, then
    PostgreSQL).
 
@@ -384,6 +384,7 @@ def _run_all(args: argparse.Namespace, scratch: Path, record: dict[str, Any], *,
     bare_pool = write_pool(scratch, "bare", BARE_POOL, secret=SECRET, id_prefix="bare", seed=1)
     record["pool"] = {"mean_body_bytes": bare_pool.mean_body_bytes}
     bare_rates: list[float] = []
+    drains: list[dict[str, Any]] = []
     for n in range(1, args.rounds + 1):
         run = measure_bare(scratch / f"r{n}-bare", bare_pool, args)
         record["ingest"].append({"scenario": "bare", "round": n, **run})
@@ -396,19 +397,21 @@ def _run_all(args: argparse.Namespace, scratch: Path, record: dict[str, Any], *,
         record["ingest"].append({"scenario": "sqlite", "round": n, **run})
         _say(_describe(f"round {n} kamiyo SQLite", run))
 
+        if not args.no_worker_run:
+            db = scratch / f"r{n}-sqlite-worker"
+            run = measure_kamiyo(db, f"sqlite:///{db / 'kamiyo.db'}", args, pool_size=pool_size, worker=True)
+            record["ingest"].append({"scenario": "sqlite_worker", "round": n, **run})
+            drains.append(run["drain"])
+            _say(_describe(f"round {n} kamiyo SQLite + in-process worker", run) + f"; drain {run.get('drain')}")
+
         if use_pg:
             with throwaway_postgres(PG_ADMIN_URL) as url:
                 run = measure_kamiyo(scratch / f"r{n}-pg", url, args, pool_size=pool_size)
             record["ingest"].append({"scenario": "postgres", "round": n, **run})
             _say(_describe(f"round {n} kamiyo PostgreSQL", run))
 
-    pool_size = _kamiyo_pool_size(max(bare_rates), args)
-    if not args.no_worker_run:
-        db = scratch / "sqlite-worker"
-        run = measure_kamiyo(db, f"sqlite:///{db / 'kamiyo.db'}", args, pool_size=pool_size, worker=True)
-        record["ingest"].append({"scenario": "sqlite_worker", "round": 0, **run})
-        record["post_load_drain"] = run.get("drain")
-        _say(_describe("kamiyo SQLite + in-process worker", run) + f"; drain {run.get('drain')}")
+    if drains:  # the run that left the most pending when its load stopped
+        record["post_load_drain"] = max(drains, key=lambda drain: drain["backlog_at_end"])
 
     if not args.no_apply:
         targets = [("SQLite", None)] + ([("PostgreSQL", PG_ADMIN_URL)] if use_pg else [])
@@ -438,6 +441,7 @@ def _run_all(args: argparse.Namespace, scratch: Path, record: dict[str, Any], *,
         db = scratch / "profile"
         out = RESULTS / f"profile-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.txt"
         RESULTS.mkdir(parents=True, exist_ok=True)
+        pool_size = _kamiyo_pool_size(max(bare_rates), args)
         run = measure_kamiyo(db, f"sqlite:///{db / 'kamiyo.db'}", args, pool_size=pool_size, profile_to=out)
         record["profile"] = {"load": run["load"], "output": run.get("profile")}
         _say(f"profiled run (not in the table): {_describe('kamiyo SQLite under py-spy', run)} -> {run.get('profile')}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -188,3 +189,27 @@ def test_a_dead_child_takes_its_worker_along_and_the_next_child_starts_another(
         return seen
 
     assert _run(settings, scenario, worker=settings) == [True, False, True]
+
+
+def test_a_worker_that_ends_by_an_error_says_so_and_one_told_to_stop_does_not(
+    settings: Settings, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child's side of ``worker_alive``: its worker thread reports an unexpected end."""
+    from kamiyo.processing.worker import Worker
+    from kamiyo.webhooks.inbox_process import _WorkerThread
+
+    sent: list[tuple[Any, ...]] = []
+    stopped = _WorkerThread(engine, settings, threading.Event(), sent.append)
+    stopped.stop()
+    assert sent == []
+
+    def broken(_self: Worker, _stop: threading.Event, _wake: threading.Event | None = None) -> None:
+        raise RuntimeError("the worker's loop ended")
+
+    monkeypatch.setattr(Worker, "run", broken)
+    failed = _WorkerThread(engine, settings, threading.Event(), sent.append)
+    deadline = time.monotonic() + 10
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    failed.stop()
+    assert sent == [("worker_stopped",)]

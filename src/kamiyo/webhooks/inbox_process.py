@@ -15,11 +15,12 @@ next time. Should the server die, the child finishes what it was sent, then exit
 
 The in-process worker of ``kamiyo serve`` (WORKER_IN_PROCESS) runs in the child too, as a thread
 beside the writer. In the server's process it shared the event loop's GIL: every batch it
-applied held up the requests in flight (p99 about 100 ms while applying; about 12 ms here,
-docs/PERFORMANCE.md). The writer wakes it after each commit of a new event, without a round trip
-through the server. It counts its batches into the server's metrics (``ProcessedTally``), and
-the server knows whether it runs (``worker_alive``, for the health check). A child that dies
-takes its worker with it; the next child starts a new one.
+applied held up the requests in flight (side by side here: more requests a second and a lower
+p99 in every pair, docs/PERFORMANCE.md). The writer wakes it after each commit of a new event,
+without a round trip through the server, and both share one engine: on SQLite they queue on its
+write lock, not in SQLite's busy handler. It counts its batches into the server's metrics
+(``ProcessedTally``), and the server knows whether it runs (``worker_alive``, for the health
+check). A child that dies takes its worker with it; the next child starts a new one.
 
 Messages are lists of tuples, pickled, each framed by its length. Server to child:
 ``("start", settings, count_deliveries, worker_settings)``, ``("event", number, envelope, body,

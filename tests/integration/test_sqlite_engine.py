@@ -10,23 +10,30 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import IntegrityError
 
 from kamiyo.db.engine import make_engine
 from support import make_settings
 
 
-def test_the_next_writer_begins_only_after_the_last_one_committed_or_rolled_back(tmp_path: Path) -> None:
-    """With SQLite's busy timeout at 0, a BEGIN IMMEDIATE that finds another transaction of the
-    process still committing (or rolling back) fails at once as "database is locked". Two threads
-    writing as fast as they can, committing and rolling back: none may fail."""
-    engine = make_engine(make_settings(database_url=f"sqlite:///{tmp_path / 'lock.db'}"))
+def _engine_without_busy_wait(path: Path) -> Engine:
+    """The service's SQLite engine, except that SQLite's busy timeout is 0: a write that finds
+    the database locked fails at once instead of sleeping in the busy handler."""
+    engine = make_engine(make_settings(database_url=f"sqlite:///{path}"))
 
     @event.listens_for(engine, "connect")
     def _no_busy_wait(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.execute("PRAGMA busy_timeout=0")
 
+    return engine
+
+
+def test_the_next_writer_begins_only_after_the_last_one_committed_or_rolled_back(tmp_path: Path) -> None:
+    """With SQLite's busy timeout at 0, a BEGIN IMMEDIATE that finds another transaction of the
+    process still committing (or rolling back) fails at once as "database is locked". Two threads
+    writing as fast as they can, committing and rolling back: none may fail."""
+    engine = _engine_without_busy_wait(tmp_path / "lock.db")
     with engine.begin() as connection:
         connection.execute(text("CREATE TABLE written (thread TEXT, n INTEGER)"))
     errors: list[BaseException] = []
@@ -61,12 +68,7 @@ def test_a_commit_that_fails_leaves_nothing_stored_and_the_lock_free(tmp_path: P
     """A deferred foreign key fails at COMMIT, which SQLite leaves open: the transaction is rolled
     back and the lock released, so another thread writes at once while the failed connection is
     still checked out."""
-    engine = make_engine(make_settings(database_url=f"sqlite:///{tmp_path / 'fail.db'}"))
-
-    @event.listens_for(engine, "connect")
-    def _no_busy_wait(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.execute("PRAGMA busy_timeout=0")
-
+    engine = _engine_without_busy_wait(tmp_path / "fail.db")
     with engine.begin() as connection:
         connection.execute(text("CREATE TABLE parent (id INTEGER PRIMARY KEY)"))
         connection.execute(

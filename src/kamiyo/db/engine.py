@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,12 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
         # A write transaction takes the write lock up front: two writers that both began reading
         # would otherwise deadlock on the upgrade (SQLITE_BUSY, no retry possible).
         if connection.get_execution_options().get("readonly"):
-            _driver_begin(connection, "BEGIN")
+            _driver_send(connection, "BEGIN")
             return
         write_lock.acquire()
         connection.info["kamiyo_write_lock"] = True
         try:
-            _driver_begin(connection, "BEGIN IMMEDIATE")
+            _driver_send(connection, "BEGIN IMMEDIATE")
         except BaseException:
             _release(connection)
             raise
@@ -70,28 +71,25 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
     # writer would otherwise find SQLite still locked and sleep in the busy handler (measured: a
     # delivery's batch waited 79 ms once). So the transaction of a write ends here, on the
     # driver, and the driver's own commit or rollback then finds nothing left to do.
-    @event.listens_for(engine, "commit")
-    def _on_commit(connection: Any) -> None:
-        if "kamiyo_write_lock" not in connection.info:
-            return
-        try:
-            _driver_end(connection, "COMMIT")
-        except BaseException:
-            # Nothing of it was committed: end it, so that the lock is free and the caller sees the error.
-            with contextlib.suppress(Exception):
-                _driver_end(connection, "ROLLBACK")
-            raise
-        finally:
-            _release(connection)
+    def _ending(sql: str) -> Callable[[Any], None]:
+        def end(connection: Any) -> None:
+            if "kamiyo_write_lock" not in connection.info:
+                return
+            try:
+                _driver_end(connection, sql)
+            except BaseException:
+                # It did not end as asked (a failed COMMIT has committed nothing): roll it back, so
+                # that the lock is free, and let the caller see the error.
+                with contextlib.suppress(Exception):
+                    _driver_end(connection, "ROLLBACK")
+                raise
+            finally:
+                _release(connection)
 
-    @event.listens_for(engine, "rollback")
-    def _on_rollback(connection: Any) -> None:
-        if "kamiyo_write_lock" not in connection.info:
-            return
-        try:
-            _driver_end(connection, "ROLLBACK")
-        finally:
-            _release(connection)
+        return end
+
+    event.listen(engine, "commit", _ending("COMMIT"))
+    event.listen(engine, "rollback", _ending("ROLLBACK"))
 
     return engine
 
@@ -101,14 +99,13 @@ def _driver_end(connection: Any, sql: str) -> None:
     rolled it back by itself after an error)."""
     if connection.closed or connection.invalidated:
         return  # its driver connection is gone, and with it the transaction
-    driver = connection.connection.driver_connection
-    if driver.in_transaction:
-        with sqlalchemy_errors(connection, sql, None):
-            driver.execute(sql)
+    if connection.connection.driver_connection.in_transaction:
+        _driver_send(connection, sql)
 
 
-def _driver_begin(connection: Any, sql: str) -> None:
-    """Send a BEGIN to the driver as it is: through SQLAlchemy's execute it cost more than the
-    inbox writer's insert of a whole batch (the writer begins hundreds of transactions a second)."""
+def _driver_send(connection: Any, sql: str) -> None:
+    """Send BEGIN, COMMIT or ROLLBACK to the driver as it is: through SQLAlchemy's execute a BEGIN
+    cost more than the inbox writer's insert of a whole batch (the writer begins hundreds of
+    transactions a second)."""
     with sqlalchemy_errors(connection, sql, None):
         connection.connection.driver_connection.execute(sql)

@@ -111,9 +111,9 @@ def create_app(
                 await writer.stop()
             else:
                 writer.stop()
-            stop.set()
-            wake.set()
             if worker_thread is not None:
+                stop.set()
+                wake.set()
                 worker_thread.join(timeout=30)
             if metrics is not None:
                 metrics.flush()  # the last deliveries' counts, for whoever reads the shared directory

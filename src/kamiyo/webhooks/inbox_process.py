@@ -110,13 +110,11 @@ class InboxProcess:
         self,
         settings: Settings,
         *,
-        on_commit: Callable[[], None] | None = None,
         count_deliveries: bool = True,
         worker: Settings | None = None,
         on_processed: Callable[[ProcessedTally], None] | None = None,
     ) -> None:
         self._settings = settings
-        self._on_commit = on_commit
         self._count_deliveries = count_deliveries
         self._worker_settings = worker
         self._on_processed = on_processed
@@ -208,8 +206,6 @@ class InboxProcess:
                 future = self._waiting.pop(number, None)
                 if future is not None and not future.done():
                     future.set_result(new)
-            if self._on_commit is not None and any(outcomes):
-                self._on_commit()
         elif kind == "failed":
             _kind, numbers, error = message
             for number in numbers:

@@ -1,4 +1,10 @@
-"""One greppable line per event worth telling: ``time level logger message``."""
+"""One greppable line per event worth telling: ``time level logger message``.
+
+Every line is cleaned as it is formatted (``scrub.clean``): credentials are replaced and every
+non-printable character is escaped, so no field an attacker controls (a path, an event type)
+can forge a line or carry a secret out. A traceback follows its line, each of its lines indented:
+a line that starts in the first column is always the start of a record.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import TextIO
+from typing import Any, TextIO
+
+from kamiyo.scrub import clean
 
 
 class _Formatter(logging.Formatter):
-    """``time level logger message``; the time text is made once per second, not once per line."""
+    """``time level logger message``, cleaned; the time text is made once per second, not once per line."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S%z")
@@ -26,6 +34,16 @@ class _Formatter(logging.Formatter):
         if second != self._second:
             self._text, self._second = super().formatTime(record, datefmt), second
         return self._text
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = clean(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return "\n".join("    " + clean(line) for line in super().formatException(ei).splitlines())
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join("    " + clean(line) for line in stack_info.splitlines())
 
 
 _FORMAT = _Formatter()

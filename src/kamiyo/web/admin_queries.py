@@ -3,12 +3,11 @@
 Read-only SQL over the inbox (``webhook_events``: one row per event) and the per-minute
 delivery counts (``webhook_delivery_stats``: the only place duplicates and rejected deliveries
 are counted, by minute and event type, not by event). Results are plain JSON-ready dicts.
-Payloads are shown with every secret-looking value replaced (``redact``).
+Payloads, errors and details are shown through the one scrubber (``kamiyo.scrub``).
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -19,6 +18,7 @@ from sqlalchemy import Engine, func, or_, select, union
 
 from kamiyo.db.models import NOT_PENDING, customers_table, delivery_stats_table, events_table, users_table
 from kamiyo.domain.links import link_hint
+from kamiyo.scrub import redact, scrub
 from kamiyo.telemetry.delivery_stats import minute_of, utc_seconds
 
 _events = events_table
@@ -30,33 +30,6 @@ MARKS = (*EVENT_STATUSES, *STATS_MARKS)
 MAX_LIMIT = 500
 # A customer filter searches the payloads of at most this many of the newest events.
 CUSTOMER_SCAN_WINDOW = 50_000
-REDACTED = "[redacted]"
-_SECRET_KEYS = {"client_secret", "secret", "password", "api_key", "access_token", "refresh_token", "token"}
-# Stripe's secret and restricted keys, webhook secrets, and client secrets (pi_/seti_/cs_..._secret_...).
-_SECRET_VALUE_RE = re.compile(
-    r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]+|\bwhsec_[A-Za-z0-9+/=_-]+|\b(?:pi|seti|cs|src)_\w+?_secret_\w+"
-)
-
-
-def redact(value: Any) -> Any:
-    """``value`` with secrets replaced: keys that name a secret, and strings shaped like Stripe keys."""
-    if isinstance(value, dict):
-        return {k: REDACTED if _is_secret_key(k) and v not in (None, "") else redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    if isinstance(value, str):
-        return scrub(value)
-    return value
-
-
-def scrub(text: str) -> str:
-    """A free text (an error, a detail) with anything shaped like a Stripe secret replaced."""
-    return _SECRET_VALUE_RE.sub(REDACTED, text)
-
-
-def _is_secret_key(key: Any) -> bool:
-    name = str(key).lower()
-    return name in _SECRET_KEYS or name.endswith(("_secret", "_password", "_api_key"))
 
 
 def _iso(moment: datetime | float | None) -> str | None:

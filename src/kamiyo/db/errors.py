@@ -1,0 +1,50 @@
+"""Which database errors are the database's, and how an error is told without its data.
+
+A *database fault* is a failure of the database itself, whatever the statement: unreachable or
+restarted, locked, full, read-only, a statement or lock timeout, a pool with no connection to
+give. Every statement of the moment would fail the same way, so the caller fails the whole
+batch fast, backs off and tries again later; it is never held against one event. Anything else
+a statement raises (``IntegrityError``, ``DataError``: a value the schema refuses) belongs to
+the data it was given.
+
+``describe`` tells an error in one line for logs and stored errors: its class, the driver's
+primary message and, on PostgreSQL, its SQLSTATE. Never the SQL's parameters (customers' emails)
+nor PostgreSQL's ``DETAIL`` line, which repeats the offending values.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import DataError, DBAPIError, DisconnectionError, IntegrityError, StatementError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from kamiyo.scrub import clean
+
+_MAX_MESSAGE = 300
+
+
+def is_database_fault(exc: BaseException) -> bool:
+    """True when ``exc`` is a failure of the database rather than of the data a statement carried."""
+    if isinstance(exc, DisconnectionError | PoolTimeout):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        return not isinstance(exc, IntegrityError | DataError)
+    return False
+
+
+def describe(exc: BaseException) -> str:
+    """``Class: message`` in one line, without SQL, parameters or the values PostgreSQL quotes."""
+    name = exc.__class__.__name__
+    if isinstance(exc, StatementError) and exc.orig is not None:
+        orig = exc.orig
+        diag = getattr(orig, "diag", None)
+        primary = getattr(diag, "message_primary", None) if diag is not None else None
+        message = primary or (str(orig).strip().splitlines() or [""])[0]
+        sqlstate = getattr(orig, "sqlstate", None)
+        if sqlstate:
+            message = f"{message} (sqlstate {sqlstate})"
+    else:
+        message = (str(exc).strip().splitlines() or [""])[0]
+    text = f"{name}: {message}" if message else name
+    return clean(text[:_MAX_MESSAGE])

@@ -62,6 +62,8 @@ def make_settings(database_url: str, **overrides: Any) -> Settings:
         "price_tiers": parse_price_tiers(PRICE_TIERS),
         "worker_poll_seconds": 0.05,
         "retry_base_seconds": 0.0,
+        # Tests read health and metrics right after changing what they report.
+        "health_cache_seconds": 0.0,
     }
     values.update(overrides)
     return Settings(**values)

@@ -62,6 +62,8 @@ class Settings:
     health_silence_seconds: float = 1800.0
     health_min_success_ratio: float = 0.95
     health_backlog_max_age_seconds: float = 600.0
+    # How long GET /health, the webhook health and /metrics reuse an answer (0: computed per request).
+    health_cache_seconds: float = 1.0
     # The operator console and admin API (issue 5); None turns both off (their routes are 404).
     admin_token: str | None = field(default=None, repr=False)
 
@@ -108,6 +110,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         health_silence_seconds=_float(values, "HEALTH_SILENCE_SECONDS", 1800.0, low=0, high=30 * 86400),
         health_min_success_ratio=_float(values, "HEALTH_MIN_SUCCESS_RATIO", 0.95, low=0, high=1),
         health_backlog_max_age_seconds=_float(values, "HEALTH_BACKLOG_MAX_AGE_SECONDS", 600.0, low=1, high=30 * 86400),
+        health_cache_seconds=_float(values, "HEALTH_CACHE_SECONDS", 1.0, low=0, high=60),
     )
 
 

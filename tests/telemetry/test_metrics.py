@@ -315,3 +315,24 @@ def test_queued_deliveries_are_counted_within_seconds_without_a_scrape() -> None
         time.sleep(0.05)
     assert metrics.registry.get_sample_value("webhook_attempts_total") == 1.0
     assert metrics.registry.get_sample_value("stripe_webhooks_received_total", {"type": "invoice.paid"}) == 1.0
+
+
+def test_an_event_type_becomes_a_label_cleaned_like_every_other_output() -> None:
+    """A type comes from a payload: a secret inside it is redacted, a control character escaped."""
+    from prometheus_client import generate_latest
+
+    from kamiyo.telemetry.metrics import ProcessedTally
+
+    metrics = WebhookMetrics()
+    hostile = "invoice.whsec_leaked123\x1b[2J"
+    metrics.delivery_received(hostile, 0.001, ignored=True)
+    metrics.flush()
+    metrics.count_processed(ProcessedTally.of([("applied", hostile, int(time.time()), 0.001)], time.time()))
+    exposition = generate_latest(metrics.registry).decode()
+    assert "whsec_leaked123" not in exposition
+    assert "\x1b" not in exposition
+    found = samples(exposition)
+    cleaned = "invoice.[redacted]\\x1b[2J"
+    assert value(found, "stripe_webhooks_received_total", type=cleaned) == 1
+    assert value(found, "webhook_events_ignored_total", type=cleaned) == 1
+    assert value(found, "webhook_events_applied_total", type=cleaned) == 1

@@ -59,11 +59,14 @@ def test_any_process_reports_the_sum_of_all_and_a_restart_loses_nothing(servers:
     assert value(found, "webhook_events_applied_total", type="customer.created") == 5
 
 
+ADMIN_TOKEN = "multiprocess-admin-token-0123"
+
+
 @pytest.mark.slow
 def test_serve_reports_what_the_worker_in_its_inbox_process_applied(servers: ServerFactory) -> None:
     """`kamiyo serve` alone (WORKER_IN_PROCESS, the default): its worker runs in the inbox
     writer's process, and the serve process reports that worker's counts and liveness."""
-    server = servers()
+    server = servers(KAMIYO_ADMIN_TOKEN=ADMIN_TOKEN)
     events = [_event(n) for n in range(3)]
     for event in events:
         assert server.deliver(event).status_code == 200
@@ -73,6 +76,7 @@ def test_serve_reports_what_the_worker_in_its_inbox_process_applied(servers: Ser
     assert value(found, "webhook_events_applied_total", type="customer.created") == 3
     assert value(found, "webhook_event_apply_lag_seconds_count") == 3
     assert value(found, "webhook_workers_alive") == 1
-    health = server.http.get("/api/v1/payments/webhook/health").json()
+    # The public health says the worker check is ok; the token holder's view says whose worker it is.
+    health = server.http.get("/admin/api/health", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
     worker = next(check for check in health["checks"] if check["name"] == "worker")
     assert (worker["status"], worker["in_process_worker"]) == ("ok", True)

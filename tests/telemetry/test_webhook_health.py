@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from kamiyo import synthetic
 from kamiyo.config import Settings
 from kamiyo.db.engine import make_engine
 from kamiyo.db.models import events_table
+from kamiyo.telemetry import webhook_health as webhook_health_module
 from kamiyo.telemetry.delivery_stats import add_delivery_counts, minute_of
 from kamiyo.telemetry.heartbeat import Heartbeat
 from kamiyo.telemetry.metrics import WebhookMetrics
@@ -26,6 +28,8 @@ from kamiyo.web.app import WEBHOOK_PATH, create_app
 from kamiyo.webhooks.envelope import read_envelope
 from kamiyo.webhooks.inbox import inbox_row
 from support import SECRET
+
+ADMIN_TOKEN = "health-admin-token-0123456789"
 
 NOW = time.time()
 
@@ -235,16 +239,83 @@ def test_the_stripe_probe_is_asked_at_most_once_per_ttl_and_its_error_is_reused(
 
 
 def test_with_an_api_key_the_route_reports_whether_stripe_answers(engine: Engine, settings: Settings) -> None:
+    """The public answer says whether Stripe answers; the token holder's says what it answered."""
     _healthy_database(engine, time.time())
     state = FakeStripe(endpoints=[endpoint("https://pay.example.com/api/v1/payments/webhook")])
+    token = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     with fake_stripe(state):
-        keyed = replace(settings, stripe_secret_key="sk_test_health", stripe_api_base=state.base)
+        keyed = replace(
+            settings, stripe_secret_key="sk_test_health", stripe_api_base=state.base, admin_token=ADMIN_TOKEN
+        )
         with AppClient(create_app(keyed, engine=engine, run_worker=False, metrics=WebhookMetrics())) as http:
             reachable = http.get(WEBHOOK_PATH + "/health").json()
+            detailed = http.get("/admin/api/health", headers=token).json()
     closed = replace(settings, stripe_secret_key="sk_test_health", stripe_api_base=f"http://127.0.0.1:{free_port()}")
     with AppClient(create_app(closed, engine=engine, run_worker=False, metrics=WebhookMetrics())) as http:
         unreachable = http.get(WEBHOOK_PATH + "/health")
-    check = next(c for c in reachable["checks"] if c["name"] == "stripe_api")
+    assert next(c for c in reachable["checks"] if c["name"] == "stripe_api") == {"name": "stripe_api", "status": OK}
+    check = next(c for c in detailed["checks"] if c["name"] == "stripe_api")
     assert (check["status"], check["detail"]) == (OK, "Stripe API reachable (1 webhook endpoint(s))")
     assert unreachable.status_code == 503
     assert next(c for c in unreachable.json()["checks"] if c["name"] == "stripe_api")["status"] == FAIL
+
+
+def test_the_public_answer_shows_states_start_time_and_fingerprints_and_nothing_else(
+    engine: Engine, settings: Settings
+) -> None:
+    """A parked error holding a secret inside an event id, and the process id, stay behind the token."""
+    leaked = "evt_whsec_leakedsecret123 failed with sk_live_leakedkey456"
+    _healthy_database(engine, time.time())
+    with engine.begin() as connection:
+        connection.execute(
+            insert(events_table),
+            [_event_row("evt_parked_1", status="failed", last_error=f"UnmappedPrice: {leaked}", attempts=8)],
+        )
+    app = create_app(replace(settings, admin_token=ADMIN_TOKEN), engine=engine, run_worker=False)
+    with AppClient(app) as http:
+        public = http.get(WEBHOOK_PATH + "/health")
+        detailed = http.get("/admin/api/health", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert public.status_code == 503  # the parked event fails its check
+    body = public.json()
+    assert set(body) == {"status", "checks", "service"}
+    assert body["service"] == {"started_at": pytest.approx(time.time(), abs=60)}
+    for check in body["checks"]:
+        expected = {"name", "status"} | ({"configured", "fingerprints"} if check["name"] == "secret" else set())
+        assert set(check) == expected
+    secret = next(c for c in body["checks"] if c["name"] == "secret")
+    assert secret["configured"] == 1
+    assert len(secret["fingerprints"]) == 1
+    for text in ("leaked", "UnmappedPrice", "evt_parked_1", str(os.getpid())):
+        assert text not in public.text
+    parked = next(c for c in detailed.json()["checks"] if c["name"] == "parked")
+    assert parked["reasons"][0]["reason"] == "UnmappedPrice"
+    assert "leaked" not in detailed.text
+    assert "[redacted]" in parked["reasons"][0]["example"]
+    assert detailed.json()["service"]["pid"] == os.getpid()
+
+
+def test_health_answers_are_reused_for_a_second_whoever_asks(engine: Engine, settings: Settings) -> None:
+    """Anybody may poll the public endpoints: the database is read once per HEALTH_CACHE_SECONDS."""
+    _healthy_database(engine, time.time())
+    reads: list[float] = []
+    original = webhook_health_module.read_state
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        reads.append(time.monotonic())
+        return original(*args, **kwargs)
+
+    webhook_health_module.read_state = counting  # type: ignore[assignment]
+    try:
+        app = create_app(replace(settings, health_cache_seconds=60.0), engine=engine, run_worker=False)
+        with AppClient(app) as http:
+            answers = [http.get(WEBHOOK_PATH + "/health").status_code for _ in range(20)]
+        assert answers == [200] * 20
+        assert len(reads) == 1
+        reads.clear()
+        app = create_app(replace(settings, health_cache_seconds=0.0), engine=engine, run_worker=False)
+        with AppClient(app) as http:
+            for _ in range(3):
+                http.get(WEBHOOK_PATH + "/health")
+        assert len(reads) == 3
+    finally:
+        webhook_health_module.read_state = original

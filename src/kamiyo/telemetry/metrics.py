@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 
 from kamiyo.config import Settings
+from kamiyo.scrub import clean
 from kamiyo.telemetry.delivery_stats import read_state
 
 log = logging.getLogger("kamiyo.metrics")
@@ -191,13 +192,13 @@ class WebhookMetrics:
     def _received_child(self, event_type: str) -> Counter:
         child = self._received_children.get(event_type)
         if child is None:
-            child = self._received_children[event_type] = self.received.labels(event_type)
+            child = self._received_children[event_type] = self.received.labels(_label(event_type))
         return child
 
     def _ignored_child(self, event_type: str) -> Counter:
         child = self._ignored_children.get(event_type)
         if child is None:
-            child = self._ignored_children[event_type] = self.ignored.labels(event_type)
+            child = self._ignored_children[event_type] = self.ignored.labels(_label(event_type))
         return child
 
     def _start_flusher(self) -> None:
@@ -231,7 +232,7 @@ class WebhookMetrics:
             (self.failed, tally.failed),
         ):
             for event_type, n in by_type.items():
-                counter.labels(event_type).inc(n)
+                counter.labels(_label(event_type)).inc(n)
         _observe_in_bulk(self.apply_seconds, tally.apply_buckets, tally.apply_sum)
         _observe_in_bulk(self.lag_seconds, tally.lag_buckets, tally.lag_sum)
 
@@ -364,6 +365,11 @@ def scrape_source(metrics: WebhookMetrics, state: StateCollector) -> Collector:
         MultiProcessCollector(shared, path=path)  # type: ignore[no-untyped-call]
         return _Scrape(metrics, [shared, state])
     return _Scrape(metrics, [metrics.registry, state])
+
+
+def _label(event_type: str) -> str:
+    """An event type as a label value: it comes from a payload, so it is cleaned like any output."""
+    return clean(event_type)
 
 
 def render(source: Collector) -> bytes:

@@ -5,6 +5,10 @@ Served at ``GET /api/v1/payments/webhook/health`` (200 healthy, 503 degraded) an
 (degraded) or ``skipped`` (could not be run: no database, no API key). No secret material is
 ever part of the output: a secret is described by its count, its shape and a short fingerprint
 (the first 8 hex digits of a SHA-256 of it), enough to tell two secrets apart and nothing more.
+
+Two views of one report: ``public_json`` for the unauthenticated endpoint (the verdict, each
+check's name and state, the start time, the secrets' count and fingerprints: what the doctor
+compares), and ``to_json`` with every detail, scrubbed, for the admin API and the doctor.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from sqlalchemy import Engine, func, select, text
 from kamiyo import __version__
 from kamiyo.config import Settings
 from kamiyo.db.models import events_table
+from kamiyo.scrub import redact
 from kamiyo.telemetry.delivery_stats import ServiceState, delivery_totals, read_state
 
 OK, WARN, FAIL, SKIPPED = "ok", "warn", "fail", "skipped"
@@ -56,7 +61,15 @@ class Check:
     data: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "detail": self.detail, **self.data}
+        entry: dict[str, Any] = redact({"name": self.name, "status": self.status, "detail": self.detail, **self.data})
+        return entry
+
+    def public_json(self) -> dict[str, Any]:
+        """Name and state only; the secret check adds its count and fingerprints."""
+        entry: dict[str, Any] = {"name": self.name, "status": self.status}
+        if self.name == "secret":
+            entry.update(configured=self.data.get("configured", 0), fingerprints=self.data.get("fingerprints", []))
+        return entry
 
 
 @dataclass(frozen=True)
@@ -72,10 +85,19 @@ class HealthReport:
         return next(c for c in self.checks if c.name == name)
 
     def to_json(self) -> dict[str, Any]:
+        """Every check with its detail and data, and the service's facts: for the token holder."""
         return {
             "status": "healthy" if self.healthy else "degraded",
             "checks": [check.to_json() for check in self.checks],
             "service": self.service,
+        }
+
+    def public_json(self) -> dict[str, Any]:
+        """What anybody may see: no error text, no id from a payload, no process id."""
+        return {
+            "status": "healthy" if self.healthy else "degraded",
+            "checks": [check.public_json() for check in self.checks],
+            "service": {"started_at": self.service.get("started_at")},
         }
 
 

@@ -44,7 +44,7 @@ from kamiyo.operations.audit import list_audit
 from kamiyo.operations.overrides import active_overrides
 from kamiyo.operations.replay import replay_events
 from kamiyo.operations.users import show_user
-from kamiyo.telemetry.webhook_health import parked_reasons, run_checks
+from kamiyo.telemetry.webhook_health import HealthReport, parked_reasons
 from kamiyo.web.admin_auth import (
     ACTOR_HEADER,
     CSRF_HEADER,
@@ -90,10 +90,10 @@ class _Context:
         engine: Engine = self._state["engine"]
         return engine
 
-    @property
-    def in_process_worker(self) -> bool | None:
-        alive: bool | None = self._state["worker_alive"]()
-        return alive
+    def health_report(self) -> HealthReport:
+        """The webhook health with every detail (blocking), as the app's lifespan set it up."""
+        report: HealthReport = self._state["health_report"]()
+        return report
 
 
 Handler = Callable[[_Context, Request, Operator], Awaitable[Response]]
@@ -165,7 +165,7 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 async def _health(ctx: _Context, _request: Request, _op: Operator) -> Response:
-    report = await run_in_threadpool(run_checks, ctx.engine, ctx.settings, in_process_worker=ctx.in_process_worker)
+    report = await run_in_threadpool(ctx.health_report)
     return _json(200, report.to_json())
 
 

@@ -35,8 +35,9 @@ from kamiyo.telemetry.metrics import (
     render,
     scrape_source,
 )
-from kamiyo.telemetry.webhook_health import StripeProbe, cached_probe, run_checks
+from kamiyo.telemetry.webhook_health import HealthReport, StripeProbe, cached_probe, run_checks
 from kamiyo.web.admin import admin_routes
+from kamiyo.web.cache import CachedAnswer
 from kamiyo.web.webhook import WEBHOOK_PATH, Receive, Scope, Send, WebhookEndpoint
 from kamiyo.webhooks.inbox import InboxWriter
 from kamiyo.webhooks.inbox_process import InboxProcess
@@ -120,29 +121,49 @@ def create_app(
             if engine is None:
                 db.dispose()
 
-    async def health(_request: Request) -> Response:
+    # The public endpoints below read the database for anybody who asks: each answer is
+    # computed at most once per HEALTH_CACHE_SECONDS, whoever asks and however often.
+    async def store_ready() -> tuple[int, dict[str, Any]]:
         try:
             await run_in_threadpool(_ping, state["engine"])
-        except Exception as exc:  # noqa: BLE001 - any failure means "not healthy"
-            return _json(503, {"status": "unavailable", "database": exc.__class__.__name__})
-        return _json(200, {"status": "ok", "database": "ok"})
+        except Exception:  # noqa: BLE001 - any failure means "not healthy"; the reason is not public
+            return 503, {"status": "unavailable", "database": "unavailable"}
+        return 200, {"status": "ok", "database": "ok"}
 
-    async def webhook_health(_request: Request) -> Response:
-        report = await run_in_threadpool(
-            run_checks,
+    def full_report() -> HealthReport:
+        """Every check with its details (blocking): the public endpoint shows part of it, the admin API all."""
+        return run_checks(
             state["engine"],
             settings,
             in_process_worker=state["worker_alive"](),
             stripe_probe=state.get("stripe_probe"),
             started_at=started_at,
         )
-        return _json(200 if report.healthy else 503, report.to_json())
+
+    state["health_report"] = full_report
+
+    async def webhook_report() -> tuple[int, dict[str, Any]]:
+        report = await run_in_threadpool(full_report)
+        return (200 if report.healthy else 503), report.public_json()
+
+    async def scrape() -> bytes:
+        return await run_in_threadpool(render, state["scrape"])
+
+    ttl = settings.health_cache_seconds
+    health_answer = CachedAnswer(store_ready, ttl=ttl)
+    webhook_health_answer = CachedAnswer(webhook_report, ttl=ttl)
+    metrics_answer = CachedAnswer(scrape, ttl=ttl)
+
+    async def health(_request: Request) -> Response:
+        return _json(*await health_answer.get())
+
+    async def webhook_health(_request: Request) -> Response:
+        return _json(*await webhook_health_answer.get())
 
     async def metrics_endpoint(_request: Request) -> Response:
         if "scrape" not in state:
             return _json(404, {"error": "metrics disabled (METRICS_ENABLED=false)"})
-        body = await run_in_threadpool(render, state["scrape"])
-        return Response(body, media_type=CONTENT_TYPE)
+        return Response(await metrics_answer.get(), media_type=CONTENT_TYPE)
 
     webhook = WebhookEndpoint(settings, metrics, lambda: state["writer"])
     return _App(

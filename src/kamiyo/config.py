@@ -28,6 +28,7 @@ _STRIPE_KEY_RE = re.compile(r"(sk|rk)_[A-Za-z0-9_]+")
 DEFAULT_STRIPE_RATE_LIMIT = 20.0
 DEFAULT_BACKFILL_INTERVAL = 600  # with an API key; without one the scheduled backfill is off
 ADMIN_TOKEN_MIN_LENGTH = 16
+DEFAULT_MAINTENANCE_TIMEOUT = 3600.0  # DATABASE_MAINTENANCE_TIMEOUT_SECONDS
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,12 @@ class Settings:
     health_cache_seconds: float = 1.0
     # The operator console and admin API (issue 5); None turns both off (their routes are 404).
     admin_token: str | None = field(default=None, repr=False)
+    # PostgreSQL: limits on every connection of the service, in seconds (0 turns a limit off).
+    # Migrations, sync and backfill raise the statement limit to the maintenance one.
+    database_connect_timeout_seconds: int = 10
+    database_statement_timeout_seconds: float = 30.0
+    database_lock_timeout_seconds: float = 10.0
+    database_maintenance_timeout_seconds: float = DEFAULT_MAINTENANCE_TIMEOUT
 
     def __repr__(self) -> str:  # never print secrets, even by accident
         url = _redact_url(self.database_url)
@@ -111,6 +118,14 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         health_min_success_ratio=_float(values, "HEALTH_MIN_SUCCESS_RATIO", 0.95, low=0, high=1),
         health_backlog_max_age_seconds=_float(values, "HEALTH_BACKLOG_MAX_AGE_SECONDS", 600.0, low=1, high=30 * 86400),
         health_cache_seconds=_float(values, "HEALTH_CACHE_SECONDS", 1.0, low=0, high=60),
+        database_connect_timeout_seconds=_int(values, "DATABASE_CONNECT_TIMEOUT_SECONDS", 10, low=1, high=600),
+        database_statement_timeout_seconds=_float(
+            values, "DATABASE_STATEMENT_TIMEOUT_SECONDS", 30.0, low=0, high=86400
+        ),
+        database_lock_timeout_seconds=_float(values, "DATABASE_LOCK_TIMEOUT_SECONDS", 10.0, low=0, high=86400),
+        database_maintenance_timeout_seconds=_float(
+            values, "DATABASE_MAINTENANCE_TIMEOUT_SECONDS", DEFAULT_MAINTENANCE_TIMEOUT, low=0, high=7 * 86400
+        ),
     )
 
 

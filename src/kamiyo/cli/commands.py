@@ -112,7 +112,7 @@ def worker(settings: Settings) -> int:
 
 def db_upgrade(settings: Settings) -> int:
     engine = make_engine(settings)
-    upgrade(engine)
+    upgrade(engine, statement_timeout=settings.database_maintenance_timeout_seconds)
     current, _head = _schema_revisions(engine)
     engine.dispose()
     print(f"database at revision {current}")

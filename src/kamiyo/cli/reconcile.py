@@ -97,6 +97,7 @@ def run_sync(
                 parallel=True,  # a full sync reads in a second process: two cores
                 actor=by,
                 reason=reason,
+                statement_timeout=settings.database_maintenance_timeout_seconds,
             )
         finally:
             listener.clear()
@@ -141,6 +142,7 @@ def backfill(
             warn=lambda m: print(f"WARNING: {m}", file=err),
             actor=by,
             reason=reason,
+            statement_timeout=settings.database_maintenance_timeout_seconds,
         )
         _print_backfill(summary, out)
         if apply and summary.new:

@@ -26,8 +26,9 @@ def driver_connection(connection: Connection) -> Any:
 
 
 def as_sqlalchemy_error(dialect: Dialect, sql: str, params: Any, exc: Exception) -> StatementError:
-    """The error SQLAlchemy's ``Connection.execute`` would have raised for the driver's ``exc``."""
-    return DBAPIError.instance(sql, params, exc, dialect.loaded_dbapi.Error, dialect=dialect)
+    """The error SQLAlchemy's ``Connection.execute`` would have raised for the driver's ``exc``, with
+    its parameters hidden as the service's engines hide them (``hide_parameters``)."""
+    return DBAPIError.instance(sql, params, exc, dialect.loaded_dbapi.Error, hide_parameters=True, dialect=dialect)
 
 
 @contextlib.contextmanager

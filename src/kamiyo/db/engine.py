@@ -1,4 +1,14 @@
-"""Engine construction: SQLite in WAL mode with immediate write transactions, or PostgreSQL."""
+"""Engine construction: SQLite in WAL mode with immediate write transactions, or PostgreSQL.
+
+Every engine hides SQL parameters from its errors (``hide_parameters``): an error's text reaches
+logs and stored errors, and its parameters would carry customers' emails there.
+
+PostgreSQL connections start with the service's limits (``DATABASE_*_TIMEOUT_SECONDS``): a
+connection attempt, a statement and a wait for a lock each end with an error instead of
+hanging, and TCP keepalives notice a server that vanished without closing the connection.
+Work that is long by nature (migrations, sync, backfill) raises the statement limit in its own
+transactions (``allow_long_statements``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 from kamiyo.config import Settings
@@ -18,8 +28,16 @@ from kamiyo.db.driver import sqlalchemy_errors
 def make_engine(settings: Settings, **kwargs: Any) -> Engine:
     """Build the engine for ``settings.database_url``; creates the SQLite file's folder."""
     url = make_url(settings.database_url)
+    kwargs.setdefault("hide_parameters", True)
     if url.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, **kwargs)
+        return create_engine(
+            url,
+            pool_pre_ping=True,
+            pool_size=10,
+            max_overflow=10,
+            connect_args=postgresql_connect_args(settings, url.query.get("options")),
+            **kwargs,
+        )
 
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +110,39 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
     event.listen(engine, "rollback", _ending("ROLLBACK"))
 
     return engine
+
+
+# A peer that vanished (host down, network cut) is noticed within idle + interval * count seconds.
+_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+
+
+def postgresql_connect_args(settings: Settings, url_options: str | tuple[str, ...] | None = None) -> dict[str, Any]:
+    """psycopg's connection arguments for the service's limits: ``connect_timeout``, and the
+    session's ``statement_timeout`` and ``lock_timeout`` sent at connection start (``options``,
+    after any the URL gives, so that no extra round trip is spent on them)."""
+    options = " ".join(url_options) if isinstance(url_options, tuple) else (url_options or "")
+    limits = (
+        ("statement_timeout", settings.database_statement_timeout_seconds),
+        ("lock_timeout", settings.database_lock_timeout_seconds),
+    )
+    ours = " ".join(f"-c {name}={_milliseconds(seconds)}" for name, seconds in limits)
+    return {
+        "connect_timeout": settings.database_connect_timeout_seconds,
+        "options": f"{options} {ours}".strip(),
+        **_KEEPALIVES,
+    }
+
+
+def allow_long_statements(connection: Connection, seconds: float) -> None:
+    """PostgreSQL: this transaction's statements may run ``seconds`` (0: without a limit) instead
+    of the service's ``DATABASE_STATEMENT_TIMEOUT_SECONDS``; the limit returns at its end."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SET LOCAL statement_timeout = {_milliseconds(seconds)}")
+
+
+def _milliseconds(seconds: float) -> int:
+    """PostgreSQL's setting in milliseconds; a positive limit never rounds down to 0 (no limit)."""
+    return max(1, round(seconds * 1000)) if seconds > 0 else 0
 
 
 def _driver_end(connection: Any, sql: str) -> None:

@@ -38,6 +38,9 @@ from datetime import UTC, datetime
 import orjson
 from sqlalchemy import Engine
 
+from kamiyo.config import DEFAULT_MAINTENANCE_TIMEOUT
+from kamiyo.db.engine import allow_long_statements
+from kamiyo.db.errors import describe
 from kamiyo.errors import PayloadError
 from kamiyo.operations.audit import default_actor, record_action
 from kamiyo.processing.handlers import HANDLED_TYPES
@@ -88,11 +91,14 @@ def backfill_events(
     actor: str | None = None,
     reason: str | None = None,
     audit_when_nothing_new: bool = True,
+    statement_timeout: float = DEFAULT_MAINTENANCE_TIMEOUT,
 ) -> BackfillSummary:
     """List undelivered events from the gap's start and store the new ones in the inbox.
 
     The run is recorded in the audit log as done by ``actor`` (default: the OS user) for
     ``reason``; with ``audit_when_nothing_new=False`` (the schedule) only if it stored an event.
+    On PostgreSQL its pages may run statements for ``statement_timeout`` seconds
+    (``DATABASE_MAINTENANCE_TIMEOUT_SECONDS``; 0: no limit), not the service's limit.
     """
     now = time.time() if now is None else now
     start = gap_start(engine, since=since, now=now)
@@ -114,7 +120,7 @@ def backfill_events(
     try:
         for page in _undelivered_pages(gateway, start, now):
             summary.listed += len(page.data)
-            new = _store(engine, page)
+            new = _store(engine, page, statement_timeout)
             summary.new += len(new)
             summary.stored.extend(new[: max(0, AUDIT_EVENTS - len(summary.stored))])
             if page.data:
@@ -123,7 +129,8 @@ def backfill_events(
         status = runs.INTERRUPTED
         raise
     except Exception as exc:
-        status, error = runs.FAILED, f"{exc.__class__.__name__}: {exc}"
+        # Told without SQL or its parameters, and scrubbed: it is stored in the run and the audit log.
+        status, error = runs.FAILED, describe(exc)
         raise
     finally:
         cursor = summary.newest if status == runs.DONE else None
@@ -204,7 +211,7 @@ def _newest_first(gateway: StripeGateway, query: EventQuery) -> Iterator[Page]:
         cursor = str(page.data[-1]["id"])
 
 
-def _store(engine: Engine, page: Page) -> list[str]:
+def _store(engine: Engine, page: Page, statement_timeout: float) -> list[str]:
     """Put a page of events into the inbox (one transaction); return the new ones' ids, in page order."""
     rows = []
     for event in page.data:
@@ -219,6 +226,7 @@ def _store(engine: Engine, page: Page) -> list[str]:
     if not rows:
         return []
     with engine.begin() as connection:
+        allow_long_statements(connection, statement_timeout)
         new = insert_new_events(connection, rows)
     return [row["stripe_event_id"] for row in rows if row["stripe_event_id"] in new]
 
@@ -252,7 +260,7 @@ def _audit(
                 },
             )
     except Exception as exc:  # noqa: BLE001 - the database may be what failed; the run row says what happened
-        log.error("backfill run=%d could not be recorded in the audit log: %s", summary.run_id, exc.__class__.__name__)
+        log.error("backfill run=%d could not be recorded in the audit log: %s", summary.run_id, describe(exc))
 
 
 def _iso(moment: int) -> str:

@@ -18,7 +18,8 @@ import time
 
 from sqlalchemy import Engine
 
-from kamiyo.config import Settings
+from kamiyo.config import DEFAULT_MAINTENANCE_TIMEOUT, Settings
+from kamiyo.db.errors import describe
 from kamiyo.reconcile import runs
 from kamiyo.reconcile.backfill import SCHEDULE_ACTOR, BackfillSummary, backfill_events
 from kamiyo.reconcile.gateway import StripeGateway, gateway_from_settings
@@ -36,6 +37,7 @@ class BackfillSchedule:
         self.engine = engine
         self.gateway = gateway
         self.interval = interval
+        self.statement_timeout = DEFAULT_MAINTENANCE_TIMEOUT
         self._stop = stop
         self._wake = wake
         self._thread = threading.Thread(target=self._run, name="kamiyo-backfill", daemon=True)
@@ -57,6 +59,7 @@ class BackfillSchedule:
         if gateway is None:
             return None
         schedule = cls(engine, gateway, settings.backfill_interval_seconds, stop, wake)
+        schedule.statement_timeout = settings.database_maintenance_timeout_seconds
         schedule._thread.start()
         log.info("scheduled backfill every %ss", settings.backfill_interval_seconds)
         return schedule
@@ -71,7 +74,7 @@ class BackfillSchedule:
             try:
                 self.run_once()
             except Exception as exc:  # noqa: BLE001 - an API or database outage must not end the schedule
-                log.error("scheduled backfill failed: %s: %s", exc.__class__.__name__, exc)
+                log.error("scheduled backfill failed: %s", describe(exc))
             delay = max(0.0, self.interval - (time.monotonic() - started))
 
     def run_once(self, now: float | None = None) -> BackfillSummary | None:
@@ -88,6 +91,7 @@ class BackfillSchedule:
             actor=SCHEDULE_ACTOR,
             reason=f"scheduled every {self.interval:g} s (BACKFILL_INTERVAL_SECONDS)",
             audit_when_nothing_new=False,
+            statement_timeout=self.statement_timeout,
         )
         if summary.new:
             self._wake.set()

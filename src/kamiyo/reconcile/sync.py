@@ -30,6 +30,9 @@ from typing import Any
 from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import OperationalError
 
+from kamiyo.config import DEFAULT_MAINTENANCE_TIMEOUT
+from kamiyo.db.engine import allow_long_statements
+from kamiyo.db.errors import describe
 from kamiyo.db.models import customers_table, users_table
 from kamiyo.domain.links import normalize_email
 from kamiyo.domain.tiers import TierMap
@@ -108,11 +111,13 @@ def sync_subscriptions(
     parallel: bool = False,
     actor: str | None = None,
     reason: str | None = None,
+    statement_timeout: float = DEFAULT_MAINTENANCE_TIMEOUT,
 ) -> SyncSummary:
     """List subscriptions from the API and converge the database on them; return what changed.
 
     Unless ``dry_run``, the run is recorded in the audit log as done by ``actor`` (default: the
-    OS user) for ``reason``.
+    OS user) for ``reason``. On PostgreSQL its pages may run statements for ``statement_timeout``
+    seconds (``DATABASE_MAINTENANCE_TIMEOUT_SECONDS``; 0: no limit), not the service's limit.
 
     ``resume`` continues the latest full sync that did not finish, after its last committed
     page. ``parallel`` reads a full sync's pages in a child process (``reader.ProcessReader``),
@@ -144,10 +149,10 @@ def sync_subscriptions(
                 if len(summary.problems) < _KEPT:
                     summary.problems.append(problem)
                 listener.on_problem(problem)
-            result = _apply(engine, tiers, run.id, page, dry_run=dry_run)
+            result = _apply(engine, tiers, run.id, page, dry_run=dry_run, statement_timeout=statement_timeout)
             pages_applied += 1
             if not dry_run and _refresh_statistics_after(pages_applied):
-                _analyze(engine)
+                _analyze(engine, statement_timeout)
             summary.seen += page.listed
             summary.stored += result.stored
             summary.kept += result.kept
@@ -163,10 +168,13 @@ def sync_subscriptions(
         _finish(engine, summary, runs.INTERRUPTED, started, "interrupted")
         raise
     except Exception as exc:
-        _finish(engine, summary, runs.FAILED, started, f"{exc.__class__.__name__}: {exc}")
+        # Told without SQL or its parameters (customers' emails), and scrubbed: it is stored,
+        # logged and printed.
+        error = describe(exc)
+        _finish(engine, summary, runs.FAILED, started, error)
         if isinstance(exc, KamiyoError):
             raise
-        raise KamiyoError(f"sync failed: {exc.__class__.__name__}: {exc}") from exc
+        raise KamiyoError(f"sync failed: {error}") from exc
     finally:
         pages.close()
     _finish(engine, summary, runs.DONE, started, None)
@@ -191,7 +199,7 @@ def _finish(engine: Engine, summary: SyncSummary, status: str, started: float, e
     try:
         runs.finish_run(engine, summary.run_id, status, error=error, seen=seen, changed=changed)
     except Exception as exc:  # noqa: BLE001 - the database may be what failed; the run stays "running"
-        log.error("sync run=%d could not be recorded as %s: %s", summary.run_id, status, exc.__class__.__name__)
+        log.error("sync run=%d could not be recorded as %s: %s", summary.run_id, status, describe(exc))
     if not summary.dry_run:
         _audit(engine, summary)
     log.info(
@@ -245,10 +253,12 @@ def _audit(engine: Engine, summary: SyncSummary) -> None:
                 },
             )
     except Exception as exc:  # noqa: BLE001 - the database may be what failed; the run row says what happened
-        log.error("sync run=%d could not be recorded in the audit log: %s", summary.run_id, exc.__class__.__name__)
+        log.error("sync run=%d could not be recorded in the audit log: %s", summary.run_id, describe(exc))
 
 
-def _apply(engine: Engine, tiers: TierMap, run_id: int, page: ReadPage, *, dry_run: bool) -> PageResult:
+def _apply(
+    engine: Engine, tiers: TierMap, run_id: int, page: ReadPage, *, dry_run: bool, statement_timeout: float
+) -> PageResult:
     """Apply one page in one transaction (rolled back in a dry run); retry after a deadlock."""
     for attempt in range(1, _PAGE_ATTEMPTS + 1):
         try:
@@ -256,10 +266,12 @@ def _apply(engine: Engine, tiers: TierMap, run_id: int, page: ReadPage, *, dry_r
                 with engine.connect() as connection:
                     transaction = connection.begin()
                     try:
+                        allow_long_statements(connection, statement_timeout)
                         return apply_page(connection, tiers, page.items, seen_at=page.read_at)
                     finally:
                         transaction.rollback()
             with engine.connect() as connection, _without_fsync(connection), connection.begin():
+                allow_long_statements(connection, statement_timeout)
                 result = apply_page(connection, tiers, page.items, seen_at=page.read_at)
                 runs.record_progress(
                     connection, run_id, cursor=page.last_id, seen=page.listed, changed=len(result.drift)
@@ -268,7 +280,7 @@ def _apply(engine: Engine, tiers: TierMap, run_id: int, page: ReadPage, *, dry_r
         except OperationalError as exc:
             if attempt == _PAGE_ATTEMPTS:
                 raise
-            log.warning("sync page rolled back (%s); retrying", exc.__class__.__name__)
+            log.warning("sync page rolled back (%s); retrying", describe(exc))
             time.sleep(0.1 * attempt)
     raise AssertionError("unreachable")
 
@@ -278,7 +290,7 @@ def _refresh_statistics_after(pages: int) -> bool:
     return pages & (pages - 1) == 0 and pages.bit_length() % 2 == 1
 
 
-def _analyze(engine: Engine) -> None:
+def _analyze(engine: Engine, statement_timeout: float) -> None:
     """PostgreSQL: refresh the planner's statistics of the tables a sync fills.
 
     A first sync into an empty database grows them from nothing to the whole account within
@@ -290,6 +302,7 @@ def _analyze(engine: Engine) -> None:
     if engine.dialect.name != "postgresql":
         return
     with engine.begin() as connection:
+        allow_long_statements(connection, statement_timeout)
         connection.exec_driver_sql("ANALYZE stripe_customers, stripe_subscriptions, users")
 
 

@@ -12,6 +12,16 @@ log lines of a batch are written once it has committed, so a rolled-back attempt
 
 On PostgreSQL, ``FOR UPDATE SKIP LOCKED`` gives concurrent workers disjoint batches; on SQLite
 the write lock serialises them.
+
+Only an error of the event itself is one of its attempts: its handler raising, or a statement
+the database refuses for the data it carries (``IntegrityError``, ``DataError``). A fault of the
+database (``kamiyo.db.errors.is_database_fault``: connection lost, locked, full, a timeout)
+would fail any event the same way: it rolls the whole batch back, the worker backs off
+(exponentially, with jitter, up to ``FAULT_BACKOFF_MAX``) and tries again, and no event's
+attempts grow, so a flapping database never parks a healthy event.
+
+Errors are stored and logged as ``kamiyo.db.errors.describe`` tells them, without SQL or its
+parameters (customers' emails), and scrubbed of credentials.
 """
 
 from __future__ import annotations
@@ -28,10 +38,11 @@ from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy import Engine, and_, bindparam, select, union_all, update
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from kamiyo.config import Settings
 from kamiyo.db.driver import driver_execute
+from kamiyo.db.errors import describe, is_database_fault
 from kamiyo.db.models import events_table
 from kamiyo.domain.links import link_hint
 from kamiyo.errors import ApplyError, UnmappedPrice
@@ -41,6 +52,7 @@ from kamiyo.processing.store import Store, compiled_for
 from kamiyo.reconcile.gateway import StripeGateway
 from kamiyo.reconcile.schedule import BackfillSchedule
 from kamiyo.reconcile.verify import event_verifier
+from kamiyo.scrub import scrub
 from kamiyo.telemetry.heartbeat import Heartbeat
 from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX, ProcessedCounter, process_metrics
 
@@ -51,6 +63,12 @@ _MAX_BACKOFF = 3600.0
 _CONFLICT_SQLSTATES = frozenset({"40P01", "40001"})
 _CONFLICT_RETRIES = 5
 _OVERRIDE_SWEEP_SECONDS = 1.0  # how soon an expired manual override gives way to Stripe's state
+# After a failed batch the worker waits FAULT_BACKOFF_BASE * 2^(n-1) seconds for the n-th failure
+# in a row, at most FAULT_BACKOFF_MAX, times a random factor in [0.5, 1): several workers that
+# lost the database together do not all come back at the same instant.
+FAULT_BACKOFF_BASE = 0.5
+FAULT_BACKOFF_MAX = 30.0
+_MAX_ERROR = 2000  # characters of an error kept in last_error
 _RECORD = (
     update(_events)
     .where(_events.c.id == bindparam("_id"))
@@ -116,10 +134,13 @@ class Worker:
     def run_once(self, now: float | None = None) -> int:
         """Claim and apply one batch; return how many events it handled.
 
-        A database error that a savepoint could not contain rolls back the whole batch. The
-        worker then applies one event per batch until the culprit is found, and records the
-        failed attempt of that one event in a transaction of its own, so that a poison event is
-        retried with backoff and parked like any other, and never blocks the queue.
+        A database fault (``is_database_fault``) is raised as it is, for the caller to back off:
+        the batch rolled back and no event's attempt is counted. An error of the data that a
+        savepoint could not contain (a statement of the batch's own, or its commit, refused)
+        also rolls back the whole batch: the worker then applies one event per batch until the
+        culprit is found, and records the failed attempt of that one event in a transaction of
+        its own, so that a poison event is retried with backoff and parked like any other, and
+        never blocks the queue.
         """
         now = time.time() if now is None else now
         if self.verifier is not None:
@@ -127,14 +148,16 @@ class Worker:
         try:
             handled = self._run_batch_retrying_conflicts(now)
         except DBAPIError as exc:
+            if is_database_fault(exc):
+                raise
             if self._limit > 1:
                 self._limit = 1
-                log.warning("worker batch rolled back (%s); isolating events one at a time", exc.__class__.__name__)
+                log.warning("worker batch rolled back (%s); isolating events one at a time", describe(exc))
                 raise
             if not self._claimed:
                 raise
             row = self._claimed[0]
-            outcome = self._failure(row, f"{exc.__class__.__name__}: {exc.orig or exc}", now, parked=False)
+            outcome = self._failure(row, describe(exc), now, parked=False)
             with self.engine.begin() as connection:
                 self._record(connection, [outcome])
             self._count([row], [outcome], [0.0])
@@ -260,10 +283,10 @@ class Worker:
                     detail = handler(store, event)
             else:
                 detail = handler(store, event)
-        except (OperationalError, InterfaceError):
-            raise  # the database itself failed (lock, disconnect): the whole batch is retried
         except Exception as exc:  # any handler failure is recorded, never lost
-            error = f"{exc.__class__.__name__}: {exc}"
+            if is_database_fault(exc):
+                raise  # the database itself failed (lock, disconnect, timeout): the whole batch is retried
+            error = _error_text(exc)
             if not isolate:
                 raise _EventFailed(row.id, error, parked=isinstance(exc, UnmappedPrice)) from exc
             if logs is not None:
@@ -290,7 +313,7 @@ class Worker:
                 attempts,
                 error,
             )
-            return _Outcome(row.id, "failed", attempts, 0.0, error[:2000], None, datetime.now(UTC))
+            return _Outcome(row.id, "failed", attempts, 0.0, error[:_MAX_ERROR], None, datetime.now(UTC))
         delay = self._backoff(attempts)
         _log(
             logs,
@@ -303,7 +326,7 @@ class Worker:
             attempts,
             error,
         )
-        return _Outcome(row.id, "pending", attempts, now + delay, error[:2000], None, None)
+        return _Outcome(row.id, "pending", attempts, now + delay, error[:_MAX_ERROR], None, None)
 
     def _backoff(self, attempts: int) -> float:
         base = self.settings.retry_base_seconds * (2 ** (attempts - 1))
@@ -325,33 +348,57 @@ class Worker:
         try:
             expire_overrides(self.engine, self.settings.price_tiers, now=datetime.fromtimestamp(now, UTC))
         except Exception as exc:  # noqa: BLE001 - retried at the next sweep; never ends the worker
-            log.error("override expiry failed: %s: %s", exc.__class__.__name__, exc)
+            log.error("override expiry failed: %s", describe(exc))
 
     def run(self, stop: threading.Event, wake: threading.Event | None = None) -> None:
-        """Apply events until ``stop`` is set; ``wake`` cuts the idle wait short."""
+        """Apply events until ``stop`` is set; ``wake`` cuts the idle wait short.
+
+        A failed batch never ends the loop: the worker backs off (``fault_backoff``) and tries
+        again. Should the loop itself end by an error, the scheduled backfill ends with it and
+        the heartbeat row is removed, so that whoever restarts the worker starts afresh.
+        """
         wake = wake or threading.Event()
         failures = 0
         log.info("worker started database=%s", self.engine.dialect.name)
-        backfill = BackfillSchedule.start(self.engine, self.settings, stop, wake, gateway=self.gateway)
-        while not stop.is_set():
-            self.heartbeat.beat()
-            self.sweep_expired_overrides()
-            try:
-                handled = self.run_once()
-                failures = 0
-            except Exception as exc:  # noqa: BLE001 - a database outage must not end the worker
-                failures += 1
-                pause = min(0.5 * 2**failures, 30.0)
-                log.error("worker batch failed, retry in %.1fs: %s: %s", pause, exc.__class__.__name__, exc)
-                stop.wait(pause)
-                continue
-            if handled < self.settings.worker_batch_size:
-                wake.wait(self.settings.worker_poll_seconds)
-                wake.clear()
-        self.heartbeat.stop()
-        if backfill is not None:
-            backfill.join()
+        schedule_stop = threading.Event()
+        backfill = BackfillSchedule.start(self.engine, self.settings, schedule_stop, wake, gateway=self.gateway)
+        try:
+            while not stop.is_set():
+                self.heartbeat.beat()
+                self.sweep_expired_overrides()
+                try:
+                    handled = self.run_once()
+                    failures = 0
+                except Exception as exc:  # noqa: BLE001 - a database outage must not end the worker
+                    failures += 1
+                    pause = fault_backoff(failures)
+                    kind = "database fault" if is_database_fault(exc) else "error"
+                    log.error("worker batch failed (%s), retry in %.1fs: %s", kind, pause, describe(exc))
+                    stop.wait(pause)
+                    continue
+                if handled < self.settings.worker_batch_size:
+                    wake.wait(self.settings.worker_poll_seconds)
+                    wake.clear()
+        finally:
+            schedule_stop.set()
+            self.heartbeat.stop()
+            if backfill is not None:
+                backfill.join()
         log.info("worker stopped")
+
+
+def fault_backoff(failures: int) -> float:
+    """Seconds to wait after the ``failures``-th failed batch in a row: bounded, with jitter."""
+    ceiling = min(FAULT_BACKOFF_BASE * 2 ** min(failures - 1, 32), FAULT_BACKOFF_MAX)
+    return float(ceiling * random.uniform(0.5, 1.0))
+
+
+def _error_text(exc: BaseException) -> str:
+    """An event's error as stored and logged: a database error as ``describe`` tells it (no SQL,
+    no parameters), anything else as ``Class: message``; credentials scrubbed either way."""
+    if isinstance(exc, SQLAlchemyError):
+        return describe(exc)
+    return scrub(f"{exc.__class__.__name__}: {exc}")[:_MAX_ERROR]
 
 
 class _ClaimedRow(NamedTuple):

@@ -189,22 +189,25 @@ def test_a_dead_child_takes_its_worker_along_and_the_next_child_starts_another(
     assert _run(settings, scenario, worker=settings) == [True, False, True]
 
 
-def test_a_worker_that_ends_by_an_error_says_so_and_one_told_to_stop_does_not(
+def test_a_worker_thread_told_to_stop_says_nothing_of_a_death_and_one_whose_loop_fails_says_it_stopped(
     settings: Settings, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The child's side of ``worker_alive``: its worker thread reports an unexpected end."""
-    from kamiyo.processing.worker import Worker
+    """The child's side of ``worker_alive``: a requested stop sends no death and no "stopped"; a
+    thread whose restart loop itself fails reports the unexpected end (a worker that dies is
+    restarted: tests/integration/test_worker_restarts.py)."""
+    from kamiyo.processing.restarts import RestartingWorker
     from kamiyo.webhooks.inbox_process import _WorkerThread
 
     sent: list[tuple[Any, ...]] = []
     stopped = _WorkerThread(engine, settings, threading.Event(), sent.append)
     stopped.stop()
-    assert sent == []
+    assert [m for m in sent if m[0] != "worker_started"] == []
 
-    def broken(_self: Worker, _stop: threading.Event, _wake: threading.Event | None = None) -> None:
-        raise RuntimeError("the worker's loop ended")
+    def broken(_self: RestartingWorker, _stop: threading.Event, _wake: threading.Event | None = None) -> None:
+        raise RuntimeError("the restart loop ended")
 
-    monkeypatch.setattr(Worker, "run", broken)
+    monkeypatch.setattr(RestartingWorker, "run", broken)
+    sent.clear()
     failed = _WorkerThread(engine, settings, threading.Event(), sent.append)
     deadline = time.monotonic() + 10
     while not sent and time.monotonic() < deadline:

@@ -31,6 +31,7 @@ from kamiyo import synthetic
 from kamiyo.config import Settings
 from kamiyo.db.models import customers_table, events_table, subscriptions_table
 from kamiyo.diagnosis.stripe_view import RUNBOOK_EVENTS, StripeWebhookView
+from kamiyo.scrub import clean
 from kamiyo.telemetry.delivery_stats import (
     DeliveryRow,
     ServiceState,
@@ -403,6 +404,57 @@ def diagnose_processing(
     return findings
 
 
+def diagnose_worker_restarts(
+    worker_check: Mapping[str, Any] | None, restarts_counted: float | None = None, *, now: float
+) -> Finding | None:
+    """A worker that died and was restarted, from the webhook health's worker check (count and
+    last error of ``kamiyo serve``'s own worker) or else ``webhook_worker_restarts_total``."""
+    step = "Processing"
+    check = worker_check or {}
+    count = check.get("in_process_worker_restarts")
+    if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+        if restarts_counted:
+            return Finding(
+                step,
+                WARN,
+                f"a worker died and was restarted {restarts_counted:.0f} time(s) (webhook_worker_restarts_total)",
+                "look for `worker thread died` in the service's log: the error and its traceback are there",
+            )
+        return None
+    error = check.get("in_process_worker_last_error")
+    last = f"; last error {clean(str(error))[:300]}" if error else ""
+    died_at = check.get("in_process_worker_last_died_at")
+    if isinstance(died_at, (int, float)) and not isinstance(died_at, bool):
+        last += f" ({max(0.0, now - died_at) / 60:.0f} min ago)"
+    found = f"worker thread died {count} time(s){last}"
+    if check.get("in_process_worker") is False:
+        return Finding(
+            step,
+            FAIL,
+            f"{found}; it is not running now and is being restarted",
+            "look for `worker thread died` in the service's log; if it keeps dying, fix the cause and restart",
+            option=1,
+            cause="worker_down",
+        )
+    return Finding(
+        step,
+        WARN,
+        f"{found}; the service restarted it",
+        "look for `worker thread died` in the service's log: the error and its traceback are there",
+    )
+
+
+def restarts_from_metrics(text: str) -> float | None:
+    """``webhook_worker_restarts_total`` from a /metrics page, or None when it has none."""
+    found = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "webhook_worker_restarts_total"
+    ]
+    return sum(found) if found else None
+
+
 def diagnose_stripe(
     endpoints: list[Any] | None, undelivered: Any | None, *, configured: bool, error: str = ""
 ) -> list[Finding]:
@@ -607,6 +659,12 @@ class Doctor:
                 add(finding)
         else:
             add(Finding("Processing", SKIPPED, f"no database to read ({db_error or 'not configured'})"))
+        worker_check = next((c for c in (health or {}).get("checks", []) if c.get("name") == "worker"), None)
+        restarted = diagnose_worker_restarts(
+            worker_check, restarts_from_metrics(metrics_text) if metrics_text else None, now=self.clock()
+        )
+        if restarted is not None:
+            add(restarted)
 
         for finding in self._stripe():
             add(finding)

@@ -129,6 +129,11 @@ class WebhookMetrics:
             buckets=_LAG_BUCKETS,
             registry=reg,
         )
+        self.worker_restarts = Counter(
+            "webhook_worker_restarts",
+            "Times a worker ended by an error and was started again (kamiyo serve's in-process worker, kamiyo worker).",
+            registry=reg,
+        )
         # Every reason exported from the start (at 0), so a failure ratio has a series to rate().
         self._failure_children = {reason: self.failures.labels(reason) for reason in FAILURE_REASONS}
         self._received_children: dict[str, Counter] = {}
@@ -215,6 +220,10 @@ class WebhookMetrics:
             self.flush()
 
     # -- the worker: called after a batch committed, so nothing rolled back is counted ---------
+
+    def worker_restarted(self, *_death: object) -> None:
+        """A worker died and is being restarted (its ``WorkerDeath``, processing/restarts.py)."""
+        self.worker_restarts.inc()
 
     def events_processed(self, outcomes: Iterable[tuple[str, str, int, float]], committed_at: float) -> None:
         """Count ``(status, type, created, apply seconds)`` of each event of a committed batch.

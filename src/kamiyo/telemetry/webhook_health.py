@@ -26,11 +26,13 @@ from sqlalchemy import Engine, func, select, text
 from kamiyo import __version__
 from kamiyo.config import Settings
 from kamiyo.db.models import events_table
+from kamiyo.processing.restarts import RestartRecord
 from kamiyo.scrub import redact
 from kamiyo.telemetry.delivery_stats import ServiceState, delivery_totals, read_state
 
 OK, WARN, FAIL, SKIPPED = "ok", "warn", "fail", "skipped"
 _events = events_table
+RESTART_WARN_SECONDS = 3600.0  # the worker check warns this long after the in-process worker died
 
 
 @dataclass(frozen=True)
@@ -233,12 +235,34 @@ def _check_parked(engine: Engine, state: ServiceState) -> Check:
     return Check("parked", FAIL, f"{state.parked} event(s) parked as failed ({listed})", data)
 
 
-def _check_worker(state: ServiceState, in_process: bool | None) -> Check:
+def _check_worker(
+    state: ServiceState, in_process: bool | None, restarts: RestartRecord | None = None, *, now: float
+) -> Check:
+    """Some worker alive; and ``kamiyo serve``'s own (``in_process``: None when it runs none) not
+    dead, nor died within ``RESTART_WARN_SECONDS`` (it is restarted: worth knowing, not failing)."""
     data: dict[str, Any] = {"workers_alive": state.workers_alive}
+    died = ""
+    recent = False
     if in_process is not None:
         data["in_process_worker"] = in_process
+        count, last = restarts.snapshot() if restarts is not None else (0, None)
+        data["in_process_worker_restarts"] = count
+        if last is not None:
+            data["in_process_worker_last_error"] = last.error
+            data["in_process_worker_last_died_at"] = round(last.died_at, 3)
+            ago = _age(max(0.0, now - last.died_at))
+            died = f"worker thread died {count} time(s); last error {last.error}, {ago} ago"
+            recent = now - last.died_at < RESTART_WARN_SECONDS
+    if in_process is False:
+        detail = "the in-process worker is not running"
+        detail += f" ({died}; it is being restarted)" if died else ""
+        return Check("worker", FAIL, f"{detail}: events are stored but not applied by this service", data)
     if state.workers_alive:
-        return Check("worker", OK, f"{state.workers_alive} worker(s) alive", data)
+        alive = f"{state.workers_alive} worker(s) alive"
+        if died:
+            detail = f"{alive}; the in-process {died}, and it was restarted"
+            return Check("worker", WARN if recent else OK, detail, data)
+        return Check("worker", OK, alive, data)
     return Check(
         "worker",
         FAIL,
@@ -280,6 +304,7 @@ def run_checks(
     now: float | None = None,
     limits: Thresholds | None = None,
     in_process_worker: bool | None = None,
+    worker_restarts: RestartRecord | None = None,
     stripe_probe: StripeProbe | None = None,
     started_at: float | None = None,
 ) -> HealthReport:
@@ -301,7 +326,7 @@ def run_checks(
         checks.append(_check_success_ratio(engine, now, limits))
         checks.append(_check_backlog(state, limits))
         checks.append(_check_parked(engine, state))
-        checks.append(_check_worker(state, in_process_worker))
+        checks.append(_check_worker(state, in_process_worker, worker_restarts, now=now))
     if stripe_probe is None:
         checks.append(Check("stripe_api", SKIPPED, "no Stripe API key configured"))
     else:

@@ -7,6 +7,7 @@ at import time. Error classes become status codes here and nowhere else.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import threading
@@ -26,6 +27,7 @@ from starlette.routing import Route
 
 from kamiyo.config import Settings
 from kamiyo.db.engine import make_engine
+from kamiyo.processing.restarts import RestartingWorker, RestartRecord, WorkerDeath
 from kamiyo.processing.worker import Worker
 from kamiyo.telemetry.metrics import (
     CONTENT_TYPE,
@@ -80,22 +82,37 @@ def create_app(
                 count_deliveries=metrics is not None,
                 worker=_in_process(settings) if with_worker else None,
                 on_processed=metrics.count_processed if metrics is not None else None,
+                on_worker_death=metrics.worker_restarted if metrics is not None else None,
             )
             await writer.start()
             worker_alive = writer.worker_alive
+            restarts = writer.worker_restarts
         else:  # an engine given by a test, or one in-memory SQLite database: the same process
             writer = InboxWriter(db, on_commit=wake.set, count_deliveries=metrics is not None)
             writer.start()
+            restarts = RestartRecord()
+
+            def died(death: WorkerDeath) -> None:
+                restarts.add(death)
+                if metrics is not None:
+                    metrics.worker_restarted(death)
+
             if with_worker:
+                restarting = RestartingWorker(lambda: Worker(db, _in_process(settings), metrics=metrics), on_death=died)
                 worker_thread = threading.Thread(
-                    target=Worker(db, _in_process(settings), metrics=metrics).run,
-                    args=(stop, wake),
-                    name="kamiyo-worker",
-                    daemon=True,
+                    target=restarting.run, args=(stop, wake), name="kamiyo-worker", daemon=True
                 )
                 worker_thread.start()
-            worker_alive = (lambda: None) if worker_thread is None else worker_thread.is_alive
-        state.update(engine=db, writer=writer, worker_alive=worker_alive, stripe_probe=_stripe_probe(settings))
+                worker_alive = functools.partial(_running, worker_thread, restarting)
+            else:
+                worker_alive = _no_worker
+        state.update(
+            engine=db,
+            writer=writer,
+            worker_alive=worker_alive,
+            worker_restarts=restarts,
+            stripe_probe=_stripe_probe(settings),
+        )
         if metrics is not None:
             state["scrape"] = scrape_source(metrics, StateCollector(db, settings))
         if not secrets:
@@ -136,6 +153,7 @@ def create_app(
             state["engine"],
             settings,
             in_process_worker=state["worker_alive"](),
+            worker_restarts=state["worker_restarts"],
             stripe_probe=state.get("stripe_probe"),
             started_at=started_at,
         )
@@ -209,6 +227,15 @@ def _stripe_probe(settings: Settings) -> StripeProbe | None:
     if view is None:
         return None
     return cached_probe(lambda: f"Stripe API reachable ({len(view.webhook_endpoints())} webhook endpoint(s))")
+
+
+def _running(thread: threading.Thread, restarting: RestartingWorker) -> bool:
+    """The worker thread of this process applies events (it is not between a death and a restart)."""
+    return thread.is_alive() and not restarting.paused
+
+
+def _no_worker() -> None:
+    return None
 
 
 def _in_memory(settings: Settings) -> bool:

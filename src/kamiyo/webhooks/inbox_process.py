@@ -20,14 +20,16 @@ p99 in every pair, docs/PERFORMANCE.md). The writer wakes it after each commit o
 without a round trip through the server, and both share one engine: on SQLite they queue on its
 write lock, not in SQLite's busy handler. It counts its batches into the server's metrics
 (``ProcessedTally``), and the server knows whether it runs (``worker_alive``, for the health
-check). A child that dies takes its worker with it; the next child starts a new one.
+check). A worker that ends by an error is started again after a pause (processing/restarts.py),
+and the server counts each death (``worker_restarts``, ``on_worker_death``). A child that dies
+takes its worker with it; the next child starts a new one.
 
 Messages are lists of tuples, pickled, each framed by its length. Server to child:
 ``("start", settings, count_deliveries, worker_settings)``, ``("event", number, envelope, body,
 status, counted, received_at)`` (the row is made in the child: a tuple and bytes pickle in a fifth
 of the row's time), ``("count", reason, event_type)``, ``("stop",)``. Child to server:
 ``("ready",)``, ``("done", numbers, outcomes)``, ``("failed", numbers, error)``, ``("processed",
-tally)``, ``("worker_stopped",)``.
+tally)``, ``("worker_started",)``, ``("worker_died", WorkerDeath)``, ``("worker_stopped",)``.
 """
 
 from __future__ import annotations
@@ -45,17 +47,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from sqlalchemy import Engine
 
 from kamiyo.config import Settings
+from kamiyo.processing.restarts import RestartingWorker, RestartRecord, WorkerDeath
 from kamiyo.telemetry.metrics import ProcessedTally
 from kamiyo.webhooks.envelope import Envelope
 from kamiyo.webhooks.inbox import InboxWriter, Pending, inbox_row
-
-if TYPE_CHECKING:
-    from kamiyo.processing.worker import Worker
 
 log = logging.getLogger("kamiyo.inbox")
 _LENGTH = struct.Struct("!I")
@@ -103,7 +103,8 @@ class InboxProcess:
 
     Used from one event loop: ``await start()``, then ``store_event`` from its requests, ``await stop()``.
     With ``worker`` (the worker's settings) the child also runs a worker; ``on_processed`` gets
-    the tally of each batch it commits.
+    the tally of each batch it commits, ``on_worker_death`` each death of that worker (it is
+    restarted), also kept in ``worker_restarts``.
     """
 
     def __init__(
@@ -113,11 +114,14 @@ class InboxProcess:
         count_deliveries: bool = True,
         worker: Settings | None = None,
         on_processed: Callable[[ProcessedTally], None] | None = None,
+        on_worker_death: Callable[[WorkerDeath], None] | None = None,
     ) -> None:
         self._settings = settings
         self._count_deliveries = count_deliveries
         self._worker_settings = worker
         self._on_processed = on_processed
+        self._on_worker_death = on_worker_death
+        self.worker_restarts = RestartRecord()  # deaths of the children's workers, each one restarted
         self._worker_running = False  # the current child's worker thread, from "ready" to "worker_stopped"
         self._numbers = itertools.count()
         self._waiting: dict[int, asyncio.Future[bool]] = {}
@@ -198,6 +202,14 @@ class InboxProcess:
         elif kind == "processed":
             if self._on_processed is not None:
                 self._on_processed(message[1])
+        elif kind == "worker_started":
+            self._worker_running = self._worker_settings is not None
+        elif kind == "worker_died":
+            self._worker_running = False
+            death: WorkerDeath = message[1]
+            self.worker_restarts.add(death)
+            if self._on_worker_death is not None:
+                self._on_worker_death(death)
         elif kind == "worker_stopped":
             self._worker_running = False
         elif kind == "done":
@@ -364,7 +376,10 @@ def serve(connection: socket.socket) -> None:
 
 
 class _WorkerThread:
-    """The in-process worker, in the child: applies events beside the writer until ``stop``."""
+    """The in-process worker, in the child: applies events beside the writer until ``stop``.
+
+    A worker that ends by an error is restarted (``RestartingWorker``); the server hears of each
+    start and death. Should the thread itself end by an error, the server hears that too."""
 
     def __init__(
         self, engine: Engine, settings: Settings, wake: threading.Event, send: Callable[[tuple[Any, ...]], None]
@@ -374,8 +389,13 @@ class _WorkerThread:
         self._send = send
         self._stop = threading.Event()
         self._wake = wake
-        worker = Worker(engine, settings, metrics=self if settings.metrics_enabled else None)
-        self._thread = threading.Thread(target=self._run, args=(worker,), name="kamiyo-worker", daemon=True)
+        metrics = self if settings.metrics_enabled else None
+        self._restarting = RestartingWorker(
+            lambda: Worker(engine, settings, metrics=metrics),
+            on_start=lambda: send(("worker_started",)),
+            on_death=lambda death: send(("worker_died", death)),
+        )
+        self._thread = threading.Thread(target=self._run, name="kamiyo-worker", daemon=True)
         self._thread.start()
 
     def events_processed(self, outcomes: Iterable[tuple[str, str, int, float]], committed_at: float) -> None:
@@ -387,9 +407,9 @@ class _WorkerThread:
         self._wake.set()
         self._thread.join(timeout=STOP_TIMEOUT)
 
-    def _run(self, worker: Worker) -> None:
+    def _run(self) -> None:
         try:
-            worker.run(self._stop, self._wake)
+            self._restarting.run(self._stop, self._wake)
         except Exception:
             log.exception("in-process worker stopped by an error; events are stored but not applied")
         finally:

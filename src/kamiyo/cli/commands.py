@@ -28,6 +28,8 @@ from kamiyo.db.models import events_table
 from kamiyo.errors import KamiyoError
 from kamiyo.logs import configure_logging
 from kamiyo.processing import worker as worker_module
+from kamiyo.processing.restarts import RestartingWorker
+from kamiyo.telemetry.metrics import process_metrics
 from kamiyo.webhooks.signature import signature_header
 
 _events = events_table
@@ -105,7 +107,12 @@ def worker(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    worker_module.Worker(engine, settings).run(stop)
+    # A worker that dies is started again (after a growing pause), counted for the alert.
+    metrics = process_metrics() if settings.metrics_enabled else None
+    RestartingWorker(
+        lambda: worker_module.Worker(engine, settings),
+        on_death=metrics.worker_restarted if metrics is not None else None,
+    ).run(stop)
     engine.dispose()
     return 0
 

@@ -9,20 +9,23 @@ never lets a failed batch out; what it guards against is a bug).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import Engine, select
 
-from appclient import AppClient
+from e2e.harness import free_port
 from integration.test_worker import customer_event, sub_event
 from kamiyo.config import Settings
 from kamiyo.db.models import events_table
-from kamiyo.diagnosis.doctor import FAIL, WARN, diagnose_worker_restarts, restarts_from_metrics
+from kamiyo.diagnosis.doctor import FAIL, WARN, Doctor, diagnose_worker_restarts, restarts_from_metrics
 from kamiyo.processing.restarts import RestartingWorker, RestartRecord, WorkerDeath
 from kamiyo.processing.worker import Worker
 from kamiyo.telemetry.metrics import WebhookMetrics
@@ -34,6 +37,7 @@ from support import signed
 pytestmark = pytest.mark.timeout(120)
 
 SECRET_IN_ERROR = "sk_live_0123456789abcdefghijkl"
+ADMIN_TOKEN = "kamiyo-test-admin-token-0123456789"
 
 
 def _dies_once(monkeypatch: pytest.MonkeyPatch, error: str = "the loop broke") -> list[int]:
@@ -169,37 +173,58 @@ def test_the_server_counts_each_death_its_child_reports_and_knows_the_worker_is_
     assert [d.error for d in deaths] == ["RuntimeError: boom"]
 
 
+@contextlib.contextmanager
+def _serving(app: Any) -> Iterator[str]:
+    """``app`` on a real port of 127.0.0.1 (uvicorn in a thread), for the doctor's HTTP requests."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert _wait(lambda: server.started, timeout=20), "the test server did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 def test_the_servers_own_worker_thread_is_restarted_and_the_health_metrics_and_doctor_show_it(
     settings: Settings, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The worker thread of a server without the inbox process (an engine given): restarted,
-    applying deliveries afterwards; the webhook health's worker check warns with the count and
-    the last error, /metrics counts the restart, and the doctor reads both."""
+    applying deliveries afterwards; the webhook health's worker check warns (the public one names
+    the state only, the admin API adds the count and the last error), /metrics counts the restart,
+    and ``kamiyo doctor`` says "worker thread died 1 time(s); last error ..."."""
     _dies_once(monkeypatch)
     monkeypatch.setattr("kamiyo.processing.restarts.RESTART_PAUSE", 0.05)
-    metrics = WebhookMetrics()
+    settings = dataclasses.replace(settings, admin_token=ADMIN_TOKEN, health_cache_seconds=0.0)
     events = [customer_event("ann@example.com"), sub_event("active")]
-    with AppClient(create_app(settings, engine=engine, run_worker=True, metrics=metrics)) as http:
+    app = create_app(settings, engine=engine, run_worker=True, metrics=WebhookMetrics())
+    with _serving(app) as url, httpx.Client(base_url=url, timeout=15) as http:
         for event in events:
             body, headers = signed(event)
             assert http.post(WEBHOOK_PATH, content=body, headers=headers).status_code == 200
         applied = _wait(lambda: _statuses(engine, *(e["id"] for e in events)) == ["applied"] * 2)
-        health = http.get(WEBHOOK_PATH + "/health").json()
+        public = http.get(WEBHOOK_PATH + "/health").json()
+        full = http.get("/admin/api/health", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
         scraped = http.get("/metrics").text
+        diagnosis = Doctor(settings, url=url, engine=engine, apply_timeout=10).run()
     assert applied
-    worker = next(c for c in health["checks"] if c["name"] == "worker")
+    assert next(c for c in public["checks"] if c["name"] == "worker") == {"name": "worker", "status": WARN}
+    worker = next(c for c in full["checks"] if c["name"] == "worker")
     assert worker["status"] == WARN
     assert worker["in_process_worker"] is True
     assert worker["in_process_worker_restarts"] == 1
     assert worker["in_process_worker_last_error"] == "RuntimeError: the loop broke (key [redacted])"
     assert "worker thread died 1 time(s)" in worker["detail"]
-    assert SECRET_IN_ERROR not in str(health)
+    assert SECRET_IN_ERROR not in str(full)
     assert restarts_from_metrics(scraped) == 1.0
-
-    finding = diagnose_worker_restarts(worker, restarts_from_metrics(scraped), now=time.time())
-    assert finding is not None
-    assert finding.status == WARN
-    assert "worker thread died 1 time(s); last error RuntimeError: the loop broke (key [redacted])" in finding.found
+    said = [f for f in diagnosis.findings if "worker thread died" in f.found]
+    assert len(said) == 1
+    assert said[0].status == WARN
+    assert "worker thread died 1 time(s); last error RuntimeError: the loop broke (key [redacted])" in said[0].found
 
 
 def test_a_dead_in_process_worker_fails_the_health_check_and_the_doctor_says_so(

@@ -659,7 +659,10 @@ class Doctor:
                 add(finding)
         else:
             add(Finding("Processing", SKIPPED, f"no database to read ({db_error or 'not configured'})"))
-        worker_check = next((c for c in (health or {}).get("checks", []) if c.get("name") == "worker"), None)
+        # The public health names each check's state only; its details (the worker's restarts and
+        # last error) come from the admin API, for a doctor run with the service's admin token.
+        full = self._admin_health() if listening else None
+        worker_check = next((c for c in (full or health or {}).get("checks", []) if c.get("name") == "worker"), None)
         restarted = diagnose_worker_restarts(
             worker_check, restarts_from_metrics(metrics_text) if metrics_text else None, now=self.clock()
         )
@@ -697,6 +700,22 @@ class Doctor:
             return http("GET", self.url + path, timeout=self.http_timeout).json()
         except OSError:
             return None
+
+    def _admin_health(self) -> dict[str, Any] | None:
+        """The full webhook health from ``/admin/api/health``, with ``KAMIYO_ADMIN_TOKEN``; else None."""
+        token = self.settings.admin_token
+        if not token:
+            return None
+        try:
+            answer = http(
+                "GET",
+                self.url + "/admin/api/health",
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=self.http_timeout,
+            )
+        except OSError:
+            return None
+        return answer.json() if answer.status == 200 else None
 
     def _get_text(self, path: str) -> str | None:
         try:

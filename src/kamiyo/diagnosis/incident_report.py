@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -22,34 +22,16 @@ from sqlalchemy import Engine, func, select
 
 from kamiyo.db.models import audit_log_table, events_table, users_table
 from kamiyo.errors import KamiyoError
+from kamiyo.operations.inputs import parse_time as parse_time  # the CLI and tests import it from here
 from kamiyo.telemetry.delivery_stats import delivery_rows, utc_seconds
 from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX
 
 # An event counts as late when Stripe created it this long before we stored it.
 LATE_SECONDS = 60
-_RELATIVE = re.compile(r"(\d+)\s*([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 # What a handler writes into an event's detail when a user's state changed (processing/handlers.py).
 _USER_CHANGE = re.compile(r"user (\S+) (\S+)/(\S+) -> (\S+)/(\S+)")
 _events = events_table
 _users = users_table
-
-
-def parse_time(text: str, *, now: datetime) -> datetime:
-    """``2h`` / ``30m`` / ``1d`` ago, ``now``, Unix seconds, or ISO 8601 (without a zone: UTC)."""
-    raw = text.strip()
-    if raw == "now":
-        return now
-    relative = _RELATIVE.fullmatch(raw)
-    if relative:
-        return now - timedelta(seconds=int(relative.group(1)) * _UNITS[relative.group(2)])
-    if raw.isdigit():
-        return datetime.fromtimestamp(int(raw), UTC)
-    try:
-        moment = datetime.fromisoformat(raw)
-    except ValueError:
-        raise KamiyoError(f"cannot read {text!r} as a time (try 2h, 1d, 2026-11-27T10:00 or Unix seconds)") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _iso(moment: datetime | float | None) -> str | None:

@@ -208,8 +208,10 @@ class UserOverride(Base):
 class AuditRecord(Base):
     """Append-only log of manual actions: who, when, why, and the state before and after.
 
-    Triggers created by migration 0005 reject UPDATE and DELETE (and TRUNCATE on PostgreSQL),
-    so ``info["append_only"]`` tells test helpers not to try to empty it.
+    Triggers created by migration 0005 reject UPDATE and DELETE (and TRUNCATE on PostgreSQL), and
+    on SQLite one from 0007 rejects an INSERT of an existing id (``INSERT OR REPLACE`` deletes the
+    old row without firing the DELETE trigger), so ``info["append_only"]`` tells test helpers not
+    to try to empty it.
     """
 
     __tablename__ = "audit_log"
@@ -223,6 +225,38 @@ class AuditRecord(Base):
     target: Mapped[str | None] = mapped_column(String(400), index=True)  # an email, an event id, a scope
     before: Mapped[dict[str, object] | None] = mapped_column(JSON)
     after: Mapped[dict[str, object] | None] = mapped_column(JSON)
+    # A name the actor gave without proving it (the console's name field, X-Kamiyo-Actor, --by):
+    # kept beside the proven actor, never instead of it.
+    claimed_by: Mapped[str | None] = mapped_column(String(255))
+
+
+class AdminSession(Base):
+    """A signed-in console session, shared by every ``kamiyo serve``; signing out deletes it.
+
+    The cookie holds a random id; only its SHA-256 is stored, so a copy of this table opens
+    nothing. ``token_check`` (an HMAC of that id keyed by the operator's token) ends the session
+    when that token is rotated or removed. Times are Unix seconds.
+    """
+
+    __tablename__ = "admin_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    operator: Mapped[str] = mapped_column(String(64))  # the name of the token that signed in
+    claimed: Mapped[str | None] = mapped_column(String(64))  # the name typed into the sign-in form
+    token_check: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class AdminSignInFailure(Base):
+    """Wrong admin tokens per client address in the current window (sign-in form and bearer alike),
+    shared by every ``kamiyo serve``: past the limit the address is refused until the window ends."""
+
+    __tablename__ = "admin_sign_in_failures"
+
+    client: Mapped[str] = mapped_column(String(64), primary_key=True)
+    window_start: Mapped[int] = mapped_column(BigInteger, index=True)  # Unix seconds
+    failures: Mapped[int] = mapped_column(Integer)
 
 
 # The Core tables, typed as such, for the hot paths that use SQL expressions directly.
@@ -235,3 +269,5 @@ delivery_stats_table = cast(Table, DeliveryStat.__table__)
 worker_heartbeats_table = cast(Table, WorkerHeartbeat.__table__)
 user_overrides_table = cast(Table, UserOverride.__table__)
 audit_log_table = cast(Table, AuditRecord.__table__)
+admin_sessions_table = cast(Table, AdminSession.__table__)
+admin_sign_in_failures_table = cast(Table, AdminSignInFailure.__table__)

@@ -1,8 +1,14 @@
 """The append-only audit log of manual actions: who, when, why, before and after.
 
 Nothing in kamiyo updates or deletes an entry, and the database refuses to (triggers from
-migration 0005). ``record_action`` writes inside the caller's transaction, so an entry exists
-exactly when the change it describes was committed.
+migration 0005; on SQLite also an INSERT OR REPLACE of an existing id, migration 0007).
+``record_action`` writes inside the caller's transaction, so an entry exists exactly when the
+change it describes was committed.
+
+The actor is who is proven to act: the name of the admin token that signed in or sent the
+request, or the OS user running the CLI (shell access is the credential). A name given without
+proof (the console's name field, ``X-Kamiyo-Actor``, ``--by`` when it is not the OS user) is
+kept beside it as ``claimed_by``, never as the actor.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class AuditEntry:
     target: str | None
     before: dict[str, Any] | None
     after: dict[str, Any] | None
+    claimed_by: str | None = None
 
 
 def default_actor() -> str:
@@ -43,6 +50,13 @@ def default_actor() -> str:
         return getpass.getuser()
     except (OSError, KeyError):  # no passwd entry and no LOGNAME/USER, e.g. an arbitrary container uid
         return f"uid:{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+
+
+def cli_actor(by: str | None) -> tuple[str, str | None]:
+    """The CLI's actor and claim: the OS user, and ``--by`` beside it when it names someone else."""
+    actor = default_actor()
+    claimed = (by or "").strip()[:255] or None
+    return actor, (claimed if claimed != actor else None)
 
 
 def record_action(
@@ -54,8 +68,12 @@ def record_action(
     target: str | None,
     before: dict[str, Any] | None,
     after: dict[str, Any] | None,
+    claimed_by: str | None = None,
 ) -> None:
-    """Append one entry, in the caller's transaction (it commits or rolls back with the change)."""
+    """Append one entry, in the caller's transaction (it commits or rolls back with the change).
+
+    ``claimed_by``: a name the actor gave without proving it, kept beside the actor.
+    """
     if not action.strip() or not actor.strip():
         raise KamiyoError("an audit entry needs an action and an actor")
     connection.execute(
@@ -67,6 +85,7 @@ def record_action(
             target=target[:400] if target else None,
             before=_plain(before),
             after=_plain(after),
+            claimed_by=(claimed_by or "").strip()[:255] or None,
         )
     )
 
@@ -90,6 +109,7 @@ def list_audit(
             target=row.target,
             before=row.before,
             after=row.after,
+            claimed_by=row.claimed_by,
         )
         for row in connection.execute(query)
     ]

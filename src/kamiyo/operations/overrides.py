@@ -16,7 +16,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, select
+from sqlalchemy import Connection, Engine, delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from kamiyo.db.models import subscriptions_table, user_overrides_table, users_table
@@ -45,6 +45,7 @@ def set_override(
     expires_at: datetime | None,
     actor: str,
     tiers: TierMap | None = None,
+    claimed_by: str | None = None,
 ) -> UserReport:
     """Give ``email`` the ``tier`` until ``expires_at`` (None: until cleared), whatever Stripe says.
 
@@ -85,14 +86,27 @@ def set_override(
         Store(connection, tiers).recompute_user(user_id)
         after = _state(connection, user_id)
         record_action(
-            connection, action="override.set", actor=actor, reason=reason, target=address, before=before, after=after
+            connection,
+            action="override.set",
+            actor=actor,
+            reason=reason,
+            target=address,
+            before=before,
+            after=after,
+            claimed_by=claimed_by,
         )
     log.info("override set email=%s tier=%s expires=%s by=%s", address, tier, expires_at, actor)
     return _report(engine, address, tiers)
 
 
 def clear_override(
-    engine: Engine, *, email: str, actor: str, reason: str | None = None, tiers: TierMap | None = None
+    engine: Engine,
+    *,
+    email: str,
+    actor: str,
+    reason: str | None = None,
+    tiers: TierMap | None = None,
+    claimed_by: str | None = None,
 ) -> UserReport:
     """Remove the user's override; they get the tier Stripe's state gives (free without subscriptions).
 
@@ -111,20 +125,30 @@ def clear_override(
             raise KamiyoError(f"{address} has no override and already has the tier Stripe's state gives")
         after = _state(connection, user_id)
         record_action(
-            connection, action="override.clear", actor=actor, reason=reason, target=address, before=before, after=after
+            connection,
+            action="override.clear",
+            actor=actor,
+            reason=reason,
+            target=address,
+            before=before,
+            after=after,
+            claimed_by=claimed_by,
         )
     log.info("override cleared email=%s by=%s", address, actor)
     return _report(engine, address, tiers)
 
 
-def active_overrides(connection: Connection) -> list[OverrideView]:
-    """Every override in force, the soonest to expire first (those without expiry last)."""
+def active_overrides(connection: Connection, *, limit: int | None = None) -> list[OverrideView]:
+    """Every override in force (at most ``limit``), the soonest to expire first (those without expiry last)."""
     now = datetime.now(UTC)
-    rows = connection.execute(
+    query = (
         select(_overrides, _users.c.email)
         .join(_users, _users.c.id == _overrides.c.user_id)
+        .where(or_(_overrides.c.expires_at.is_(None), _overrides.c.expires_at > now))
         .order_by(_overrides.c.expires_at.is_(None), _overrides.c.expires_at, _users.c.email)
     )
+    if limit is not None:
+        query = query.limit(max(1, limit))
     return [
         OverrideView(
             email=row.email,
@@ -134,7 +158,7 @@ def active_overrides(connection: Connection) -> list[OverrideView]:
             set_by=row.set_by,
             set_at=as_utc(row.set_at),
         )
-        for row in rows
+        for row in connection.execute(query)
         if override_in_force(row.expires_at, now)
     ]
 

@@ -92,6 +92,7 @@ class _Run:
     dry_run: bool
     actor: str
     reason: str | None
+    claimed_by: str | None = None
     results: list[ReplayResult] = field(default_factory=list)
 
 
@@ -107,12 +108,14 @@ def replay_events(
     reason: str | None,
     settings: Settings | None = None,
     limit: int | None = None,
+    claimed_by: str | None = None,
 ) -> list[ReplayResult]:
     """Apply the selected events again (oldest first); with ``dry_run``, only show what would change.
 
     Select by ``event_id`` alone, or by any combination of ``failed``, ``event_type`` and
     ``since`` (received at or after). ``settings`` (default: from the environment) supplies the
-    tier configuration, as the worker's does.
+    tier configuration, as the worker's does. ``claimed_by``: a name the actor gave without
+    proving it, recorded beside the actor in each audit entry.
     """
     conditions = _selection(event_id, failed, event_type, since)
     if not actor.strip():
@@ -129,7 +132,7 @@ def replay_events(
     if event_id is not None and not ids:
         raise KamiyoError(f"no event {event_id} in the inbox")
 
-    run = _Run(Worker(engine, settings), settings, dry_run, actor.strip(), (reason or "").strip() or None)
+    run = _Run(Worker(engine, settings), settings, dry_run, actor.strip(), (reason or "").strip() or None, claimed_by)
     chunks = [ids[i : i + _CHUNK] for i in range(0, len(ids), _CHUNK)]
     with engine.connect() as connection:
         if dry_run:
@@ -213,6 +216,7 @@ def _replay_chunk(connection: Connection, run: _Run, ids: Sequence[int]) -> None
                 "error": outcome.last_error,
                 "users": [asdict(c) for c in changes],
             },
+            claimed_by=run.claimed_by,
         )
         log.info(
             "event replayed event=%s type=%s status=%s->%s by=%s",

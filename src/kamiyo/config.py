@@ -6,6 +6,7 @@ with a message naming the variable, never at the first webhook.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -29,6 +30,9 @@ DEFAULT_STRIPE_RATE_LIMIT = 20.0
 DEFAULT_BACKFILL_INTERVAL = 600  # with an API key; without one the scheduled backfill is off
 ADMIN_TOKEN_MIN_LENGTH = 16
 DEFAULT_MAINTENANCE_TIMEOUT = 3600.0  # DATABASE_MAINTENANCE_TIMEOUT_SECONDS
+ADMIN_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Who the audit names for KAMIYO_ADMIN_TOKEN, the token operators share (a name, not a secret).
+SHARED_TOKEN_NAME = "shared"  # noqa: S105
 
 
 @dataclass(frozen=True)
@@ -65,14 +69,29 @@ class Settings:
     health_backlog_max_age_seconds: float = 600.0
     # How long GET /health, the webhook health and /metrics reuse an answer (0: computed per request).
     health_cache_seconds: float = 1.0
-    # The operator console and admin API (issue 5); None turns both off (their routes are 404).
-    admin_token: str | None = field(default=None, repr=False)
     # PostgreSQL: limits on every connection of the service, in seconds (0 turns a limit off).
     # Migrations, sync and backfill raise the statement limit to the maintenance one.
     database_connect_timeout_seconds: int = 10
     database_statement_timeout_seconds: float = 30.0
     database_lock_timeout_seconds: float = 10.0
     database_maintenance_timeout_seconds: float = DEFAULT_MAINTENANCE_TIMEOUT
+    # The operator console and admin API: a shared token and tokens of their own per operator
+    # (name, token); with neither, both are off (their routes are 404). Then the console's limits:
+    # sign-in failures per client address within a window, request body caps, and the proxies
+    # whose X-Forwarded-For names the client (uvicorn's forwarded_allow_ips).
+    admin_token: str | None = field(default=None, repr=False)
+    admin_tokens: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    admin_signin_max_failures: int = 10
+    admin_signin_window_seconds: int = 300
+    admin_session_seconds: int = 12 * 3600
+    admin_max_form_bytes: int = 4096
+    admin_max_json_bytes: int = 16 * 1024
+    forwarded_allow_ips: str = "127.0.0.1,::1"
+
+    @property
+    def admin_enabled(self) -> bool:
+        """Whether the console and admin API are on (some admin token is configured)."""
+        return bool(self.admin_token or self.admin_tokens)
 
     def __repr__(self) -> str:  # never print secrets, even by accident
         url = _redact_url(self.database_url)
@@ -114,6 +133,13 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
             values, "BACKFILL_INTERVAL_SECONDS", DEFAULT_BACKFILL_INTERVAL if stripe_key else 0, low=0, high=30 * 86400
         ),
         admin_token=_admin_token(values.get("KAMIYO_ADMIN_TOKEN", "")),
+        admin_tokens=_admin_tokens(values.get("KAMIYO_ADMIN_TOKENS", ""), values.get("KAMIYO_ADMIN_TOKEN", "")),
+        admin_signin_max_failures=_int(values, "ADMIN_SIGNIN_MAX_FAILURES", 10, low=1, high=10_000),
+        admin_signin_window_seconds=_int(values, "ADMIN_SIGNIN_WINDOW_SECONDS", 300, low=1, high=86400),
+        admin_session_seconds=_int(values, "ADMIN_SESSION_SECONDS", 12 * 3600, low=60, high=7 * 86400),
+        admin_max_form_bytes=_int(values, "ADMIN_MAX_FORM_BYTES", 4096, low=256, high=1024 * 1024),
+        admin_max_json_bytes=_int(values, "ADMIN_MAX_JSON_BYTES", 16 * 1024, low=1024, high=1024 * 1024),
+        forwarded_allow_ips=_forwarded_allow_ips(values.get("FORWARDED_ALLOW_IPS", "")),
         health_silence_seconds=_float(values, "HEALTH_SILENCE_SECONDS", 1800.0, low=0, high=30 * 86400),
         health_min_success_ratio=_float(values, "HEALTH_MIN_SUCCESS_RATIO", 0.95, low=0, high=1),
         health_backlog_max_age_seconds=_float(values, "HEALTH_BACKLOG_MAX_AGE_SECONDS", 600.0, low=1, high=30 * 86400),
@@ -185,19 +211,64 @@ def _api_base(raw: str) -> str:
     return base
 
 
-def _admin_token(raw: str) -> str | None:
+def _admin_token(raw: str, name: str = "KAMIYO_ADMIN_TOKEN") -> str | None:
     """The console's bearer token: empty turns the console off; a weak one stops the start."""
     if not raw:
         return None
     # Never echoed (it is a credential). It travels in an HTTP header: printable ASCII only.
     if not (raw.isascii() and raw.isprintable()) or any(c.isspace() or c in "\"'" for c in raw):
-        raise ConfigError("KAMIYO_ADMIN_TOKEN: contains whitespace, quotes or non-ASCII characters (a paste error?)")
+        raise ConfigError(f"{name}: contains whitespace, quotes or non-ASCII characters (a paste error?)")
     if len(raw) < ADMIN_TOKEN_MIN_LENGTH:
         raise ConfigError(
-            f"KAMIYO_ADMIN_TOKEN: {len(raw)} characters is too short; use at least {ADMIN_TOKEN_MIN_LENGTH} "
+            f"{name}: {len(raw)} characters is too short; use at least {ADMIN_TOKEN_MIN_LENGTH} "
             "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
         )
     return raw
+
+
+def _admin_tokens(raw: str, shared: str) -> tuple[tuple[str, str], ...]:
+    """``KAMIYO_ADMIN_TOKENS=name:token,...``: each operator's own token, so the audit names them.
+
+    Names are unique and never the shared token's name; tokens are unique, and none is
+    ``KAMIYO_ADMIN_TOKEN``. A token is never echoed, only its entry's position or name.
+    """
+    entries: list[tuple[str, str]] = []
+    for position, entry in enumerate((e.strip() for e in raw.split(",") if e.strip()), start=1):
+        name, colon, token = entry.partition(":")
+        if not colon or not ADMIN_NAME_RE.fullmatch(name):
+            raise ConfigError(
+                f"KAMIYO_ADMIN_TOKENS: entry #{position} must be name:token, the name 1-64 letters, digits, "
+                "'.', '_' or '-'"
+            )
+        if name == SHARED_TOKEN_NAME:
+            raise ConfigError(f"KAMIYO_ADMIN_TOKENS: the name {name!r} is the shared KAMIYO_ADMIN_TOKEN's")
+        checked = _admin_token(token, f"KAMIYO_ADMIN_TOKENS ({name})")
+        if checked is None:
+            raise ConfigError(f"KAMIYO_ADMIN_TOKENS: entry #{position} ({name}) has no token")
+        if any(name == known for known, _ in entries):
+            raise ConfigError(f"KAMIYO_ADMIN_TOKENS: the name {name!r} appears twice")
+        if checked == shared or any(checked == known for _, known in entries):
+            raise ConfigError(
+                f"KAMIYO_ADMIN_TOKENS: the token of {name!r} is also another operator's or KAMIYO_ADMIN_TOKEN; "
+                "every token must be different"
+            )
+        entries.append((name, checked))
+    return tuple(entries)
+
+
+def _forwarded_allow_ips(raw: str) -> str:
+    """The proxies trusted to name the client in X-Forwarded-For: addresses or networks, or ``*``."""
+    value = raw.strip() or "127.0.0.1,::1"
+    if value == "*":
+        return value
+    for item in (i.strip() for i in value.split(",")):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"FORWARDED_ALLOW_IPS: {item!r} is not an IP address or network (comma-separated, or *)"
+            ) from None
+    return value
 
 
 def _int(values: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:

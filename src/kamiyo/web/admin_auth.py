@@ -1,18 +1,22 @@
-"""Who may use the operator console: the admin token, the session cookie and its CSRF token.
+"""Who may use the operator console: admin tokens, session ids, CSRF tokens.
 
-Pure functions of strings and times; ``web/admin.py`` feeds them the request's headers.
+Pure functions of strings; ``web/admin.py`` feeds them the request's headers, and
+``admin_sessions.py`` / ``admin_throttle.py`` keep what must be shared by every replica.
 
-- ``Authorization: Bearer TOKEN`` (``KAMIYO_ADMIN_TOKEN``) is accepted on every admin route.
-  When the header is present it alone decides, so a wrong token is never rescued by a cookie.
-- The sign-in form trades the token for a session cookie ``v1.<issued>.<actor>.<mac>``, where
-  ``mac`` is an HMAC-SHA256 keyed by the admin token itself. Our own HMAC rather than
-  Starlette's SessionMiddleware (itsdangerous): no second secret to configure and keep, no
-  session machinery on the webhook routes, one dependency fewer, and rotating the token signs
-  every session out at once. The cookie never holds the token.
+- Tokens: ``KAMIYO_ADMIN_TOKEN`` (shared, named ``shared``) and each operator's own from
+  ``KAMIYO_ADMIN_TOKENS=name:token,...``. A request is proven to come from the *name* of the
+  token it carries; the audit log records that name. A name the request merely states (the
+  sign-in form's name field, ``X-Kamiyo-Actor``) is a claim, kept beside it.
+- ``Authorization: Bearer TOKEN`` works on every admin route, and when present it alone decides:
+  a wrong token is never rescued by a cookie. Any other scheme (a proxy's ``Basic``) is not ours
+  and is ignored, so a valid session cookie still counts.
+- The sign-in form trades a token for a session: the cookie holds ``v2.<random id>`` (256 bits);
+  the database keeps only the id's SHA-256 and an HMAC of the id keyed by the operator's token,
+  so rotating or removing that token ends its sessions, and signing out deletes the row.
 - A cookie-authenticated request that changes something must also send the session's CSRF
-  token (another HMAC, embedded in the page) in ``X-CSRF-Token`` or a ``csrf`` form field.
-  SameSite=Strict already keeps the cookie off cross-site requests; this is the second wall.
-  Bearer requests need none: a browser never adds that header by itself.
+  token (an HMAC keyed by the session id, embedded in the page) in ``X-CSRF-Token`` or a ``csrf``
+  form field. SameSite=Strict already keeps the cookie off cross-site requests; this is the
+  second wall. Bearer requests need none: a browser never adds that header by itself.
 
 Every comparison of a secret value is constant-time (``hmac.compare_digest``).
 """
@@ -23,16 +27,20 @@ import base64
 import hashlib
 import hmac
 import re
+import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from kamiyo.config import SHARED_TOKEN_NAME, Settings
 
 SESSION_COOKIE = "kamiyo_admin"
 SESSION_SECONDS = 12 * 3600
 CSRF_HEADER = "x-csrf-token"
 ACTOR_HEADER = "x-kamiyo-actor"
-DEFAULT_BEARER_ACTOR = "admin-api"
-DEFAULT_SESSION_ACTOR = "console"
+_COOKIE = re.compile(r"v2\.[A-Za-z0-9_-]{43}")
 _ACTOR_RE = re.compile(r"[^A-Za-z0-9 ._@+-]")
 _ACTOR_MAX = 64
+_MAX_CANDIDATE = 512  # longer than any token we accept: compared as a miss without hashing it
 
 
 @dataclass(frozen=True)
@@ -40,12 +48,15 @@ class Operator:
     """An authenticated admin request: by bearer token or by session cookie."""
 
     via: str  # "bearer" | "session"
-    actor: str  # recorded in the audit log as console:<actor> or api:<actor>
-    csrf: str | None = None  # the CSRF token of the session (None for bearer requests)
+    name: str  # proven: the name of the token that signed in or sent the request
+    claimed: str | None = None  # a name the request stated (sign-in form, X-Kamiyo-Actor): not proven
+    csrf: str | None = None  # the session's CSRF token (None for bearer requests)
+    session_hash: str | None = None  # the session's key in admin_sessions (None for bearer requests)
 
     @property
     def audit_name(self) -> str:
-        return f"{'console' if self.via == 'session' else 'api'}:{self.actor}"
+        """The audit log's actor: ``console:<name>`` or ``api:<name>``."""
+        return f"{'console' if self.via == 'session' else 'api'}:{self.name}"
 
 
 @dataclass(frozen=True)
@@ -55,67 +66,87 @@ class Refusal:
     reason: str  # missing | bad_scheme | bad_token | bad_session | expired_session
 
 
-def clean_actor(raw: str | None, default: str) -> str:
-    """An operator's name as given in the sign-in form or the actor header, made safe to log."""
+@dataclass(frozen=True)
+class Bearer:
+    """The token an ``Authorization: Bearer`` header carries."""
+
+    token: str
+
+
+def clean_actor(raw: str | None, default: str | None = None) -> str | None:
+    """A name as given in the sign-in form or the actor header, made safe to log and store."""
     name = _ACTOR_RE.sub("", (raw or "").strip())[:_ACTOR_MAX].strip()
     return name or default
 
 
-class AdminAuth:
-    """Checks requests against one admin token."""
+def read_authorization(header: str | None) -> Bearer | Refusal | None:
+    """A Bearer header's token; a malformed Bearer header's refusal; None for no header or another scheme."""
+    if header is None:
+        return None
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None  # not ours (a proxy's Basic, say): it neither proves nor refuses anything
+    token = credentials.strip()
+    return Bearer(token) if token else Refusal("bad_scheme")
 
-    def __init__(self, token: str, *, session_seconds: int = SESSION_SECONDS) -> None:
-        self._token = token.encode("ascii")
-        self.session_seconds = session_seconds
 
-    def token_matches(self, candidate: str) -> bool:
-        """Constant-time comparison with the admin token."""
-        return hmac.compare_digest(candidate.encode("utf-8", "surrogateescape"), self._token)
+class AdminTokens:
+    """The configured admin tokens by name; finds a token's name in constant time."""
 
-    def _mac(self, purpose: str, message: str) -> str:
-        digest = hmac.new(self._token, f"kamiyo-admin:{purpose}\x00{message}".encode(), hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+    def __init__(self, tokens: Iterable[tuple[str, str]]) -> None:
+        self._tokens = {name: token.encode("ascii") for name, token in tokens}
+        if not self._tokens:
+            raise ValueError("AdminTokens needs at least one token")
 
-    def new_session(self, actor: str, now: float) -> str:
-        """A signed session cookie value for ``actor``, issued at ``now``."""
-        name = base64.urlsafe_b64encode(clean_actor(actor, DEFAULT_SESSION_ACTOR).encode()).decode().rstrip("=")
-        body = f"v1.{int(now)}.{name}"
-        return f"{body}.{self._mac('session', body)}"
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AdminTokens:
+        shared = [(SHARED_TOKEN_NAME, settings.admin_token)] if settings.admin_token else []
+        return cls([*shared, *settings.admin_tokens])
 
-    def csrf_token(self, session: str) -> str:
-        """The CSRF token that goes with one session cookie value."""
-        return self._mac("csrf", session)
+    def secrets(self) -> list[bytes]:
+        """Every token, for whoever must keep them out of an output."""
+        return list(self._tokens.values())
 
-    def csrf_matches(self, session: str, candidate: str | None) -> bool:
-        return candidate is not None and hmac.compare_digest(candidate.encode(), self.csrf_token(session).encode())
+    def match(self, candidate: str) -> str | None:
+        """The name of the token ``candidate`` is, or None; every token is compared, whatever matches."""
+        if len(candidate) > _MAX_CANDIDATE:
+            return None
+        given = candidate.encode("utf-8", "surrogateescape")
+        found = None
+        for name, token in self._tokens.items():
+            if hmac.compare_digest(given, token):
+                found = name
+        return found
 
-    def read_session(self, cookie: str, now: float) -> Operator | Refusal:
-        parts = cookie.split(".")
-        if len(parts) != 4 or parts[0] != "v1" or not parts[1].isdigit():
-            return Refusal("bad_session")
-        body = ".".join(parts[:3])
-        if not hmac.compare_digest(parts[3].encode(), self._mac("session", body).encode()):
-            return Refusal("bad_session")
-        issued = int(parts[1])
-        if not issued - 60 <= now <= issued + self.session_seconds:
-            return Refusal("expired_session")
-        try:
-            actor = base64.urlsafe_b64decode(parts[2] + "=" * (-len(parts[2]) % 4)).decode()
-        except ValueError:
-            return Refusal("bad_session")
-        return Operator("session", clean_actor(actor, DEFAULT_SESSION_ACTOR), self.csrf_token(cookie))
+    def session_check(self, name: str, cookie: str) -> str | None:
+        """What ``admin_sessions.token_check`` holds for a session of ``name``; None if the name has no token."""
+        token = self._tokens.get(name)
+        if token is None:
+            return None
+        return hmac.new(token, b"kamiyo-admin:session\x00" + cookie.encode(), hashlib.sha256).hexdigest()
 
-    def authenticate(
-        self, authorization: str | None, cookie: str | None, now: float, *, actor_header: str | None = None
-    ) -> Operator | Refusal:
-        """The operator behind a request's ``Authorization`` header or session cookie, or why not."""
-        if authorization is not None:
-            scheme, _, credentials = authorization.strip().partition(" ")
-            if scheme.lower() != "bearer" or not credentials.strip():
-                return Refusal("bad_scheme")
-            if not self.token_matches(credentials.strip()):
-                return Refusal("bad_token")
-            return Operator("bearer", clean_actor(actor_header, DEFAULT_BEARER_ACTOR))
-        if cookie:
-            return self.read_session(cookie, now)
-        return Refusal("missing")
+
+def new_session_cookie() -> str:
+    """A fresh session cookie value: a random id, unguessable (256 bits)."""
+    return "v2." + base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+
+
+def is_session_cookie(value: str) -> bool:
+    return _COOKIE.fullmatch(value) is not None
+
+
+def session_hash(cookie: str) -> str:
+    """The key under which a session is stored: the cookie itself never is."""
+    return hashlib.sha256(cookie.encode()).hexdigest()
+
+
+def csrf_token(cookie: str) -> str:
+    """The CSRF token that goes with one session: keyed by the session id, which only its browser holds."""
+    digest = hmac.new(cookie.encode(), b"kamiyo-admin:csrf", hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def csrf_matches(cookie: str, candidate: str | None) -> bool:
+    return candidate is not None and hmac.compare_digest(
+        candidate.encode("utf-8", "surrogateescape"), csrf_token(cookie).encode()
+    )

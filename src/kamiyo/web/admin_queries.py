@@ -28,6 +28,7 @@ EVENT_STATUSES = ("applied", "pending", "failed", "ignored")
 STATS_MARKS = ("duplicate", "rejected")  # counted per minute in webhook_delivery_stats
 MARKS = (*EVENT_STATUSES, *STATS_MARKS)
 MAX_LIMIT = 500
+MAX_TYPES = 500
 # A customer filter searches the payloads of at most this many of the newest events.
 CUSTOMER_SCAN_WINDOW = 50_000
 
@@ -72,12 +73,14 @@ def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def event_types(engine: Engine) -> list[str]:
-    """Every event type in the inbox, for the console's type filter."""
+def event_types(engine: Engine, *, limit: int = MAX_TYPES) -> list[str]:
+    """The event types in the inbox (at most ``limit``, alphabetically), for the console's type filter."""
     # The type index holds the events taken up by the worker; pending ones come from the claim index.
-    types = union(
-        select(_events.c.type).where(NOT_PENDING), select(_events.c.type).where(_events.c.status == "pending")
-    ).order_by("type")
+    types = (
+        union(select(_events.c.type).where(NOT_PENDING), select(_events.c.type).where(_events.c.status == "pending"))
+        .order_by("type")
+        .limit(max(1, limit))
+    )
     with engine.connect().execution_options(readonly=True) as connection:
         return list(connection.execute(types).scalars())
 

@@ -192,8 +192,8 @@ def create_app(
             Route(WEBHOOK_PATH + "/health", webhook_health, methods=["GET", "HEAD"]),
             Route("/health", health, methods=["GET", "HEAD"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
-            # The operator console and admin API (web/admin.py): only with KAMIYO_ADMIN_TOKEN.
-            *(admin_routes(settings, state) if settings.admin_token else []),
+            # The operator console and admin API (web/admin.py): only with an admin token.
+            *(admin_routes(settings, state) if settings.admin_enabled else []),
         ],
         lifespan=lifespan,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import signal
 import sys
@@ -29,6 +28,7 @@ from kamiyo.errors import KamiyoError
 from kamiyo.logs import configure_logging
 from kamiyo.processing import worker as worker_module
 from kamiyo.processing.restarts import RestartingWorker
+from kamiyo.scrub import clean, redact
 from kamiyo.telemetry.metrics import process_metrics
 from kamiyo.webhooks.signature import signature_header
 
@@ -71,6 +71,10 @@ def serve(settings: Settings, *, host: str | None, port: int | None, no_worker: 
         loop="uvloop",
         http="httptools",
         timeout_graceful_shutdown=20,
+        # X-Forwarded-For names the client (the console's sign-in throttling counts per address)
+        # only when the peer is one of these proxies; anyone else's header is ignored.
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
     )
     _server_class()(config).run()
     return 0
@@ -161,22 +165,31 @@ def events_list(settings: Settings, *, status: str | None, event_type: str | Non
         line = f"{received:<20} {row.status:<8} {row.attempts:>5}  {row.stripe_event_id:<34} {row.type}"
         if row.last_error:
             line += f"  error: {row.last_error[:120]}"
-        print(line)
+        print(clean(line))
     return 0
 
 
 def events_show(settings: Settings, event_id: str) -> int:
+    """One event, everything read from the database printed through the scrubber: credentials
+    redacted (by key name in the payload, by shape everywhere) and control characters escaped."""
+    from kamiyo.cli.operators import json_text
+
     engine = make_engine(settings)
     with engine.connect().execution_options(readonly=True) as connection:
         row = connection.execute(select(_events).where(_events.c.stripe_event_id == event_id)).first()
     engine.dispose()
     if row is None:
-        raise KamiyoError(f"no event {event_id} in the inbox")
+        raise KamiyoError(f"no event {clean(event_id)} in the inbox")
     info = {k: v for k, v in row._mapping.items() if k not in ("payload", "id")}
     for key, value in info.items():
-        print(f"{key:>16}: {value}")
+        print(f"{key:>16}: {clean(str(value))}")
     print("         payload:")
-    print(json.dumps(orjson.loads(row.payload), indent=2))
+    try:
+        payload = redact(orjson.loads(row.payload))
+    except orjson.JSONDecodeError:
+        print(clean(row.payload))
+    else:
+        print(json_text(payload))
     return 0
 
 

@@ -1,33 +1,54 @@
-"""What ``kamiyo users``, ``kamiyo audit`` and ``kamiyo replay`` do (issue 5). Imported lazily by main.
+"""What ``kamiyo users``, ``kamiyo audit`` and ``kamiyo replay`` do. Imported lazily by main.
 
-Thin: parse times, call ``kamiyo.operations``, print. ``--json`` prints the same dataclasses the
-admin API serves.
+Thin: parse times and numbers with bounds (a bad one is a usage error, exit 2), call
+``kamiyo.operations``, print. Every string that comes from the database is printed through
+``kamiyo.scrub.clean`` (credentials redacted, control characters shown as escapes: nothing
+stored can drive the terminal); ``--json`` prints the same dataclasses the admin API serves,
+scrubbed, with every non-printable character as a JSON escape.
+
+The audit log's actor is the OS user running the command (shell access is the credential);
+``--by``, when it names someone else, is recorded beside it as a claim.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from kamiyo.config import Settings
 from kamiyo.db.engine import make_engine
-from kamiyo.diagnosis.incident_report import parse_time
 from kamiyo.errors import KamiyoError
-from kamiyo.operations.audit import AuditEntry, default_actor, list_audit
+from kamiyo.operations.audit import AuditEntry, cli_actor, list_audit
+from kamiyo.operations.inputs import expiry_time, parse_time
 from kamiyo.operations.overrides import clear_override, set_override
 from kamiyo.operations.replay import ReplayResult, replay_events
 from kamiyo.operations.users import DriftView, StateView, UserReport, drift, show_user
+from kamiyo.scrub import clean, scrub
 
-_DURATION = re.compile(r"(\d+)\s*([smhdw])")
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+__all__ = ["dispatch", "expiry_time"]
+MAX_REPLAY = 100_000
+MAX_AUDIT = 100_000
+MAX_EVENTS = 1000
+
+
+class _UsageError(KamiyoError):
+    """An argument out of its bounds: exit 2, as argparse does for its own."""
 
 
 def dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        return _dispatch(args, settings)
+    except _UsageError as exc:
+        print(f"kamiyo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "replay":
         return replay(settings, args)
     if args.command == "audit":
@@ -41,19 +62,26 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
     return users_drift(settings, show_all=args.all, as_json=args.json)
 
 
-def expiry_time(text: str, *, now: datetime) -> datetime:
-    """``--expires``: a duration from now (``24h``, ``30m``, ``7d``) or a moment (ISO 8601 UTC, Unix seconds)."""
-    duration = _DURATION.fullmatch(text.strip())
-    if duration:
-        return now + timedelta(seconds=int(duration.group(1)) * _SECONDS[duration.group(2)])
-    return parse_time(text, now=now)
+def _argument(read: Any, *args: Any, **kwargs: Any) -> Any:
+    """``read(*args)``, its refusal a usage error."""
+    try:
+        return read(*args, **kwargs)
+    except KamiyoError as exc:
+        raise _UsageError(str(exc)) from None
+
+
+def _bounded(value: int | None, name: str, high: int) -> int | None:
+    if value is not None and not 1 <= value <= high:
+        raise _UsageError(f"{name} must be a whole number from 1 to {high}")
+    return value
 
 
 # -- users ---------------------------------------------------------------------------------------
 
 
 def users_set_tier(settings: Settings, args: argparse.Namespace) -> int:
-    expires = expiry_time(args.expires, now=datetime.now(UTC)) if args.expires else None
+    expires = _argument(expiry_time, args.expires, now=datetime.now(UTC)) if args.expires else None
+    actor, claimed = cli_actor(args.by)
     engine = make_engine(settings)
     try:
         report = set_override(
@@ -62,8 +90,9 @@ def users_set_tier(settings: Settings, args: argparse.Namespace) -> int:
             tier=args.tier,
             reason=args.reason,
             expires_at=expires,
-            actor=args.by or default_actor(),
+            actor=actor,
             tiers=settings.price_tiers,
+            claimed_by=claimed,
         )
     finally:
         engine.dispose()
@@ -71,10 +100,16 @@ def users_set_tier(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def users_clear_override(settings: Settings, args: argparse.Namespace) -> int:
+    actor, claimed = cli_actor(args.by)
     engine = make_engine(settings)
     try:
         report = clear_override(
-            engine, email=args.email, actor=args.by or default_actor(), reason=args.reason, tiers=settings.price_tiers
+            engine,
+            email=args.email,
+            actor=actor,
+            reason=args.reason,
+            tiers=settings.price_tiers,
+            claimed_by=claimed,
         )
     finally:
         engine.dispose()
@@ -82,6 +117,7 @@ def users_clear_override(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def users_show(settings: Settings, email: str, *, events: int, as_json: bool) -> int:
+    _bounded(events, "--events", MAX_EVENTS)
     engine = make_engine(settings)
     try:
         with engine.connect().execution_options(readonly=True) as connection:
@@ -89,7 +125,7 @@ def users_show(settings: Settings, email: str, *, events: int, as_json: bool) ->
     finally:
         engine.dispose()
     if report is None:
-        raise KamiyoError(f"no user {email.strip().lower()}")
+        raise KamiyoError(f"no user {clean(email.strip().lower())}")
     return _print_user(report, as_json)
 
 
@@ -123,7 +159,7 @@ def _print_user(report: UserReport, as_json: bool) -> int:
     if as_json:
         _print_json(report)
         return 0
-    print(f"user {report.email} (id {report.user_id})")
+    print(f"user {clean(report.email)} (id {report.user_id})")
     print(f"  stored    {_state(StateView(report.tier, report.status)):<24} what the application reads")
     print(f"  expected  {_state(report.expected):<24} what subscriptions and override give")
     stripe = _state(report.stripe_state) if report.stripe_state else "no subscriptions"
@@ -131,24 +167,28 @@ def _print_user(report: UserReport, as_json: bool) -> int:
     if report.override:
         o = report.override
         until = f"until {_time(o.expires_at)}" if o.expires_at else "until cleared"
-        print(f"  override  {o.tier} {until}, set by {o.set_by} at {_time(o.set_at)}: {o.reason}")
+        print(f"  override  {clean(o.tier)} {until}, set by {clean(o.set_by)} at {_time(o.set_at)}: {clean(o.reason)}")
     else:
         print("  override  none")
     if report.drift:
         print(f"  drift     {_drift_line(report.drift)}")
-    print(f"  customers {', '.join(report.customer_ids) or 'none'}")
+    print(f"  customers {clean(', '.join(report.customer_ids)) or 'none'}")
     print("subscriptions:" if report.subscriptions else "subscriptions: none")
     for sub in report.subscriptions:
         flags = " cancel_at_period_end" if sub.cancel_at_period_end else ""
         print(
-            f"  {sub.id}  {sub.status:<18} {sub.tier:<10} prices={','.join(sub.price_ids) or '-'} "
+            f"  {clean(sub.id)}  {clean(sub.status):<18} {clean(sub.tier):<10} "
+            f"prices={clean(','.join(sub.price_ids)) or '-'} "
             f"created={_unix(sub.created)} period_end={_unix(sub.current_period_end)}{flags} "
-            f"customer={sub.customer_id} from={sub.last_event_id}"
+            f"customer={clean(sub.customer_id)} from={clean(sub.last_event_id or '-')}"
         )
     print("recent events, newest first:" if report.recent_events else "recent events: none")
     for event in report.recent_events:
         outcome = event.error if event.status in ("failed", "pending") and event.error else event.detail or ""
-        print(f"  {_time(event.received_at)}  {event.status:<8} {event.type:<36} {event.event_id}  {outcome[:160]}")
+        print(
+            f"  {_time(event.received_at)}  {clean(event.status):<8} {clean(event.type):<36} "
+            f"{clean(event.event_id)}  {clean(outcome[:160])}"
+        )
     print("manual actions, newest first:" if report.audit else "manual actions: none")
     for entry in report.audit:
         print(f"  {_audit_line(entry)}")
@@ -159,7 +199,8 @@ def _print_user(report: UserReport, as_json: bool) -> int:
 
 
 def audit(settings: Settings, *, since: str | None, target: str | None, limit: int, as_json: bool) -> int:
-    moment = parse_time(since, now=datetime.now(UTC)) if since else None
+    moment = _argument(parse_time, since, now=datetime.now(UTC)) if since else None
+    _bounded(limit, "--limit", MAX_AUDIT)
     engine = make_engine(settings)
     try:
         with engine.connect().execution_options(readonly=True) as connection:
@@ -173,8 +214,8 @@ def audit(settings: Settings, *, since: str | None, target: str | None, limit: i
         print("no manual actions recorded" + (f" since {_time(moment)}" if moment else ""))
     for entry in entries:
         print(_audit_line(entry))
-        print(f"    before: {_compact(entry.before)}")
-        print(f"    after:  {_compact(entry.after)}")
+        print(f"    before: {clean(_compact(entry.before))}")
+        print(f"    after:  {clean(_compact(entry.after))}")
     return 0
 
 
@@ -183,7 +224,9 @@ def audit(settings: Settings, *, since: str | None, target: str | None, limit: i
 
 def replay(settings: Settings, args: argparse.Namespace) -> int:
     """Exit 1 when an applied replay leaves an event failing (a dry run always exits 0)."""
-    since = parse_time(args.since, now=datetime.now(UTC)) if args.since else None
+    since = _argument(parse_time, args.since, now=datetime.now(UTC)) if args.since else None
+    _bounded(args.limit, "--limit", MAX_REPLAY)
+    actor, claimed = cli_actor(args.by)
     engine = make_engine(settings)
     try:
         results = replay_events(
@@ -193,10 +236,11 @@ def replay(settings: Settings, args: argparse.Namespace) -> int:
             event_type=args.event_type,
             since=since,
             dry_run=args.dry_run,
-            actor=args.by or default_actor(),
+            actor=actor,
             reason=args.reason,
             settings=settings,
             limit=args.limit,
+            claimed_by=claimed,
         )
     finally:
         engine.dispose()
@@ -211,13 +255,13 @@ def replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _replay_line(result: ReplayResult) -> str:
-    line = f"{result.event_id}  {result.type}  {result.status_before} -> {result.status_after}"
+    line = clean(f"{result.event_id}  {result.type}  {result.status_before} -> {result.status_after}")
     if result.error:
-        line += f"  error: {result.error[:200]}"
+        line += f"  error: {clean(result.error[:200])}"
     elif result.detail:
-        line += f"  {result.detail[:200]}"
+        line += f"  {clean(result.detail[:200])}"
     for change in result.changes:
-        line += f"\n    user {change.email}: {_state(change.before)} -> {_state(change.after)}"
+        line += f"\n    user {clean(change.email)}: {_state(change.before)} -> {_state(change.after)}"
     return line
 
 
@@ -236,11 +280,38 @@ def _replay_summary(results: Sequence[ReplayResult], *, dry_run: bool) -> str:
 
 
 def _print_json(value: Any) -> None:
-    print(orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_UTC_Z).decode())
+    print(json_text(value))
+
+
+def json_text(value: Any) -> str:
+    """``value`` as indented JSON for a terminal: every string scrubbed, every non-printable escaped."""
+    plain = orjson.loads(orjson.dumps(value, option=orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS))
+    text = orjson.dumps(_scrubbed(plain), option=orjson.OPT_INDENT_2).decode()
+    # orjson escapes C0 controls; DEL, C1, U+2028 and other non-printables become \uXXXX here (only
+    # strings can hold them: the rest of the JSON text is ASCII).
+    return "".join(c if c.isprintable() or c == "\n" else _json_escape(c) for c in text)
+
+
+def _json_escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def _scrubbed(value: Any) -> Any:
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {scrub(str(k)): _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    return value
 
 
 def _state(state: StateView) -> str:
-    return f"{state.tier}/{state.status or '-'}"
+    return clean(f"{state.tier}/{state.status or '-'}")
 
 
 def _time(moment: datetime | None) -> str:
@@ -253,12 +324,18 @@ def _unix(seconds: int | None) -> str:
 
 def _drift_line(item: DriftView) -> str:
     why = f"explained by audit entry #{item.explained_by}" if item.explained_by else "no audit entry explains it"
-    return f"{item.email}: stored {_state(item.stored)}, subscriptions and override give {_state(item.expected)}; {why}"
+    return (
+        f"{clean(item.email)}: stored {_state(item.stored)}, subscriptions and override give "
+        f"{_state(item.expected)}; {why}"
+    )
 
 
 def _audit_line(entry: AuditEntry) -> str:
     reason = f": {entry.reason}" if entry.reason else ""
-    return f"#{entry.id} {_time(entry.at)}  {entry.action:<16} by {entry.actor}  on {entry.target or '-'}{reason}"
+    claim = f" (claims to be {entry.claimed_by})" if entry.claimed_by else ""
+    return clean(
+        f"#{entry.id} {_time(entry.at)}  {entry.action:<16} by {entry.actor}{claim}  on {entry.target or '-'}{reason}"
+    )
 
 
 def _compact(value: dict[str, Any] | None) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
+
 from kamiyo import synthetic
 
 UNMAPPED_PRICE = "price_team_2026"
@@ -27,3 +29,12 @@ def payment_with_client_secret(customer_id: str) -> dict[str, Any]:
     intent = synthetic.payment_intent(customer_id=customer_id, email=None)
     intent["client_secret"] = PAYMENT_SECRET
     return synthetic.event("payment_intent.succeeded", intent)
+
+
+def deep_event(depth: int = 990) -> tuple[str, bytes]:
+    """A signed-to-be event whose object holds a value nested ``depth`` deep (JSON written by hand:
+    the serializers stop far earlier)."""
+    event_id = synthetic.new_id("evt")
+    shell = synthetic.event("charge.refunded", {"id": "ch_deep", "object": "charge", "deep": "DEEP"}, event_id=event_id)
+    nested = '{"n":' * depth + '"bottom"' + "}" * depth
+    return event_id, orjson.dumps(shell).replace(b'"DEEP"', nested.encode())

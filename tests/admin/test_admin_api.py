@@ -380,6 +380,6 @@ def test_a_session_cookie_that_was_altered_or_never_issued_is_refused(console: C
     console.client.cookies.clear()
     flipped = genuine[:-1] + ("A" if genuine[-1] != "A" else "B")
     for forged in (flipped, genuine + "A", "v2." + "A" * 43, "v1.1700000000.YW5u.forged", "garbage"):
-        console.client.cookies.set(SESSION_COOKIE, forged, domain="testserver", path="/admin")
+        console.client.cookies.set(SESSION_COOKIE, forged, domain="testserver.local", path="/admin")
         assert console.client.get("/admin/api/health").status_code == 401, forged
         console.client.cookies.clear()

@@ -40,6 +40,14 @@ KAMIYO_ENV_KEYS = (
     "WORKER_RETRY_BASE_SECONDS",
     "SQLITE_SYNCHRONOUS",
     "KAMIYO_ADMIN_TOKEN",
+    # The console's operator tokens and limits, and the proxies uvicorn trusts.
+    "KAMIYO_ADMIN_TOKENS",
+    "ADMIN_SIGNIN_MAX_FAILURES",
+    "ADMIN_SIGNIN_WINDOW_SECONDS",
+    "ADMIN_SESSION_SECONDS",
+    "ADMIN_MAX_FORM_BYTES",
+    "ADMIN_MAX_JSON_BYTES",
+    "FORWARDED_ALLOW_IPS",
     # Stripe's API (issue 3): a key in the developer's shell must never reach a test server.
     "STRIPE_SECRET_KEY",
     "STRIPE_API_BASE",

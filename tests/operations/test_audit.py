@@ -104,6 +104,83 @@ def test_the_database_rejects_emptying_the_audit_log(ops: Harness) -> None:
     assert len(audit_about(ops.engine, target)) == 1
 
 
+def _entry_id(ops: Harness, target: str) -> int:
+    [entry] = audit_about(ops.engine, target)
+    return entry.id
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        # SQLite: REPLACE deletes the old row without firing the DELETE trigger, then inserts.
+        pytest.param(
+            "INSERT OR REPLACE INTO audit_log (id, at, action, actor) VALUES (:id, :at, 'forged', 'mallory')",
+            id="insert-or-replace",
+        ),
+        pytest.param(
+            "REPLACE INTO audit_log (id, at, action, actor) VALUES (:id, :at, 'forged', 'mallory')", id="replace"
+        ),
+        # Both: an upsert on the id is an UPDATE in disguise.
+        pytest.param(
+            "INSERT INTO audit_log (id, at, action, actor) VALUES (:id, :at, 'forged', 'mallory') "
+            "ON CONFLICT (id) DO UPDATE SET actor = 'mallory', action = 'forged'",
+            id="on-conflict-do-update",
+        ),
+        # Both: a plain insert of an id that exists (the primary key on PostgreSQL, the trigger on SQLite).
+        pytest.param(
+            "INSERT INTO audit_log (id, at, action, actor) VALUES (:id, :at, 'forged', 'mallory')", id="insert"
+        ),
+    ],
+)
+def test_the_database_rejects_rewriting_an_entry_by_inserting_its_id_again(ops: Harness, statement: str) -> None:
+    """On PostgreSQL REPLACE is not even a statement: refused all the same."""
+    target = synthetic.new_id("target")
+    _record(ops, target)
+    entry_id = _entry_id(ops, target)
+    with pytest.raises(DBAPIError), ops.engine.begin() as connection:
+        connection.execute(text(statement), {"id": entry_id, "at": datetime.now(UTC)})
+    [entry] = audit_about(ops.engine, target)
+    assert (entry.id, entry.actor, entry.action) == (entry_id, "carol", "test.action")
+
+
+def test_inserting_a_new_entry_with_an_id_of_its_own_still_works(ops: Harness) -> None:
+    """The refusal is for ids that exist: appending stays possible."""
+    target = synthetic.new_id("target")
+    with ops.engine.begin() as connection:
+        top = connection.execute(text("SELECT COALESCE(MAX(id), 0) FROM audit_log")).scalar_one()
+        connection.execute(
+            text("INSERT INTO audit_log (id, at, action, actor, target) VALUES (:id, :at, 'x', 'carol', :t)"),
+            {"id": top + 1000, "at": datetime.now(UTC), "t": target},
+        )
+    assert _entry_id(ops, target) == top + 1000
+
+
+def test_a_claimed_name_is_kept_beside_the_actor(ops: Harness) -> None:
+    target = synthetic.new_id("target")
+    with ops.engine.begin() as connection:
+        record_action(
+            connection,
+            action="x",
+            actor="api:ann",
+            reason=None,
+            target=target,
+            before=None,
+            after=None,
+            claimed_by="bob",
+        )
+    [entry] = audit_about(ops.engine, target)
+    assert (entry.actor, entry.claimed_by) == ("api:ann", "bob")
+
+
+def test_the_cli_actor_is_the_os_user_and_by_a_claim_when_it_names_someone_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(audit.getpass, "getuser", lambda: "opsperson")
+    assert audit.cli_actor(None) == ("opsperson", None)
+    assert audit.cli_actor("opsperson") == ("opsperson", None)
+    assert audit.cli_actor(" alice ") == ("opsperson", "alice")
+
+
 def test_an_entry_rolls_back_with_the_change_it_describes(ops: Harness) -> None:
     target = synthetic.new_id("target")
 

@@ -171,3 +171,87 @@ def test_expiry_time_reads_durations_from_now_and_absolute_moments() -> None:
     assert expiry_time("2026-11-28T09:00", now=now) == datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
     with pytest.raises(KamiyoError, match="cannot read"):
         expiry_time("tomorrow", now=now)
+
+
+# -- inputs with bounds, and what reaches the terminal -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("users", "set-tier", "bounds@example.com", "pro", "--reason", "x", "--expires", "99999999999d"),
+        ("users", "set-tier", "bounds@example.com", "pro", "--reason", "x", "--expires", "99999999999999"),
+        ("users", "set-tier", "bounds@example.com", "pro", "--reason", "x", "--expires", "²d"),
+        ("replay", "--failed", "--since", "99999999999999"),
+        ("replay", "--failed", "--since", "²"),
+        ("replay", "--failed", "--limit", "99999999999999999999"),
+        ("audit", "--since", "99999999999d"),
+        ("audit", "--limit", "0"),
+        ("users", "show", "bounds@example.com", "--events", "99999999999999999999"),
+    ],
+)
+def test_an_out_of_range_time_duration_or_count_is_a_usage_error_exit_2_without_a_traceback(
+    db: Harness, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]
+) -> None:
+    db.add_user("bounds@example.com")
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert "error:" in err
+    assert "Traceback" not in out + err
+    assert db.tier_status("bounds@example.com") == ("free", None)
+
+
+SECRET_KEY = "sk_live_51CliLeakAbCdEf0123456789"
+
+
+def test_events_show_redacts_the_payload_and_escapes_what_reaches_the_terminal(
+    db: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    customer = synthetic.customer(customer_id="cus_cli_leak", email="leak@example.com")
+    customer["metadata"] = {"apiKey": "plain-value-0001", "note": f"key {SECRET_KEY}", "bell": "\x1b]0;pwned\x07"}
+    event = synthetic.event("customer.created", customer)
+    db.deliver(event)
+    with db.engine.begin() as connection:
+        connection.execute(
+            text("UPDATE webhook_events SET last_error = :e WHERE stripe_event_id = :id"),
+            {"e": f"boom \x1b[2J {SECRET_KEY}\u2028forged", "id": event["id"]},
+        )
+    code, out, _ = run(capsys, "events", "show", event["id"])
+    assert code == 0
+    for leaked in (SECRET_KEY, "plain-value-0001", "\x1b", "\x07", "\u2028"):
+        assert leaked not in out
+    assert '"apiKey": "[redacted]"' in out
+    assert "\\x1b[2J" in out  # shown, not obeyed
+    code, out, _ = run(capsys, "events", "list")
+    assert code == 0
+    assert SECRET_KEY not in out
+    assert "\x1b" not in out
+
+
+def test_events_show_prints_a_payload_nested_990_deep_cut_at_64_levels(
+    db: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from admin.events import deep_event
+    from kamiyo.webhooks.envelope import read_envelope
+    from kamiyo.webhooks.inbox import inbox_row, insert_new_events
+
+    event_id, body = deep_event()
+    envelope, _ = read_envelope(body)
+    with db.engine.begin() as connection:
+        insert_new_events(connection, [inbox_row(envelope, body, status="pending")])
+    code, out, _ = run(capsys, "events", "show", event_id)
+    assert code == 0
+    assert "[nested too deep]" in out
+
+
+def test_users_show_and_audit_escape_stored_text_and_scrub_it(db: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+    customer = Customer("terminal")
+    db.apply(customer.created(), customer.subscription("active", price=BASIC))
+    reason = f"INC-1 \x1b[31mred\x1b[0m {SECRET_KEY}"
+    code, _, _ = run(capsys, "users", "set-tier", customer.email, "pro", "--reason", reason, "--by", "x\x1bq")
+    assert code == 0
+    for argv in (("users", "show", customer.email), ("audit", "--target", customer.email), ("audit", "--json")):
+        code, out, _ = run(capsys, *argv)
+        assert code == 0
+        assert "\x1b" not in out, argv
+        assert SECRET_KEY not in out, argv

@@ -223,7 +223,6 @@ def test_a_dry_run_replay_shows_the_outcome_and_changes_nothing(console: Console
         ({"event_id": 5, "reason": "why"}, "must be a string"),
         ({"failed": "yes", "reason": "why"}, "true or false"),
         ({"since": "yesterday-ish", "reason": "why"}, "since must be"),
-        ({"event_id": "evt_nowhere", "reason": "why"}, "no event evt_nowhere"),
     ],
 )
 def test_a_replay_request_that_is_incomplete_or_ambiguous_is_refused_with_400(
@@ -232,6 +231,12 @@ def test_a_replay_request_that_is_incomplete_or_ambiguous_is_refused_with_400(
     response = console.post("/admin/api/replay", body)
     assert response.status_code == 400
     assert message in response.json()["error"]
+
+
+def test_a_replay_of_an_event_the_inbox_does_not_hold_is_a_404(console: Console) -> None:
+    response = console.post("/admin/api/replay", {"event_id": "evt_nowhere", "reason": "why"})
+    assert response.status_code == 404
+    assert "no event evt_nowhere" in response.json()["error"]
 
 
 def test_replay_of_every_parked_failure_replays_exactly_those(console: Console) -> None:

@@ -82,6 +82,7 @@ from kamiyo.web.admin_queries import (
     delivery,
     delivery_chart,
     event_types,
+    is_stored,
     recent_deliveries,
 )
 from kamiyo.web.admin_sessions import SessionStore
@@ -200,7 +201,7 @@ def _matching(value: str | None, name: str, pattern: str, hint: str) -> str | No
 
 def _since(value: str | None) -> datetime | None:
     text = _matching(value, "since", SINCE_PATTERN, "now, 2h, 1d, Unix seconds or an ISO 8601 time")
-    return parse_time(text, now=datetime.now(UTC)) if text else None
+    return parse_time(text, now=datetime.now(UTC)) if text is not None else None
 
 
 def _text(value: Any, name: str, max_length: int = MAX_TEXT) -> str | None:
@@ -225,7 +226,7 @@ async def _chart(ctx: _Context, request: Request, _op: Operator) -> Response:
 
 
 async def _deliveries(ctx: _Context, request: Request, _op: Operator) -> Response:
-    status = request.query_params.get("status") or None
+    status = request.query_params.get("status")
     if status is not None and status not in MARKS:
         raise BadRequest(f"status must be one of {', '.join(MARKS)}")
     event_type = _matching(query_text(request, "type", 255), "type", TYPE_PATTERN, "an event type")
@@ -283,6 +284,8 @@ async def _replay(ctx: _Context, request: Request, op: Operator) -> Response:
         raise BadRequest("reason must be text without control characters")
     if not dry_run and not (reason or "").strip():
         raise BadRequest("a reason is required to replay (it goes to the audit log)")
+    if event_id is not None and not await run_in_threadpool(is_stored, ctx.engine, event_id):
+        return _json(404, {"error": f"no event {event_id} in the inbox"})
     results = await run_in_threadpool(
         lambda: replay_events(
             ctx.engine,
@@ -557,7 +560,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             "required": ["dry_run", "results"],
         },
         body=_REPLAY_BODY,
-        errors=(400, 403, 413),
+        errors=(400, 403, 404, 413),
         extra={
             "description": "Cookie-authenticated calls (the console) must send X-CSRF-Token. The audit log names "
             "the admin token's name; a name sent in X-Kamiyo-Actor is recorded beside it as a claim. "

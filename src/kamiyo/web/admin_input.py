@@ -93,9 +93,9 @@ async def read_json_object(request: Request, cap: int) -> dict[str, Any]:
 
 
 def query_count(request: Request, name: str, default: int, low: int, high: int) -> int:
-    """A whole-number query parameter from ``low`` to ``high`` (``default`` when absent or empty)."""
-    raw = request.query_params.get(name, "")
-    if not raw.strip():
+    """A whole-number query parameter from ``low`` to ``high`` (``default`` when absent)."""
+    raw = request.query_params.get(name)
+    if raw is None:
         return default
     try:
         return parse_count(raw, name, low=low, high=high)
@@ -104,8 +104,9 @@ def query_count(request: Request, name: str, default: int, low: int, high: int) 
 
 
 def query_text(request: Request, name: str, max_length: int) -> str | None:
-    """A text query parameter; None when absent or empty."""
-    return checked_text(request.query_params.get(name), name, max_length)
+    """A text query parameter; None when absent, "" when empty (which a pattern may refuse)."""
+    value = request.query_params.get(name)
+    return None if value is None else checked_text(value, name, max_length) or ""
 
 
 def checked_text(value: Any, name: str, max_length: int) -> str | None:

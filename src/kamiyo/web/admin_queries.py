@@ -195,6 +195,13 @@ def _counted_deliveries(
     ]
 
 
+def is_stored(engine: Engine, event_id: str) -> bool:
+    """Whether the inbox holds an event of this id."""
+    with engine.connect().execution_options(readonly=True) as connection:
+        found = connection.execute(select(_events.c.id).where(_events.c.stripe_event_id == event_id)).first()
+    return found is not None
+
+
 def delivery(engine: Engine, event_id: str) -> dict[str, Any] | None:
     """One stored event: its outcome, error, and its payload pretty-printed without secrets."""
     with engine.connect().execution_options(readonly=True) as connection:

@@ -52,7 +52,10 @@ def _servers(stack: ExitStack, make_dir: Callable[[], Path]) -> ServerFactory:
         """A migrated SQLite database and a running ``kamiyo serve`` on it, the console on."""
         workdir = make_dir()
         url = f"sqlite:///{workdir / 'kamiyo.db'}"
-        server = KamiyoServer(workdir, url, **{"KAMIYO_ADMIN_TOKEN": ADMIN_TOKEN, **settings})
+        # The tests that send wrong tokens on purpose would otherwise throttle the rest; throttling
+        # has tests of its own (test_admin_server_limits.py), which set a small limit.
+        defaults = {"KAMIYO_ADMIN_TOKEN": ADMIN_TOKEN, "ADMIN_SIGNIN_MAX_FAILURES": "10000"}
+        server = KamiyoServer(workdir, url, **{**defaults, **settings})
         stack.callback(server.close)
         # Migrated in this process: the same Alembic upgrade as `kamiyo db upgrade`, without a process start.
         engine = make_engine(make_settings(url))

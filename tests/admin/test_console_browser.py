@@ -77,7 +77,7 @@ def test_signing_in_keeps_the_session_in_a_secure_httponly_strict_cookie_and_sho
     )
     assert ADMIN_TOKEN not in cookie["value"]
     assert page.evaluate("document.cookie") == ""  # HttpOnly: out of reach of scripts
-    assert page.inner_text(".signout b") == "ann"
+    assert page.inner_text(".signout b") == "shared (as ann)"  # the shared token proves no name: ann is a claim
     assert page.locator("#chart svg").count() == 1
     assert page.inner_text("#health-status") in ("healthy", "degraded")
     assert page.locator("#health-checks tr[data-check=worker]").count() == 1
@@ -120,7 +120,7 @@ def test_a_failed_delivery_is_listed_and_replaying_it_after_a_restart_with_the_p
 
     page.goto(server.url + "/admin#/audit")
     page.wait_for_selector("body[data-loaded=audit]")
-    assert "console:ann" in page.inner_text("#audit")
+    assert "console:shared\tann" in page.inner_text("#audit")  # the actor, then the claim
     assert "mapped the team price" in page.inner_text("#audit")
 
 

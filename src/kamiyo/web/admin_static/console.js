@@ -288,7 +288,7 @@ async function showUsers(params) {
 
 async function showAudit() {
   const data = await api("/audit");
-  $("#audit").replaceChildren(table(data.entries, ["at", "action", "actor", "target", "reason", "before", "after"]));
+  $("#audit").replaceChildren(table(data.entries, ["at", "action", "actor", "claimed_by", "target", "reason", "before", "after"]));
 }
 
 // -- routing ----------------------------------------------------------------------------------

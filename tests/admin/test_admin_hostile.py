@@ -292,6 +292,7 @@ def test_wrong_bearer_tokens_count_and_another_replica_on_the_same_database_refu
 
 def test_a_throttled_address_may_try_again_once_its_window_has_ended(console: Console) -> None:
     from kamiyo.web.admin_throttle import SignInThrottle
+
     throttle = SignInThrottle(console.engine, max_failures=2, window_seconds=60)
     start = time.time()
     assert [throttle.failed("10.0.0.7", start + i) for i in range(3)] == [1, 2, 3]

@@ -284,6 +284,8 @@ async def _replay(ctx: _Context, request: Request, op: Operator) -> Response:
         raise BadRequest("reason must be text without control characters")
     if not dry_run and not (reason or "").strip():
         raise BadRequest("a reason is required to replay (it goes to the audit log)")
+    if event_id is not None and (failed or event_type is not None or since is not None):
+        raise BadRequest("replay an event id on its own, or select with failed, type and since")
     if event_id is not None and not await run_in_threadpool(is_stored, ctx.engine, event_id):
         return _json(404, {"error": f"no event {event_id} in the inbox"})
     results = await run_in_threadpool(

@@ -18,6 +18,7 @@ from dotenv import dotenv_values
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from kamiyo.domain.modes import LIVE, MODES, key_mode
 from kamiyo.domain.tiers import TierMap, parse_price_tiers
 from kamiyo.errors import ConfigError
 
@@ -33,6 +34,13 @@ DEFAULT_MAINTENANCE_TIMEOUT = 3600.0  # DATABASE_MAINTENANCE_TIMEOUT_SECONDS
 ADMIN_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Who the audit names for KAMIYO_ADMIN_TOKEN, the token operators share (a name, not a secret).
 SHARED_TOKEN_NAME = "shared"  # noqa: S105
+# Stripe's mode, retention and replay bounds.
+DEFAULT_INBOX_RETENTION_DAYS = 90
+# A backfill rereads Stripe's last 30 days and skips the event ids already in the inbox: an event
+# pruned sooner than that would be stored and applied a second time.
+MIN_INBOX_RETENTION_DAYS = 31
+DEFAULT_REPLAY_LIMIT = 1000
+DEFAULT_REPLAY_MAX_LIMIT = 10_000
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,12 @@ class Settings:
     def admin_enabled(self) -> bool:
         """Whether the console and admin API are on (some admin token is configured)."""
         return bool(self.admin_token or self.admin_tokens)
+    # Stripe's mode, retention and replay bounds. ``stripe_mode``: "live" or "test" (STRIPE_MODE,
+    # else the key's mode); None takes events of both modes.
+    stripe_mode: str | None = None
+    inbox_retention_days: int = DEFAULT_INBOX_RETENTION_DAYS
+    replay_default_limit: int = DEFAULT_REPLAY_LIMIT
+    replay_max_limit: int = DEFAULT_REPLAY_MAX_LIMIT
 
     def __repr__(self) -> str:  # never print secrets, even by accident
         url = _redact_url(self.database_url)
@@ -109,6 +123,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
     values.update(os.environ if environ is None else environ)
 
     stripe_key = _stripe_key(values.get("STRIPE_SECRET_KEY", ""))
+    replay_max = _int(values, "REPLAY_MAX_LIMIT", DEFAULT_REPLAY_MAX_LIMIT, low=1, high=1_000_000)
     return Settings(
         webhook_secrets=_secrets(values.get("STRIPE_WEBHOOK_SECRET", "")),
         price_tiers=_tiers(values.get("STRIPE_PRICE_TIERS", "")),
@@ -152,6 +167,15 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         database_maintenance_timeout_seconds=_float(
             values, "DATABASE_MAINTENANCE_TIMEOUT_SECONDS", DEFAULT_MAINTENANCE_TIMEOUT, low=0, high=7 * 86400
         ),
+        # Stripe's mode, retention and replay bounds.
+        stripe_mode=_stripe_mode(values.get("STRIPE_MODE", ""), stripe_key),
+        inbox_retention_days=_int(
+            values, "INBOX_RETENTION_DAYS", DEFAULT_INBOX_RETENTION_DAYS, low=MIN_INBOX_RETENTION_DAYS, high=36_500
+        ),
+        replay_default_limit=_int(
+            values, "REPLAY_DEFAULT_LIMIT", min(DEFAULT_REPLAY_LIMIT, replay_max), low=1, high=replay_max
+        ),
+        replay_max_limit=replay_max,
     )
 
 
@@ -205,10 +229,44 @@ def _stripe_key(raw: str) -> str | None:
 
 
 def _api_base(raw: str) -> str:
+    """Where the API key is sent: HTTPS, or plain HTTP to this machine only (a test's fake Stripe).
+
+    A ``.env`` in the working directory is read too, so a plain ``http://`` URL to another host
+    would hand the key to anyone on the path; it stops the start instead."""
     base = raw.strip().rstrip("/") or DEFAULT_STRIPE_API_BASE
-    if not base.startswith(("https://", "http://")) or not urlsplit(base).hostname:
-        raise ConfigError(f"STRIPE_API_BASE: expected an http(s):// URL, got {base!r}")
+    try:
+        host = urlsplit(base).hostname
+    except ValueError:  # e.g. an unclosed [ of an IPv6 address
+        host = None
+    if not base.lower().startswith(("https://", "http://")) or not host:
+        raise ConfigError(f"STRIPE_API_BASE: expected an https:// URL, got {base!r}")
+    if base.lower().startswith("http://") and not _loopback(host):
+        raise ConfigError(
+            f"STRIPE_API_BASE: {base!r} would send STRIPE_SECRET_KEY unencrypted; use https:// "
+            "(plain http:// is allowed only to this machine: localhost, 127.0.0.0/8, ::1)"
+        )
     return base
+
+
+def _loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _stripe_mode(raw: str, stripe_key: str | None) -> str | None:
+    """STRIPE_MODE, else the mode of STRIPE_SECRET_KEY, else None (events of both modes are taken)."""
+    mode = raw.strip().lower() or None
+    if mode is not None and mode not in MODES:
+        raise ConfigError(f"STRIPE_MODE: expected live or test, got {raw.strip()!r}")
+    keyed = key_mode(stripe_key)
+    if mode is not None and keyed is not None and mode != keyed:
+        kind = "a live" if keyed == LIVE else "a test"
+        raise ConfigError(f"STRIPE_MODE: {mode} contradicts STRIPE_SECRET_KEY, which is {kind}-mode key")
+    return mode or keyed
 
 
 def _admin_token(raw: str, name: str = "KAMIYO_ADMIN_TOKEN") -> str | None:

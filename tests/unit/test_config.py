@@ -176,3 +176,106 @@ def test_the_in_process_worker_takes_smaller_batches_than_a_worker_process() -> 
 
     assert _in_process(load({})).worker_batch_size == IN_PROCESS_BATCH < load({}).worker_batch_size
     assert _in_process(load({"WORKER_BATCH_SIZE": "10"})).worker_batch_size == 10
+
+
+# -- Stripe's mode, retention and replay bounds --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("environ", "mode"),
+    [
+        ({}, None),
+        ({"STRIPE_SECRET_KEY": "sk_live_abc123"}, "live"),
+        ({"STRIPE_SECRET_KEY": "rk_live_abc123"}, "live"),
+        ({"STRIPE_SECRET_KEY": "sk_test_abc123"}, "test"),
+        ({"STRIPE_SECRET_KEY": "rk_test_abc123"}, "test"),
+        ({"STRIPE_SECRET_KEY": "sk_abc123"}, None),  # a key whose prefix names no mode
+        ({"STRIPE_MODE": "live"}, "live"),
+        ({"STRIPE_MODE": " TEST "}, "test"),
+        ({"STRIPE_MODE": "live", "STRIPE_SECRET_KEY": "rk_live_abc123"}, "live"),
+        ({"STRIPE_MODE": "test", "STRIPE_SECRET_KEY": "sk_abc123"}, "test"),
+    ],
+)
+def test_the_service_mode_is_stripe_mode_else_the_keys_else_both(environ: dict[str, str], mode: str | None) -> None:
+    assert load(environ).stripe_mode == mode
+
+
+@pytest.mark.parametrize(
+    ("mode", "key"), [("live", "sk_test_abc123"), ("test", "rk_live_abc123"), ("test", "sk_live_abc123")]
+)
+def test_stripe_mode_contradicting_the_keys_mode_stops_the_start_without_echoing_the_key(mode: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^STRIPE_MODE: {mode} contradicts STRIPE_SECRET_KEY") as caught:
+        load({"STRIPE_MODE": mode, "STRIPE_SECRET_KEY": key})
+    assert key not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        "http://api.stripe.com",
+        "http://evil.example:8080",
+        "HTTP://api.stripe.com",
+        "http://10.0.0.5",
+        "http://127.0.0.1@evil.example",  # user info: the host is evil.example
+        "http://localhost.evil.example",
+        "http://[::ffff:8.8.8.8]",
+        "ftp://127.0.0.1",
+        "http://[::1",
+    ],
+)
+def test_stripe_api_base_over_plain_http_to_another_machine_stops_the_start(base: str) -> None:
+    with pytest.raises(ConfigError, match=r"^STRIPE_API_BASE: "):
+        load({"STRIPE_API_BASE": base})
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        "https://api.stripe.com",
+        "https://stripe-proxy.internal:8443/",
+        "http://127.0.0.1:12111",
+        "http://127.8.9.10",
+        "http://localhost:12111",
+        "http://LOCALHOST",
+        "http://[::1]:12111",
+    ],
+)
+def test_stripe_api_base_is_https_or_plain_http_on_loopback(base: str) -> None:
+    assert load({"STRIPE_API_BASE": base}).stripe_api_base == base.rstrip("/")
+
+
+def test_an_env_file_cannot_point_the_api_key_at_plain_http(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("STRIPE_SECRET_KEY=sk_live_abc123\nSTRIPE_API_BASE=http://collector.example\n")
+    with pytest.raises(ConfigError, match=r"^STRIPE_API_BASE: ") as caught:
+        load({}, env_file=env_file)
+    assert "sk_live_abc123" not in str(caught.value)
+
+
+def test_retention_and_replay_limits_have_defaults_and_bounds() -> None:
+    settings = load({})
+    assert (settings.inbox_retention_days, settings.replay_default_limit, settings.replay_max_limit) == (
+        90,
+        1000,
+        10_000,
+    )
+    custom = load({"INBOX_RETENTION_DAYS": "31", "REPLAY_DEFAULT_LIMIT": "50", "REPLAY_MAX_LIMIT": "200"})
+    assert (custom.inbox_retention_days, custom.replay_default_limit, custom.replay_max_limit) == (31, 50, 200)
+    assert load({"REPLAY_MAX_LIMIT": "500"}).replay_default_limit == 500  # the default never exceeds the maximum
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("STRIPE_MODE", "production"),
+        ("INBOX_RETENTION_DAYS", "30"),  # a backfill rereads 30 days: a pruned event would apply again
+        ("INBOX_RETENTION_DAYS", "0"),
+        ("INBOX_RETENTION_DAYS", "ninety"),
+        ("REPLAY_MAX_LIMIT", "0"),
+        ("REPLAY_DEFAULT_LIMIT", "20000"),  # over the maximum
+        ("REPLAY_DEFAULT_LIMIT", "0"),
+    ],
+)
+def test_a_malformed_mode_retention_or_replay_limit_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{name}: "):
+        load({name: value})

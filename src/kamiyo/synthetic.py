@@ -211,8 +211,9 @@ def event(
     event_id: str | None = None,
     api_version: str = LATEST_API_VERSION,
     previous_attributes: dict[str, Any] | None = None,
+    livemode: bool = False,
 ) -> dict[str, Any]:
-    """Wrap ``obj`` in an Event object as Stripe sends it."""
+    """Wrap ``obj`` in an Event object as Stripe sends it (a test-mode event unless ``livemode``)."""
     data: dict[str, Any] = {"object": obj}
     if previous_attributes is not None:
         data["previous_attributes"] = previous_attributes
@@ -222,7 +223,7 @@ def event(
         "api_version": api_version,
         "created": int(time.time()) if created is None else created,
         "data": data,
-        "livemode": False,
+        "livemode": livemode,
         "pending_webhooks": 1,
         "request": {"id": new_id("req"), "idempotency_key": None},
         "type": event_type,
@@ -237,8 +238,10 @@ def trigger_event(
     customer_id: str | None = None,
     sub_id: str | None = None,
     api_version: str = LATEST_API_VERSION,
+    livemode: bool = False,
 ) -> dict[str, Any]:
-    """A realistic event of ``event_type``, as ``stripe trigger`` would produce."""
+    """A realistic event of ``event_type``, as ``stripe trigger`` would produce, in live mode or test
+    mode (``livemode``: the event and its object say so, as Stripe's do)."""
     customer_id = customer_id or new_id("cus")
     sub_id = sub_id or new_id("sub")
     kind = event_type.rsplit(".", 1)
@@ -268,4 +271,5 @@ def trigger_event(
         obj = payment_intent(customer_id=customer_id, email=email, succeeded=kind[1] == "succeeded")
     else:
         raise ValueError(f"cannot build {event_type!r}; supported: {', '.join(SUPPORTED_TRIGGERS)}")
-    return event(event_type, obj, api_version=api_version)
+    obj["livemode"] = livemode
+    return event(event_type, obj, api_version=api_version, livemode=livemode)

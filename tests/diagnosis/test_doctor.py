@@ -164,6 +164,23 @@ def test_a_service_without_a_worker_is_found_by_the_probe_with_option_1(servers:
     assert _probe_rows(server) == []  # the unapplied probe is removed too, before any worker can apply it
 
 
+@pytest.mark.timeout(120)
+def test_the_probe_is_built_in_the_services_stripe_mode_and_a_mismatch_is_named(servers: ServerFactory) -> None:
+    """A live service applies doctor's live-mode probe; doctor run with a test-mode environment is told why
+    its probe was ignored."""
+    server = servers(STRIPE_MODE="live")
+    diagnosis = diagnose(server)
+    assert {f.step: f.status for f in diagnosis.findings}["End to end"] == OK, diagnosis.to_text()
+    assert _probe_rows(server) == []
+
+    mismatch = diagnose(server, STRIPE_MODE="test")
+    probe = next(f for f in mismatch.findings if f.step == "End to end")
+    assert (probe.status, probe.cause) == (FAIL, "probe_failed")
+    assert "test-mode event ignored: this service takes live-mode events only (STRIPE_MODE)" in probe.found
+    assert "STRIPE_MODE" in probe.todo
+    assert _probe_rows(server) == []
+
+
 def test_parked_failures_with_an_unmapped_price_name_the_price_setting_and_replay(servers: ServerFactory) -> None:
     server = servers()
     sub = synthetic.subscription(sub_id="sub_unmapped", customer_id="cus_u", price_obj=synthetic.price("price_new"))

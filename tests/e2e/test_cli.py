@@ -135,6 +135,19 @@ def test_trigger_subscription_then_invoice_for_one_customer_lands_the_tier(serve
     server.wait_for_user(email, (FIRST_TIER, "active"))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_trigger_builds_events_in_the_services_stripe_mode(servers: ServerFactory) -> None:
+    """A live service (STRIPE_MODE=live): the triggered events are live-mode ones, and it applies them."""
+    server = servers("sqlite", STRIPE_MODE="live")
+    customer = synthetic.new_id("cus")
+    email = f"live.{customer}@example.com"
+    for event_type in ("customer.subscription.created", "invoice.payment_succeeded"):
+        _ok(server.cli("trigger", event_type, "--customer", customer, "--email", email))
+    server.wait_for_user(email, (FIRST_TIER, "active"))
+    assert server.rows("SELECT DISTINCT livemode, status FROM webhook_events") == [(True, "applied")]
+
+
 # -- events and replay -------------------------------------------------------------------------
 
 

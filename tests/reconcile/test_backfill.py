@@ -239,3 +239,31 @@ def test_the_worker_runs_the_backfill_on_its_schedule_and_applies_what_it_finds(
     assert {source for _, source in inbox(db)} == {"webhook", "backfill"}
     # Recorded in the audit log by the schedule, once: the runs after it found nothing new.
     assert [(e.action, e.actor) for e in db.audit_since(mark)] == [("backfill", SCHEDULE_ACTOR)]
+
+
+def test_a_backfill_stores_an_event_of_the_mode_the_service_does_not_take_as_ignored(
+    db: Db, account: FakeStripe, gateway: StripeApiGateway
+) -> None:
+    """A test-mode service (its key's mode): a live-mode event in the list is stored, ignored, and changes no user."""
+    now = int(time.time())
+    missed = outage(db, account, now)
+    live = {**missed[2], "id": "evt_live_one", "livemode": True}
+    live["data"] = {"object": {**live["data"]["object"], "status": "canceled"}}
+    stripe_event(account, live, delivered=False)
+
+    summary = backfill_events(db.engine, gateway, since=now - 2000, mode="test")
+    db.drain(Worker(db.engine, replace(db.settings, stripe_mode="test")))
+
+    assert summary.new == 4
+    with db.engine.connect() as connection:
+        row = connection.execute(
+            select(events_table.c.status, events_table.c.detail, events_table.c.attempts).where(
+                events_table.c.stripe_event_id == "evt_live_one"
+            )
+        ).one()
+    assert tuple(row) == (
+        "ignored",
+        "live-mode event ignored: this service takes test-mode events only (STRIPE_MODE)",
+        0,
+    )
+    assert db.state("user1@example.com") == ("pro", "past_due")  # not canceled by the live-mode event

@@ -22,8 +22,10 @@ class _Writer:
         self.stored: list[dict[str, Any]] = []
         self.rejections: list[str] = []
 
-    async def store_event(self, envelope: Envelope, body: bytes, *, status: str, counted: bool = True) -> bool:
-        row = inbox_row(envelope, body, status=status)
+    async def store_event(
+        self, envelope: Envelope, body: bytes, *, status: str, counted: bool = True, detail: str | None = None
+    ) -> bool:
+        row = inbox_row(envelope, body, status=status, detail=detail)
         new = all(r["stripe_event_id"] != row["stripe_event_id"] for r in self.stored)
         self.stored.append(row)
         return new
@@ -127,3 +129,26 @@ def test_a_declared_length_over_the_limit_is_refused_before_reading() -> None:
     status, _headers, answer = _answer(_call(endpoint, "POST", {"content-length": "5000"}, []))
     assert (status, answer["reason"]) == (413, "too_large")
     assert writer.stored == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "livemode", "stored"),
+    [
+        ("live", False, ("ignored", "test-mode event ignored: this service takes live-mode events only (STRIPE_MODE)")),
+        ("live", True, ("pending", None)),
+        ("test", True, ("ignored", "live-mode event ignored: this service takes test-mode events only (STRIPE_MODE)")),
+        ("test", False, ("pending", None)),
+        (None, True, ("pending", None)),
+        (None, False, ("pending", None)),
+    ],
+)
+def test_an_event_of_the_other_stripe_mode_is_answered_200_and_stored_as_ignored_with_the_reason(
+    mode: str | None, livemode: bool, stored: tuple[str, str | None]
+) -> None:
+    endpoint, writer = _endpoint(stripe_mode=mode)
+    event = synthetic.event("customer.created", synthetic.customer(customer_id="cus_1", email=None), livemode=livemode)
+    body, headers = signed(event)
+    status, _headers, answer = _answer(_call(endpoint, "POST", headers, [{"type": "http.request", "body": body}]))
+    assert (status, answer) == (200, {"received": True, "id": event["id"], "duplicate": False})
+    [row] = writer.stored
+    assert (row["status"], row["detail"]) == stored

@@ -24,6 +24,7 @@ from kamiyo.config import Settings
 from kamiyo.db.engine import make_engine
 from kamiyo.db.migrate import alembic_config, upgrade
 from kamiyo.db.models import events_table
+from kamiyo.domain.modes import LIVE
 from kamiyo.errors import KamiyoError
 from kamiyo.logs import configure_logging
 from kamiyo.processing import worker as worker_module
@@ -220,6 +221,7 @@ def trigger(
             price_obj=_trigger_price(settings),
             customer_id=customer_id,
             api_version=api_version or synthetic.LATEST_API_VERSION,
+            livemode=settings.stripe_mode == LIVE,  # the service's mode: an event it applies
         )
     except ValueError as exc:
         raise KamiyoError(str(exc)) from None

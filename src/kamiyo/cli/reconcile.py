@@ -143,6 +143,7 @@ def backfill(
             actor=by,
             reason=reason,
             statement_timeout=settings.database_maintenance_timeout_seconds,
+            mode=settings.stripe_mode,
         )
         _print_backfill(summary, out)
         if apply and summary.new:

@@ -31,6 +31,7 @@ from kamiyo import synthetic
 from kamiyo.config import Settings
 from kamiyo.db.models import customers_table, events_table, subscriptions_table
 from kamiyo.diagnosis.stripe_view import RUNBOOK_EVENTS, StripeWebhookView
+from kamiyo.domain.modes import LIVE
 from kamiyo.scrub import clean
 from kamiyo.telemetry.delivery_stats import (
     DeliveryRow,
@@ -735,6 +736,7 @@ class Doctor:
             price_obj=_probe_price(self.settings),
             customer_id=customer_id,
             sub_id=sub_id,
+            livemode=self.settings.stripe_mode == LIVE,  # the service's mode, so that it applies the probe
         )
         event["id"] = PROBE_EVENT_PREFIX + token
         body = orjson.dumps(event)
@@ -800,6 +802,14 @@ class Doctor:
                     option=1,
                     cause="worker_down",
                 )
+            if status == "ignored":  # built in this environment's Stripe mode, not the service's
+                return Finding(
+                    step,
+                    FAIL,
+                    f"the service ignored the signed test event: {error or 'no reason recorded'}",
+                    "give this environment the service's STRIPE_MODE (or STRIPE_SECRET_KEY) and run doctor again",
+                    cause="probe_failed",
+                )
             return Finding(
                 step,
                 FAIL,
@@ -818,12 +828,12 @@ class Doctor:
         while True:
             with self.engine.connect().execution_options(readonly=True) as connection:
                 row = connection.execute(
-                    select(events_table.c.status, events_table.c.last_error).where(
+                    select(events_table.c.status, events_table.c.last_error, events_table.c.detail).where(
                         events_table.c.stripe_event_id == event_id
                     )
                 ).first()
             if row is not None:
-                status, error = row.status, row.last_error
+                status, error = row.status, row.last_error or (row.detail if row.status == "ignored" else None)
                 if status != "pending" or time.monotonic() > deadline:
                     return status, error
             elif time.monotonic() > deadline:

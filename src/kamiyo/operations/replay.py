@@ -66,6 +66,7 @@ class _Claimed:
     type: str
     created: int
     payload: str
+    livemode: bool
     attempts: int = 0
 
 
@@ -180,12 +181,13 @@ def _replay_chunk(connection: Connection, run: _Run, ids: Sequence[int]) -> None
         _events.c.status,
         _events.c.attempts,
         _events.c.last_error,
+        _events.c.livemode,
     ).where(_events.c.id.in_(ids))
     if connection.dialect.name == "postgresql":
         query = query.with_for_update()  # a worker applying one of them finishes first
     for row in connection.execute(query.order_by(_events.c.id)).all():
         store = _RecordingStore(connection, run.settings)
-        claimed = _Claimed(row.id, row.stripe_event_id, row.type, row.created, row.payload)
+        claimed = _Claimed(row.id, row.stripe_event_id, row.type, row.created, row.payload, bool(row.livemode))
         outcome = run.worker.apply_again(connection, store, claimed, time.time())
         connection.execute(update(_events).where(_events.c.id == row.id).values(replayed_at=datetime.now(UTC)))
         # A failed handler's savepoint was rolled back: the changes it noted never happened.

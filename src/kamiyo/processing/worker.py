@@ -45,6 +45,7 @@ from kamiyo.db.driver import driver_execute
 from kamiyo.db.errors import describe, is_database_fault
 from kamiyo.db.models import events_table
 from kamiyo.domain.links import link_hint
+from kamiyo.domain.modes import other_mode_detail
 from kamiyo.errors import ApplyError, UnmappedPrice
 from kamiyo.operations.overrides import expire_overrides
 from kamiyo.processing.handlers import HANDLERS, StoredEvent
@@ -272,6 +273,10 @@ class Worker:
         handler = HANDLERS.get(row.type)
         if handler is None:
             return _Outcome(row.id, "ignored", attempts, 0.0, None, "event type not handled", datetime.now(UTC))
+        # Stripe's other mode (stored before STRIPE_MODE was set, say): ignored, whatever the path.
+        other_mode = other_mode_detail(bool(row.livemode), self.settings.stripe_mode)
+        if other_mode is not None:
+            return _Outcome(row.id, "ignored", attempts, 0.0, None, other_mode, datetime.now(UTC))
         mark = len(logs) if logs is not None else 0
         try:
             obj = orjson.loads(row.payload)["data"]["object"]
@@ -410,6 +415,7 @@ class _ClaimedRow(NamedTuple):
     created: int
     payload: str
     attempts: int
+    livemode: bool
 
 
 def _claimed_rows(connection: Any, claim: Any, now: float) -> list[_ClaimedRow]:
@@ -427,6 +433,7 @@ _CLAIMED_COLUMNS = (
     _events.c.created,
     _events.c.payload,
     _events.c.attempts,
+    _events.c.livemode,
 )
 
 

@@ -41,6 +41,7 @@ from sqlalchemy import Engine
 from kamiyo.config import DEFAULT_MAINTENANCE_TIMEOUT
 from kamiyo.db.engine import allow_long_statements
 from kamiyo.db.errors import describe
+from kamiyo.domain.modes import other_mode_detail
 from kamiyo.errors import PayloadError
 from kamiyo.operations.audit import default_actor, record_action
 from kamiyo.processing.handlers import HANDLED_TYPES
@@ -92,13 +93,16 @@ def backfill_events(
     reason: str | None = None,
     audit_when_nothing_new: bool = True,
     statement_timeout: float = DEFAULT_MAINTENANCE_TIMEOUT,
+    mode: str | None = None,
 ) -> BackfillSummary:
     """List undelivered events from the gap's start and store the new ones in the inbox.
 
     The run is recorded in the audit log as done by ``actor`` (default: the OS user) for
     ``reason``; with ``audit_when_nothing_new=False`` (the schedule) only if it stored an event.
     On PostgreSQL its pages may run statements for ``statement_timeout`` seconds
-    (``DATABASE_MAINTENANCE_TIMEOUT_SECONDS``; 0: no limit), not the service's limit.
+    (``DATABASE_MAINTENANCE_TIMEOUT_SECONDS``; 0: no limit), not the service's limit. An event of
+    the Stripe mode the service does not take (``mode``, ``Settings.stripe_mode``) is stored as
+    ignored, as the webhook endpoint stores it.
     """
     now = time.time() if now is None else now
     start = gap_start(engine, since=since, now=now)
@@ -120,7 +124,7 @@ def backfill_events(
     try:
         for page in _undelivered_pages(gateway, start, now):
             summary.listed += len(page.data)
-            new = _store(engine, page, statement_timeout)
+            new = _store(engine, page, statement_timeout, mode)
             summary.new += len(new)
             summary.stored.extend(new[: max(0, AUDIT_EVENTS - len(summary.stored))])
             if page.data:
@@ -211,7 +215,7 @@ def _newest_first(gateway: StripeGateway, query: EventQuery) -> Iterator[Page]:
         cursor = str(page.data[-1]["id"])
 
 
-def _store(engine: Engine, page: Page, statement_timeout: float) -> list[str]:
+def _store(engine: Engine, page: Page, statement_timeout: float, mode: str | None) -> list[str]:
     """Put a page of events into the inbox (one transaction); return the new ones' ids, in page order."""
     rows = []
     for event in page.data:
@@ -222,7 +226,10 @@ def _store(engine: Engine, page: Page, statement_timeout: float) -> list[str]:
             log.warning("backfill skipped an event the API returned: %s", exc)
             continue
         status = "pending" if envelope.type in HANDLED_TYPES else "ignored"
-        rows.append(inbox_row(envelope, body, status=status, source=BACKFILL_SOURCE))
+        other_mode = other_mode_detail(envelope.livemode, mode)
+        if other_mode is not None:
+            status = "ignored"
+        rows.append(inbox_row(envelope, body, status=status, source=BACKFILL_SOURCE, detail=other_mode))
     if not rows:
         return []
     with engine.begin() as connection:

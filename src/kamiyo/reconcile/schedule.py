@@ -32,12 +32,20 @@ class BackfillSchedule:
     """A thread that runs a backfill every ``interval`` seconds until ``stop`` is set."""
 
     def __init__(
-        self, engine: Engine, gateway: StripeGateway, interval: float, stop: threading.Event, wake: threading.Event
+        self,
+        engine: Engine,
+        gateway: StripeGateway,
+        interval: float,
+        stop: threading.Event,
+        wake: threading.Event,
+        *,
+        mode: str | None = None,
     ) -> None:
         self.engine = engine
         self.gateway = gateway
         self.interval = interval
         self.statement_timeout = DEFAULT_MAINTENANCE_TIMEOUT
+        self.mode = mode  # Stripe's mode the service takes (events of the other are stored as ignored)
         self._stop = stop
         self._wake = wake
         self._thread = threading.Thread(target=self._run, name="kamiyo-backfill", daemon=True)
@@ -58,7 +66,7 @@ class BackfillSchedule:
         gateway = gateway or gateway_from_settings(settings)
         if gateway is None:
             return None
-        schedule = cls(engine, gateway, settings.backfill_interval_seconds, stop, wake)
+        schedule = cls(engine, gateway, settings.backfill_interval_seconds, stop, wake, mode=settings.stripe_mode)
         schedule.statement_timeout = settings.database_maintenance_timeout_seconds
         schedule._thread.start()
         log.info("scheduled backfill every %ss", settings.backfill_interval_seconds)
@@ -92,6 +100,7 @@ class BackfillSchedule:
             reason=f"scheduled every {self.interval:g} s (BACKFILL_INTERVAL_SECONDS)",
             audit_when_nothing_new=False,
             statement_timeout=self.statement_timeout,
+            mode=self.mode,
         )
         if summary.new:
             self._wake.set()

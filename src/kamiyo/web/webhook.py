@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from kamiyo.config import Settings
+from kamiyo.domain.modes import ignored_livemode, other_mode_detail
 from kamiyo.errors import PayloadTooLarge, WebhookRejected
 from kamiyo.processing.handlers import HANDLED_TYPES
 from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX, PROBE_USER_AGENT, WebhookMetrics
@@ -47,6 +48,9 @@ class WebhookEndpoint:
         self._secrets = settings.webhook_secrets
         self._tolerance = settings.signature_tolerance
         self._max_body = settings.max_body_bytes
+        self._mode = settings.stripe_mode
+        # The ``livemode`` of the events this service ignores (Stripe's other mode); None: none.
+        self._ignored_livemode = ignored_livemode(settings.stripe_mode)
         self._metrics = metrics
         self._writer = writer
 
@@ -89,9 +93,13 @@ class WebhookEndpoint:
             return exc.status_code, {"error": str(exc), "reason": exc.reason}
 
         status = "pending" if envelope.type in HANDLED_TYPES else "ignored"
+        detail = None
+        if envelope.livemode is self._ignored_livemode:
+            # Answered 2xx like any event (Stripe stops retrying), stored as ignored: it changes no user.
+            status, detail = "ignored", other_mode_detail(envelope.livemode, self._mode)
         counted = not envelope.event_id.startswith(PROBE_EVENT_PREFIX)
         try:
-            new = await self._writer().store_event(envelope, body, status=status, counted=counted)
+            new = await self._writer().store_event(envelope, body, status=status, counted=counted, detail=detail)
         except Exception as exc:  # noqa: BLE001 - storage down: Stripe must retry, so not 2xx
             log.error(
                 "webhook not stored event=%s type=%s: %s", envelope.event_id, envelope.type, exc.__class__.__name__

@@ -45,7 +45,9 @@ class Pending:
 class Inbox(Protocol):
     """Where the webhook endpoint stores rows: ``InboxWriter`` here, or ``InboxProcess``."""
 
-    async def store_event(self, envelope: Envelope, body: bytes, *, status: str, counted: bool = True) -> bool: ...
+    async def store_event(
+        self, envelope: Envelope, body: bytes, *, status: str, counted: bool = True, detail: str | None = None
+    ) -> bool: ...
 
     def count_rejection(self, reason: str, event_type: str = "") -> None: ...
 
@@ -62,10 +64,17 @@ class _Count:
 
 
 def inbox_row(
-    envelope: Envelope, body: bytes, *, status: str, source: str = "webhook", received_at: datetime | None = None
+    envelope: Envelope,
+    body: bytes,
+    *,
+    status: str,
+    source: str = "webhook",
+    received_at: datetime | None = None,
+    detail: str | None = None,
 ) -> dict[str, Any]:
     """The inbox row for one verified event (``body`` is known to be UTF-8 JSON), received now
-    unless ``received_at`` says when."""
+    unless ``received_at`` says when. ``detail``: why an event stored as ignored is ignored, when
+    its type does not say it (an event of the other Stripe mode)."""
     return {
         "stripe_event_id": envelope.event_id,
         "type": envelope.type,
@@ -79,6 +88,7 @@ def inbox_row(
         "status": status,
         "attempts": 0,
         "available_at": 0.0,
+        "detail": detail,
     }
 
 
@@ -101,7 +111,7 @@ def insert_new_events(connection: Connection, rows: list[dict[str, Any]]) -> set
     return new
 
 
-_CHUNK_ROWS = 256  # x 12 columns: far below SQLite's 32,766 and PostgreSQL's 65,535 parameters
+_CHUNK_ROWS = 256  # x 13 columns: far below SQLite's 32,766 and PostgreSQL's 65,535 parameters
 _INBOX_COLUMNS = (
     "stripe_event_id",
     "type",
@@ -115,6 +125,7 @@ _INBOX_COLUMNS = (
     "status",
     "attempts",
     "available_at",
+    "detail",
 )
 
 
@@ -228,9 +239,11 @@ class InboxWriter:
             self._thread.join(timeout=30)
             self._thread = None
 
-    async def store_event(self, envelope: Envelope, body: bytes, *, status: str, counted: bool = True) -> bool:
+    async def store_event(
+        self, envelope: Envelope, body: bytes, *, status: str, counted: bool = True, detail: str | None = None
+    ) -> bool:
         """Commit the inbox row of a verified delivery; True if the event is new (see ``store``)."""
-        return await self.store(inbox_row(envelope, body, status=status), counted=counted)
+        return await self.store(inbox_row(envelope, body, status=status, detail=detail), counted=counted)
 
     async def store(self, row: dict[str, Any], *, counted: bool = True) -> bool:
         """Commit ``row``; True if the event is new, False if its id was already stored.

@@ -26,8 +26,8 @@ takes its worker with it; the next child starts a new one.
 
 Messages are lists of tuples, pickled, each framed by its length. Server to child:
 ``("start", settings, count_deliveries, worker_settings)``, ``("event", number, envelope, body,
-status, counted, received_at)`` (the row is made in the child: a tuple and bytes pickle in a fifth
-of the row's time), ``("count", reason, event_type)``, ``("stop",)``. Child to server:
+status, counted, received_at, detail)`` (the row is made in the child: a tuple and bytes pickle in
+a fifth of the row's time), ``("count", reason, event_type)``, ``("stop",)``. Child to server:
 ``("ready",)``, ``("done", numbers, outcomes)``, ``("failed", numbers, error)``, ``("processed",
 tally)``, ``("worker_started",)``, ``("worker_died", WorkerDeath)``, ``("worker_stopped",)``.
 """
@@ -168,7 +168,9 @@ class InboxProcess:
         self._ready = True
         log.info("inbox writer process %d started", self._process.pid)
 
-    async def store_event(self, envelope: Envelope, body: bytes, *, status: str, counted: bool = True) -> bool:
+    async def store_event(
+        self, envelope: Envelope, body: bytes, *, status: str, counted: bool = True, detail: str | None = None
+    ) -> bool:
         """Commit the inbox row of a verified delivery (made in the child, received now); True if
         the event is new, False if its id was already stored."""
         link = self._link
@@ -177,7 +179,7 @@ class InboxProcess:
         number = next(self._numbers)
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting[number] = future
-        link.send(("event", number, envelope, body, status, counted, time.time()))
+        link.send(("event", number, envelope, body, status, counted, time.time(), detail))
         return await future
 
     def count_rejection(self, reason: str, event_type: str = "") -> None:
@@ -341,9 +343,10 @@ def serve(connection: socket.socket) -> None:
                     kind = item[0]
                     if kind == "event":
                         assert writer is not None
-                        _kind, number, envelope, body, status, counted, received = item
+                        _kind, number, envelope, body, status, counted, received, detail = item
                         at = datetime.fromtimestamp(received, UTC)
-                        writer.submit(inbox_row(envelope, body, status=status, received_at=at), number, counted=counted)
+                        row = inbox_row(envelope, body, status=status, received_at=at, detail=detail)
+                        writer.submit(row, number, counted=counted)
                     elif kind == "count":
                         assert writer is not None
                         writer.count_rejection(item[1], item[2])

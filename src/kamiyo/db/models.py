@@ -259,6 +259,26 @@ class AdminSignInFailure(Base):
     failures: Mapped[int] = mapped_column(Integer)
 
 
+class MaintenanceTask(Base):
+    """A housekeeping task the workers share (the inbox's retention): who runs it, and how it last went.
+
+    One worker at a time holds it (``holder``, until ``lease_until``, renewed by each of its short
+    transactions). The outcome columns are read by the health check and the metrics, so that every
+    process reports the same, whichever worker ran the task.
+    """
+
+    __tablename__ = "maintenance_tasks"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(128))  # a worker id (telemetry/heartbeat.py)
+    lease_until: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")  # Unix seconds
+    last_success_at: Mapped[float | None] = mapped_column(Float)
+    last_failure_at: Mapped[float | None] = mapped_column(Float)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_pruned: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # rows, last run
+
+
 # The Core tables, typed as such, for the hot paths that use SQL expressions directly.
 users_table = cast(Table, User.__table__)
 customers_table = cast(Table, Customer.__table__)
@@ -271,3 +291,4 @@ user_overrides_table = cast(Table, UserOverride.__table__)
 audit_log_table = cast(Table, AuditRecord.__table__)
 admin_sessions_table = cast(Table, AdminSession.__table__)
 admin_sign_in_failures_table = cast(Table, AdminSignInFailure.__table__)
+maintenance_tasks_table = cast(Table, MaintenanceTask.__table__)

@@ -49,6 +49,7 @@ from kamiyo.domain.modes import other_mode_detail
 from kamiyo.errors import ApplyError, UnmappedPrice
 from kamiyo.operations.overrides import expire_overrides
 from kamiyo.processing.handlers import HANDLERS, StoredEvent
+from kamiyo.processing.retention import Retention
 from kamiyo.processing.store import Store, compiled_for
 from kamiyo.reconcile.gateway import StripeGateway
 from kamiyo.reconcile.schedule import BackfillSchedule
@@ -126,6 +127,8 @@ class Worker:
         self.verifier = event_verifier(settings, gateway)
         self.metrics: ProcessedCounter | None = (metrics or process_metrics()) if settings.metrics_enabled else None
         self.heartbeat = Heartbeat(engine)
+        # The inbox's retention: a short transaction at a time between batches, one worker at a time.
+        self.retention = Retention(engine, settings, self.heartbeat.worker_id)
         self._pg = engine.dialect.name == "postgresql"
         self._limit = settings.worker_batch_size
         self._claimed: list[Any] = []
@@ -371,6 +374,7 @@ class Worker:
             while not stop.is_set():
                 self.heartbeat.beat()
                 self.sweep_expired_overrides()
+                self.retention.step()
                 try:
                     handled = self.run_once()
                     failures = 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, or_, select
+from sqlalchemy import Engine, delete, func, or_, select
 
 from kamiyo.db.models import delivery_stats_table, events_table, user_overrides_table, worker_heartbeats_table
 
@@ -25,6 +25,8 @@ _overrides = user_overrides_table
 
 # A worker beats every few seconds; one that has not for this long is taken as not running.
 WORKER_STALE_SECONDS = 30.0
+# How long the per-minute counts are kept: the incident report's and the health check's history.
+DELIVERY_STATS_DAYS = 35
 
 # (minute, outcome, reason, event type): outcome is accepted | duplicate | rejected.
 DeliveryKey = tuple[int, str, str, str]
@@ -61,6 +63,19 @@ def add_delivery_counts(connection: Any, counts: Mapping[DeliveryKey, int]) -> N
     # writer, and building and compiling the SQLAlchemy construct each time cost more than the upsert.
     sql = _UPSERT_PG if connection.dialect.name == "postgresql" else _UPSERT_SQLITE
     connection.exec_driver_sql(sql, rows)
+
+
+def prune_delivery_stats_batch(engine: Engine, *, now: float | None = None) -> int:
+    """Delete the counts of at most one hour past ``DELIVERY_STATS_DAYS``, oldest first, in one short
+    transaction; how many rows (the inbox's retention calls it until it returns 0)."""
+    now = time.time() if now is None else now
+    cutoff = minute_of(now - DELIVERY_STATS_DAYS * 86400)
+    with engine.begin() as connection:
+        oldest = connection.execute(select(func.min(_stats.c.minute))).scalar()
+        if oldest is None or oldest >= cutoff:
+            return 0
+        result = connection.execute(delete(_stats).where(_stats.c.minute < min(cutoff, int(oldest) + 3600)))
+        return int(result.rowcount or 0)
 
 
 @dataclass(frozen=True)

@@ -64,3 +64,21 @@ def test_the_most_basic_failure_wins_the_verdict() -> None:
     assert diagnosis.verdict is not None
     assert diagnosis.verdict.cause == "secret_mismatch"
     assert "Verdict: Option 2: Update Webhook Secret. mismatch" in diagnosis.to_text()
+
+
+def test_mixed_stripe_modes_and_a_failing_retention_are_warnings_with_what_to_do() -> None:
+    from kamiyo.diagnosis.doctor import WARN, diagnose_housekeeping
+    from kamiyo.processing.retention import RetentionStatus
+    from kamiyo.telemetry.webhook_health import check_retention, check_stripe_mode
+
+    failing = RetentionStatus(1.0, 2.0, 4, "OperationalError: database is locked", 0, False)
+    mode, retention = diagnose_housekeeping(
+        [check_stripe_mode(None, frozenset({"live", "test"})), check_retention(failing, 90, 10.0)]
+    )
+    assert (mode.step, mode.status) == ("Stripe mode", WARN)
+    assert "STRIPE_MODE=live" in mode.todo
+    assert (retention.step, retention.status) == ("Retention", WARN)
+    assert "failed 4 times in a row: OperationalError: database is locked" in retention.found
+    assert "inbox retention failed" in retention.todo
+    calm = diagnose_housekeeping([check_stripe_mode("live", frozenset()), check_retention(None, 90, 10.0)])
+    assert [(f.status, f.todo) for f in calm] == [("ok", ""), ("ok", "")]

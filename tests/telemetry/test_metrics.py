@@ -336,3 +336,39 @@ def test_an_event_type_becomes_a_label_cleaned_like_every_other_output() -> None
     assert value(found, "stripe_webhooks_received_total", type=cleaned) == 1
     assert value(found, "webhook_events_ignored_total", type=cleaned) == 1
     assert value(found, "webhook_events_applied_total", type=cleaned) == 1
+
+
+def test_the_retention_and_the_stripe_modes_are_gauges_read_from_the_database(
+    client: tuple[AppClient, WebhookMetrics], engine: Engine, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kamiyo.processing.retention import Retention
+
+    http, _metrics = client
+    found = samples(http.get("/metrics").text)
+    assert value(found, "kamiyo_inbox_prune_consecutive_failures") == 0
+    assert ("kamiyo_inbox_prune_last_success_timestamp_seconds", ()) not in found  # no prune has finished yet
+    assert value(found, "kamiyo_stripe_modes_mixed") == 0
+
+    assert _post(http, _customer_event()) == 200
+    assert (
+        _post(
+            http,
+            synthetic.event("customer.created", synthetic.customer(customer_id="cus_l", email=None), livemode=True),
+        )
+        == 200
+    )
+    assert value(samples(http.get("/metrics").text), "kamiyo_stripe_modes_mixed") == 1
+
+    retention = Retention(engine, settings, "worker-a")
+    while retention.step(1_800_000_000.0):
+        pass
+    found = samples(http.get("/metrics").text)
+    assert value(found, "kamiyo_inbox_prune_last_success_timestamp_seconds") == 1_800_000_000.0
+
+    def broken(*_args: object, **_kwargs: object) -> object:
+        raise RuntimeError("no")
+
+    monkeypatch.setattr("kamiyo.processing.retention.prune_batch", broken)
+    for attempt in range(3):
+        Retention(engine, settings, "worker-a", interval=1, retry=1).step(1_800_000_100.0 + 10 * attempt)
+    assert value(samples(http.get("/metrics").text), "kamiyo_inbox_prune_consecutive_failures") == 3

@@ -68,6 +68,8 @@ def test_every_check_passes_on_a_healthy_service(engine: Engine, settings: Setti
         "backlog": OK,
         "parked": OK,
         "worker": OK,
+        "stripe_mode": OK,
+        "retention": OK,
         "stripe_api": OK,
     }
     assert report.healthy
@@ -319,3 +321,68 @@ def test_health_answers_are_reused_for_a_second_whoever_asks(engine: Engine, set
         assert len(reads) == 3
     finally:
         webhook_health_module.read_state = original
+
+
+# -- Stripe's modes and the inbox's retention --------------------------------------------------------
+
+
+def _modes(engine: Engine, *livemodes: bool) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            insert(events_table),
+            [_event_row(synthetic.new_id("evt"), livemode=livemode) for livemode in livemodes],
+        )
+
+
+def test_a_service_taking_both_modes_warns_when_both_arrive_and_stays_healthy(
+    engine: Engine, settings: Settings
+) -> None:
+    _healthy_database(engine)
+    _modes(engine, False, False)
+    report = run_checks(engine, settings, now=NOW)
+    assert report.check("stripe_mode").status == OK
+    assert "the newest events are test-mode" in report.check("stripe_mode").detail
+    _modes(engine, True)
+    report = run_checks(engine, settings, now=NOW)
+    check = report.check("stripe_mode")
+    assert check.status == WARN
+    assert "set STRIPE_MODE=live (or test)" in check.detail
+    assert check.data["recent_modes"] == ["live", "test"]
+    assert report.healthy  # a warning, not a degraded service
+    live = run_checks(engine, replace(settings, stripe_mode="live"), now=NOW).check("stripe_mode")
+    assert (live.status, live.detail) == (OK, "takes live-mode events only (the other mode's are stored as ignored)")
+
+
+def test_only_the_newest_events_count_so_the_warning_ends_once_one_mode_arrives_again(
+    engine: Engine, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("kamiyo.telemetry.inbox_modes.MODE_WINDOW", 3)
+    _modes(engine, False, True, True, True)
+    assert run_checks(engine, settings, now=NOW).check("stripe_mode").status == OK
+    _modes(engine, False)
+    assert run_checks(engine, settings, now=NOW).check("stripe_mode").status == WARN
+
+
+def test_the_retention_check_warns_after_three_failed_prunes_in_a_row(engine: Engine, settings: Settings) -> None:
+    from sqlalchemy import update
+
+    from kamiyo.db.models import maintenance_tasks_table
+    from kamiyo.processing.retention import TASK, Retention
+
+    _healthy_database(engine)
+    assert run_checks(engine, settings, now=NOW).check("retention").detail == "no prune has run yet"
+    retention = Retention(engine, settings, "worker-a")
+    while retention.step(NOW - 600):
+        pass
+    assert run_checks(engine, settings, now=NOW).check("retention").status == OK
+    assert "last prune 10 min ago" in run_checks(engine, settings, now=NOW).check("retention").detail
+    with engine.begin() as connection:
+        connection.execute(
+            update(maintenance_tasks_table)
+            .where(maintenance_tasks_table.c.name == TASK)
+            .values(consecutive_failures=3, last_error="OperationalError: database or disk is full")
+        )
+    report = run_checks(engine, settings, now=NOW)
+    assert report.check("retention").status == WARN
+    assert "failed 3 times in a row: OperationalError: database or disk is full" in report.check("retention").detail
+    assert report.healthy

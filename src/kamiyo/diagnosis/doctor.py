@@ -32,6 +32,7 @@ from kamiyo.config import Settings
 from kamiyo.db.models import customers_table, events_table, subscriptions_table
 from kamiyo.diagnosis.stripe_view import RUNBOOK_EVENTS, StripeWebhookView
 from kamiyo.domain.modes import LIVE
+from kamiyo.processing.retention import retention_status
 from kamiyo.scrub import clean
 from kamiyo.telemetry.delivery_stats import (
     DeliveryRow,
@@ -39,8 +40,17 @@ from kamiyo.telemetry.delivery_stats import (
     delivery_rows,
     read_state,
 )
+from kamiyo.telemetry.inbox_modes import recent_modes
 from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX, PROBE_USER_AGENT
-from kamiyo.telemetry.webhook_health import ParkedReason, check_secret, fingerprint, parked_reasons
+from kamiyo.telemetry.webhook_health import (
+    Check,
+    ParkedReason,
+    check_retention,
+    check_secret,
+    check_stripe_mode,
+    fingerprint,
+    parked_reasons,
+)
 from kamiyo.webhooks.signature import signature_header
 
 WEBHOOK_PATH = "/api/v1/payments/webhook"
@@ -456,6 +466,21 @@ def restarts_from_metrics(text: str) -> float | None:
     return sum(found) if found else None
 
 
+def diagnose_housekeeping(checks: list[Check]) -> list[Finding]:
+    """Stripe's mode and the inbox's retention, as the webhook health checks judge them: a warning
+    (both modes arriving to a service that takes both; pruning failing), never a failure."""
+    todo = {
+        "stripe_mode": "set STRIPE_MODE=live (or test) and restart: the other mode's events are then ignored",
+        "retention": "look for `inbox retention failed` in the worker's log",
+    }
+    steps = {"stripe_mode": "Stripe mode", "retention": "Retention"}
+    return [
+        Finding(steps[c.name], c.status, c.detail, todo[c.name] if c.status == WARN else "")
+        for c in checks
+        if c.name in steps
+    ]
+
+
 def diagnose_stripe(
     endpoints: list[Any] | None, undelivered: Any | None, *, configured: bool, error: str = ""
 ) -> list[Finding]:
@@ -658,6 +683,8 @@ class Doctor:
                 processing = diagnose_processing(None, [], 0, db_error=exc.__class__.__name__)
             for finding in processing:
                 add(finding)
+            for finding in self._housekeeping():
+                add(finding)
         else:
             add(Finding("Processing", SKIPPED, f"no database to read ({db_error or 'not configured'})"))
         # The public health names each check's state only; its details (the worker's restarts and
@@ -855,6 +882,18 @@ class Doctor:
                 )
         except Exception:  # noqa: BLE001, S110 - the database may be the thing that is broken
             pass
+
+    def _housekeeping(self) -> list[Finding]:
+        assert self.engine is not None
+        try:
+            modes = recent_modes(self.engine) if self.settings.stripe_mode is None else frozenset[str]()
+            checks = [
+                check_stripe_mode(self.settings.stripe_mode, modes),
+                check_retention(retention_status(self.engine), self.settings.inbox_retention_days, self.clock()),
+            ]
+        except Exception:  # noqa: BLE001 - the database went away during the run: Processing said so
+            return []
+        return diagnose_housekeeping(checks)
 
     def _unlinked(self) -> int:
         assert self.engine is not None

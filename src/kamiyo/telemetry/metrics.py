@@ -37,8 +37,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 
 from kamiyo.config import Settings
+from kamiyo.processing.retention import retention_status
 from kamiyo.scrub import clean
 from kamiyo.telemetry.delivery_stats import read_state
+from kamiyo.telemetry.inbox_modes import recent_modes
 
 log = logging.getLogger("kamiyo.metrics")
 # The `_created` series double every counter's output and no alert or dashboard reads them.
@@ -349,6 +351,33 @@ class StateCollector(Collector):
             "Users whose tier is set by an active manual override (kamiyo users set-tier).",
             state.active_overrides,
         )
+        yield from _housekeeping_gauges(self._engine, self._settings)
+
+
+def _housekeeping_gauges(engine: Engine, settings: Settings) -> Iterator[Metric]:
+    """The inbox's retention (processing/retention.py) and Stripe's modes (telemetry/inbox_modes.py)."""
+    try:
+        status = retention_status(engine)
+        mixed = settings.stripe_mode is None and len(recent_modes(engine)) > 1
+    except Exception as exc:  # noqa: BLE001 - a scrape must answer even when the database does not
+        log.warning("metrics: retention and modes not read: %s", exc.__class__.__name__)
+        return
+    if status is not None and status.last_success_at is not None:  # absent until the first prune finished
+        yield _gauge(
+            "kamiyo_inbox_prune_last_success_timestamp_seconds",
+            "When the inbox's retention last finished (Unix seconds), whichever worker ran it.",
+            status.last_success_at,
+        )
+    yield _gauge(
+        "kamiyo_inbox_prune_consecutive_failures",
+        "Runs of the inbox's retention that failed in a row (0 after one that finished).",
+        status.consecutive_failures if status is not None else 0,
+    )
+    yield _gauge(
+        "kamiyo_stripe_modes_mixed",
+        "1 when the service takes both Stripe modes (no STRIPE_MODE, no API key) and its newest events hold both.",
+        1.0 if mixed else 0.0,
+    )
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

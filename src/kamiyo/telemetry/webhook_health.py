@@ -27,10 +27,13 @@ from kamiyo import __version__
 from kamiyo.config import Settings
 from kamiyo.db.models import events_table
 from kamiyo.processing.restarts import RestartRecord
+from kamiyo.processing.retention import RetentionStatus, retention_status
 from kamiyo.scrub import redact
 from kamiyo.telemetry.delivery_stats import ServiceState, delivery_totals, read_state
+from kamiyo.telemetry.inbox_modes import MODE_WINDOW, recent_modes
 
 OK, WARN, FAIL, SKIPPED = "ok", "warn", "fail", "skipped"
+PRUNE_FAILURES_WARN = 3  # failed prune runs in a row (one every 5 minutes) before the check warns
 _events = events_table
 RESTART_WARN_SECONDS = 3600.0  # the worker check warns this long after the in-process worker died
 
@@ -272,6 +275,54 @@ def _check_worker(
     )
 
 
+# -- Stripe's mode and the inbox's retention: worth knowing, never degraded on their own -----------
+
+
+def check_stripe_mode(mode: str | None, modes: frozenset[str]) -> Check:
+    """Which mode the service takes; a warning when it takes both and both arrive."""
+    data: dict[str, Any] = {"mode": mode, "recent_modes": sorted(modes)}
+    if mode is not None:
+        return Check("stripe_mode", OK, f"takes {mode}-mode events only (the other mode's are stored as ignored)", data)
+    if len(modes) > 1:
+        return Check(
+            "stripe_mode",
+            WARN,
+            f"the newest {MODE_WINDOW} events mix live-mode and test-mode ones, and with neither STRIPE_MODE "
+            "nor STRIPE_SECRET_KEY both are applied: set STRIPE_MODE=live (or test)",
+            data,
+        )
+    seen = f"; the newest events are {next(iter(modes))}-mode" if modes else ""
+    return Check("stripe_mode", OK, f"takes both modes (no STRIPE_MODE, no STRIPE_SECRET_KEY){seen}", data)
+
+
+def check_retention(status: RetentionStatus | None, retention_days: int, now: float) -> Check:
+    """How the inbox's retention last went (the workers prune every hour)."""
+    if status is None:
+        return Check("retention", OK, "no prune has run yet", {"retention_days": retention_days})
+    data: dict[str, Any] = {
+        "retention_days": retention_days,
+        "last_success_at": status.last_success_at,
+        "consecutive_failures": status.consecutive_failures,
+        "last_pruned": status.last_pruned,
+    }
+    if status.consecutive_failures >= PRUNE_FAILURES_WARN:
+        return Check(
+            "retention",
+            WARN,
+            f"pruning the inbox failed {status.consecutive_failures} times in a row: {status.last_error}",
+            data,
+        )
+    if status.last_success_at is None:
+        return Check("retention", OK, "no prune has finished yet", data)
+    age = max(0.0, now - status.last_success_at)
+    return Check(
+        "retention",
+        OK,
+        f"last prune {_age(age)} ago: {status.last_pruned} event(s) older than {retention_days} days",
+        data,
+    )
+
+
 StripeProbe = Callable[[], str]
 
 
@@ -318,7 +369,7 @@ def run_checks(
         state = read_state(engine, now=now)
     except Exception as exc:  # noqa: BLE001 - any failure means the database is not usable
         checks.append(Check("database", FAIL, f"database unreachable: {exc.__class__.__name__}"))
-        for name in ("last_accepted", "success_ratio", "backlog", "parked", "worker"):
+        for name in ("last_accepted", "success_ratio", "backlog", "parked", "worker", "stripe_mode", "retention"):
             checks.append(Check(name, SKIPPED, "needs the database"))
     else:
         checks.append(Check("database", OK, f"{engine.dialect.name} reachable"))
@@ -327,6 +378,7 @@ def run_checks(
         checks.append(_check_backlog(state, limits))
         checks.append(_check_parked(engine, state))
         checks.append(_check_worker(state, in_process_worker, worker_restarts, now=now))
+        checks.extend(_housekeeping(engine, settings, now))
     if stripe_probe is None:
         checks.append(Check("stripe_api", SKIPPED, "no Stripe API key configured"))
     else:
@@ -341,3 +393,12 @@ def run_checks(
         "metrics_enabled": settings.metrics_enabled,
     }
     return HealthReport(checks, service)
+
+
+def _housekeeping(engine: Engine, settings: Settings, now: float) -> list[Check]:
+    try:
+        modes = recent_modes(engine) if settings.stripe_mode is None else frozenset()
+        status = retention_status(engine, now=now)
+    except Exception as exc:  # noqa: BLE001 - the database answered a moment ago: report, do not fail
+        return [Check(name, SKIPPED, f"not read: {exc.__class__.__name__}") for name in ("stripe_mode", "retention")]
+    return [check_stripe_mode(settings.stripe_mode, modes), check_retention(status, settings.inbox_retention_days, now)]

@@ -100,6 +100,7 @@ class Settings:
     def admin_enabled(self) -> bool:
         """Whether the console and admin API are on (some admin token is configured)."""
         return bool(self.admin_token or self.admin_tokens)
+
     # Stripe's mode, retention and replay bounds. ``stripe_mode``: "live" or "test" (STRIPE_MODE,
     # else the key's mode); None takes events of both modes.
     stripe_mode: str | None = None

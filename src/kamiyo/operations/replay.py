@@ -1,10 +1,18 @@
-"""Replay stored events: one by id, or every one parked as failed, of a type, or received since.
+"""Replay stored events: one by id, or those parked as failed, of a type, or received since.
 
 Each event is applied exactly as the worker applies it (``Worker.apply_again``: the handler in
 its own savepoint, the outcome recorded on the inbox row), in the order the inbox received
-them. ``dry_run`` runs that very code inside one transaction and rolls it back, so what it
-shows is what applying would do at that moment. Applying commits every ``_CHUNK`` events and
-appends one audit entry per event, in the transaction that applied it.
+them. Applying commits every ``_CHUNK`` events and appends one audit entry per event, in the
+transaction that applied it.
+
+A selection replays at most ``limit`` events (``REPLAY_DEFAULT_LIMIT`` unless told, never more
+than ``REPLAY_MAX_LIMIT``), oldest first; ``after`` (an event id) continues where an earlier
+replay of the same selection stopped.
+
+``dry_run`` runs that very code on a snapshot (operations/snapshot.py: TEMP copies of what the
+events can reach, in a read-only transaction thrown away at the end), so what it shows is what
+applying would do at that moment, each event seeing what the ones before it would have done,
+and no delivery or worker waits for it.
 """
 
 from __future__ import annotations
@@ -18,13 +26,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Engine, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, func, select, update
 
 from kamiyo.config import Settings
 from kamiyo.db.models import events_table
 from kamiyo.domain.overrides import as_utc
 from kamiyo.errors import KamiyoError
 from kamiyo.operations.audit import record_action
+from kamiyo.operations.snapshot import snapshot
 from kamiyo.operations.users import StateView
 from kamiyo.processing.store import Store, UserChange
 from kamiyo.processing.worker import Worker
@@ -104,6 +113,7 @@ def replay_events(
     failed: bool = False,
     event_type: str | None = None,
     since: datetime | None = None,
+    after: str | None = None,
     dry_run: bool = False,
     actor: str,
     reason: str | None,
@@ -114,42 +124,89 @@ def replay_events(
     """Apply the selected events again (oldest first); with ``dry_run``, only show what would change.
 
     Select by ``event_id`` alone, or by any combination of ``failed``, ``event_type`` and
-    ``since`` (received at or after). ``settings`` (default: from the environment) supplies the
-    tier configuration, as the worker's does. ``claimed_by``: a name the actor gave without
-    proving it, recorded beside the actor in each audit entry.
+    ``since`` (received at or after), at most ``limit`` events (default and maximum: the
+    settings' replay limits) received after the event ``after``. ``settings`` (default: from the
+    environment) supplies the tier configuration, as the worker's does. ``claimed_by``: a name
+    the actor gave without proving it, recorded beside the actor in each audit entry.
     """
     conditions = _selection(event_id, failed, event_type, since)
+    if event_id is not None and after is not None:
+        raise KamiyoError("replay an event id on its own, or select with --failed, --type and --since")
     if not actor.strip():
         raise KamiyoError("who replays is required (--by)")
     if settings is None:
         from kamiyo.config import load_settings
 
         settings = load_settings()
-    query = select(_events.c.id).where(*conditions).order_by(_events.c.id)
-    if limit is not None:
-        query = query.limit(max(1, limit))
+    size = replay_limit(settings, limit)
+
+    def selected(connection: Connection) -> list[int]:
+        return _selected_ids(connection, conditions, after, size)
+
+    run = _Run(Worker(engine, settings), settings, dry_run, actor.strip(), (reason or "").strip() or None, claimed_by)
+    if dry_run:
+        with snapshot(engine, selected) as (connection, ids), _silenced_in_this_thread():
+            _require(event_id, ids)
+            for chunk in _chunks(ids):
+                _replay_chunk(connection, run, chunk)
+        return run.results
     with engine.connect().execution_options(readonly=True) as connection:
-        ids = list(connection.execute(query).scalars())
+        ids = selected(connection)
+    _require(event_id, ids)
+    with engine.connect() as connection:
+        for chunk in _chunks(ids):
+            with connection.begin():
+                _replay_chunk(connection, run, chunk)
+    return run.results
+
+
+def replay_limit(settings: Settings, limit: int | None) -> int:
+    """How many events a replay takes: ``limit``, else the default; never more than the maximum."""
+    if limit is None:
+        return settings.replay_default_limit
+    if not 1 <= limit <= settings.replay_max_limit:
+        raise KamiyoError(f"--limit must be 1..{settings.replay_max_limit} (REPLAY_MAX_LIMIT), got {limit}")
+    return limit
+
+
+def count_selected(
+    engine: Engine,
+    *,
+    failed: bool = False,
+    event_type: str | None = None,
+    since: datetime | None = None,
+    after: str | None = None,
+) -> int:
+    """How many events a selection holds (before any limit): what a confirmation shows."""
+    conditions = _selection(None, failed, event_type, since)
+    with engine.connect().execution_options(readonly=True) as connection:
+        conditions += _after(connection, after)
+        return int(connection.execute(select(func.count()).select_from(_events).where(*conditions)).scalar_one())
+
+
+def _selected_ids(
+    connection: Connection, conditions: list[ColumnElement[bool]], after: str | None, limit: int
+) -> list[int]:
+    query = select(_events.c.id).where(*conditions, *_after(connection, after)).order_by(_events.c.id).limit(limit)
+    return list(connection.execute(query).scalars())
+
+
+def _after(connection: Connection, after: str | None) -> list[ColumnElement[bool]]:
+    if after is None:
+        return []
+    found = connection.execute(select(_events.c.id).where(_events.c.stripe_event_id == after)).scalar()
+    if found is None:
+        raise KamiyoError(f"no event {after} in the inbox (--after)")
+    return [_events.c.id > found]
+
+
+def _require(event_id: str | None, ids: Sequence[int]) -> None:
     if event_id is not None and not ids:
         raise KamiyoError(f"no event {event_id} in the inbox")
 
-    run = _Run(Worker(engine, settings), settings, dry_run, actor.strip(), (reason or "").strip() or None, claimed_by)
-    chunks = [ids[i : i + _CHUNK] for i in range(0, len(ids), _CHUNK)]
-    with engine.connect() as connection:
-        if dry_run:
-            # One transaction for all, so that each event sees what the ones before it would do.
-            with _silenced_in_this_thread():
-                transaction = connection.begin()
-                try:
-                    for chunk in chunks:
-                        _replay_chunk(connection, run, chunk)
-                finally:
-                    transaction.rollback()
-        else:
-            for chunk in chunks:
-                with connection.begin():
-                    _replay_chunk(connection, run, chunk)
-    return run.results
+
+def _chunks(ids: Sequence[int]) -> list[Sequence[int]]:
+    return [ids[i : i + _CHUNK] for i in range(0, len(ids), _CHUNK)]
 
 
 def _selection(

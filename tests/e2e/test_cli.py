@@ -54,6 +54,7 @@ HELP_COMMANDS = [
     ["users", "show"],
     ["users", "drift"],
     ["audit"],
+    ["prune"],
 ]
 
 
@@ -214,7 +215,7 @@ def test_replay_failed_applies_a_parked_event_once_the_price_is_configured(serve
     server.wait_for_user(email, ("free", None))
 
     server.restart(STRIPE_PRICE_TIERS=PRICE_TIERS + ",price_legacy_gold=enterprise")
-    assert "1 event(s) replayed: 1 applied" in _ok(server.cli("replay", "--failed"))
+    assert "1 event(s) replayed: 1 applied" in _ok(server.cli("replay", "--failed", "--yes"))
     server.wait_for_user(email, ("enterprise", "active"))
     assert server.event_status(parked["id"]) == "applied"
     assert "0 event(s) replayed" in _ok(server.cli("replay", "--failed"))

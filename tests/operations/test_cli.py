@@ -135,7 +135,7 @@ def test_replay_dry_run_then_apply_with_by_and_reason(
     customer = Customer("replay")
     parked = customer.subscription("active", price=synthetic.price("price_legacy_gold"))
     db.apply(customer.created(), parked)
-    code, out, _ = run(capsys, "replay", "--failed")
+    code, out, _ = run(capsys, "replay", "--failed", "--yes")
     assert code == 1  # still no tier for the price: the replay fails again
     assert f"{parked['id']}  customer.subscription.updated  failed -> failed  error: UnmappedPrice" in out
 
@@ -146,7 +146,7 @@ def test_replay_dry_run_then_apply_with_by_and_reason(
     assert out.splitlines()[-1] == "dry run: 1 event(s) would be replayed: 1 applied; nothing changed"
     assert db.tier_status(customer.email) == ("free", None)
 
-    code, out, _ = run(capsys, "replay", "--failed", "--by", "erin", "--reason", "mapped the legacy price")
+    code, out, _ = run(capsys, "replay", "--failed", "--yes", "--by", "erin", "--reason", "mapped the legacy price")
     assert (code, out.splitlines()[-1]) == (0, "1 event(s) replayed: 1 applied")
     assert db.tier_status(customer.email) == ("enterprise", "active")
     code, out, _ = run(capsys, "audit", "--target", str(parked["id"]), "--json")
@@ -255,3 +255,137 @@ def test_users_show_and_audit_escape_stored_text_and_scrub_it(db: Harness, capsy
         assert code == 0
         assert "\x1b" not in out, argv
         assert SECRET_KEY not in out, argv
+
+
+# -- confirmation before a bulk write (replay, prune; sync in reconcile/test_commands.py) -----------
+
+
+class _Terminal:
+    """stdin as a terminal where the operator types ``answer``."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+        self.asked = 0
+
+    def isatty(self) -> bool:
+        return True
+
+    def readline(self) -> str:
+        self.asked += 1
+        return self.answer
+
+
+def _parked_events(db: Harness, n: int) -> list[str]:
+    ids = []
+    for i in range(n):
+        customer = Customer(f"confirm{i}")
+        parked = customer.subscription("active", price=synthetic.price("price_legacy_gold"))
+        db.apply(customer.created(), parked)
+        ids.append(str(parked["id"]))
+    return ids
+
+
+def test_a_bulk_replay_without_a_terminal_needs_yes_and_changes_nothing(
+    db: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    [parked] = _parked_events(db, 1)
+    code, out, err = run(capsys, "replay", "--failed")
+    assert (code, out) == (2, "")
+    assert "about to replay 1 event(s) selected by --failed" in err
+    assert "add --yes" in err
+    assert db.event(parked)["replayed_at"] is None
+    assert run(capsys, "audit", "--target", parked)[1].startswith("no manual actions")
+
+
+def test_a_bulk_replay_on_a_terminal_asks_with_the_count_and_scope(
+    db: Harness, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parked = _parked_events(db, 3)
+    no = _Terminal("n\n")
+    monkeypatch.setattr("sys.stdin", no)
+    code, _out, err = run(capsys, "replay", "--failed", "--limit", "2")
+    assert (code, no.asked) == (1, 1)
+    assert "About to replay 2 event(s) (the oldest 2 of 3) selected by --failed" in err
+    assert "not confirmed: nothing was changed" in err
+    assert [db.event(p)["replayed_at"] is None for p in parked] == [True, True, True]
+
+    yes = _Terminal("y\n")
+    monkeypatch.setattr("sys.stdin", yes)
+    code, out, _err = run(capsys, "replay", "--failed", "--limit", "2")
+    assert (code, yes.asked) == (1, 1)  # replayed, still failing (exit 1)
+    assert [db.event(p)["replayed_at"] is None for p in parked] == [False, False, True]
+    assert out.splitlines()[-1] == f"1 more event(s) selected: continue with --after {parked[1]}"
+
+
+def test_a_dry_run_and_a_replay_by_id_never_ask(db: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+    [parked] = _parked_events(db, 1)
+    assert run(capsys, "replay", "--failed", "--dry-run")[0] == 0
+    assert run(capsys, "replay", parked)[0] == 1  # one event by id: not bulk; applied, still failing
+    assert db.event(parked)["replayed_at"] is not None
+
+
+def test_replay_limit_over_replay_max_limit_is_a_usage_error(db: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _out, err = run(capsys, "replay", "--failed", "--dry-run", "--limit", "10001")
+    assert (code, err) == (2, "kamiyo replay: error: --limit must be a whole number from 1 to 10000\n")
+
+
+def test_prune_counts_asks_and_deletes_parked_failures_older_than_given(
+    db: Harness, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy import update
+
+    from kamiyo.db.models import events_table
+
+    old, recent = _parked_events(db, 2)
+    with db.engine.begin() as connection:
+        connection.execute(
+            update(events_table)
+            .where(events_table.c.stripe_event_id == old)
+            .values(received_at=datetime.now(UTC) - timedelta(days=40))
+        )
+    code, out, _ = run(capsys, "prune", "--failed", "--older-than", "30d", "--dry-run")
+    assert code == 0
+    assert out.startswith("would delete 1 parked failures received before ")
+    assert "(1 failed, received " in out
+
+    code, _out, err = run(capsys, "prune", "--failed", "--older-than", "30d")
+    assert code == 2
+    assert "add --yes" in err
+
+    monkeypatch.setattr("sys.stdin", _Terminal("yes\n"))
+    code, out, _ = run(capsys, "prune", "--failed", "--older-than", "30d", "--by", "erin", "--reason", "INC-3 done")
+    assert code == 0
+    assert out.splitlines()[-1] == "deleted 1 event(s): 1 failed; recorded in the audit log"
+    assert [db.event(recent)["status"]] == ["failed"]
+    code, out, _ = run(capsys, "audit", "--json")
+    [entry] = [e for e in orjson.loads(out) if e["action"] == "prune"]
+    assert (entry["claimed_by"], entry["reason"], entry["after"]["pruned"]) == ("erin", "INC-3 done", 1)
+
+
+def test_prune_without_anything_old_enough_deletes_nothing_and_asks_nothing(
+    db: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _parked_events(db, 1)
+    code, out, _ = run(capsys, "prune")
+    assert (code, out.startswith("nothing to prune: no applied and ignored events received before")) == (0, True)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--failed"], "--failed needs --older-than"),
+        (["--older-than", "30d"], "--older-than 30d is less than the 31 day(s) this prune allows"),
+        (["--failed", "--older-than", "12h"], "--older-than 12h is less than the 1 day(s) this prune allows"),
+        (["--failed", "--older-than", "30m"], "--older-than 30m is less than the 1 day(s) this prune allows"),
+        (["--failed", "--older-than", "9999999d"], "is longer than"),
+        (["--failed", "--older-than", "99999w"], "is longer than"),
+        (["--failed", "--older-than", "²d"], "as a duration"),
+    ],
+)
+def test_prune_refuses_an_age_out_of_bounds(
+    db: Harness, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code, _out, err = run(capsys, "prune", *argv)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err

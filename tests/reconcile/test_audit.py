@@ -156,7 +156,7 @@ def test_kamiyo_sync_passes_by_and_reason_and_kamiyo_audit_lists_the_entry(
     out, err = io.StringIO(), io.StringIO()
 
     code = reconcile_cli.sync(
-        db.settings, by="dave", reason="INC-7", gateway=InMemoryGateway(account), out=out, err=err
+        db.settings, by="dave", reason="INC-7", gateway=InMemoryGateway(account), out=out, err=err, yes=True
     )
     operators.audit(db.settings, since="1h", target="all subscriptions", limit=1, as_json=False)
 

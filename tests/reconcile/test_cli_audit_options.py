@@ -27,7 +27,7 @@ def test_kamiyo_sync_and_backfill_record_by_and_reason(
     )
     env = environment(database, stripe_api)
 
-    synced = run([*KAMIYO, "sync", "--by", "alice", "--reason", "INC-1 webhooks down"], env, tmp_path)
+    synced = run([*KAMIYO, "sync", "--yes", "--by", "alice", "--reason", "INC-1 webhooks down"], env, tmp_path)
     backfilled = run([*KAMIYO, "backfill", "--since", "1h", "--by", "bob", "--reason", "INC-1 catch up"], env, tmp_path)
     audit = run([*KAMIYO, "audit"], env, tmp_path)
 

@@ -139,7 +139,7 @@ def test_kamiyo_sync_exits_1_when_a_subscription_could_not_be_applied(
 ) -> None:
     paying_customer(account, 1, price="price_nobody_mapped")
 
-    result = run([*KAMIYO, "sync"], environment(database, stripe_api), tmp_path)
+    result = run([*KAMIYO, "sync", "--yes"], environment(database, stripe_api), tmp_path)
 
     assert result.returncode == 1
     assert "skipped  sub_00001: price price_nobody_mapped of sub_00001 maps to no tier" in result.stdout
@@ -188,6 +188,37 @@ def test_the_first_kamiyo_backfill_needs_no_since_and_says_it_read_30_days(
     assert "first backfill: no earlier one to start from" in result.stdout
     assert "WARNING" not in result.stderr
     assert users(database) == {"user1@example.com": ("pro", "active")}
+
+
+def test_kamiyo_sync_that_writes_needs_yes_in_a_pipe_and_asks_on_a_terminal(
+    database: str, account: FakeStripe, stripe_api: StripeApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kamiyo.cli import reconcile
+    from kamiyo.cli.confirm import NotConfirmed
+    from kamiyo.config import load_settings
+
+    paying_customer(account, 1)
+    result = run([*KAMIYO, "sync"], environment(database, stripe_api), tmp_path)
+    assert result.returncode == 2
+    assert "about to sync every subscription from Stripe's API" in result.stderr
+    assert "add --yes" in result.stderr
+    assert users(database) == {}
+
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+        def readline(self) -> str:
+            return "\n"  # just Enter: the default is no
+
+    monkeypatch.setattr("sys.stdin", Terminal())
+    settings = load_settings(environment(database, stripe_api), env_file=None)
+    with pytest.raises(NotConfirmed) as refused:
+        reconcile.sync(settings, customer="cus_00001", out=io.StringIO(), err=io.StringIO())
+    assert refused.value.exit_code == 1
+    assert users(database) == {}
+    # The runbook's Python line (test above, stdin not a terminal) and a dry run never ask.
+    assert run([*KAMIYO, "sync", "--dry-run"], environment(database, stripe_api), tmp_path).returncode == 0
 
 
 def test_resume_cannot_be_combined_with_a_scope(database: str, stripe_api: StripeApiServer, tmp_path: Path) -> None:

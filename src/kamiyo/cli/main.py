@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kamiyo import __version__
+from kamiyo.cli.confirm import NotConfirmed
 from kamiyo.errors import KamiyoError
 
 if TYPE_CHECKING:
@@ -54,8 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--failed", action="store_true", help="every event parked as failed")
     replay.add_argument("--type", dest="event_type", help="events of this type, e.g. customer.subscription.updated")
     replay.add_argument("--since", help="events received since: 2h, 1d (ago), 2026-11-27T10:00 (UTC), Unix seconds")
-    replay.add_argument("--dry-run", action="store_true", help="apply in a transaction that is rolled back")
-    replay.add_argument("--limit", type=int, help="at most this many events, oldest first")
+    replay.add_argument(
+        "--dry-run", action="store_true", help="show what applying would do, on a snapshot; change nothing"
+    )
+    replay.add_argument(
+        "--limit",
+        type=int,
+        help="at most this many events, oldest first (default REPLAY_DEFAULT_LIMIT, 1000; at most REPLAY_MAX_LIMIT)",
+    )
+    replay.add_argument("--after", metavar="EVENT_ID", help="only events received after this one (to continue)")
+    replay.add_argument("--yes", action="store_true", help="do not ask for confirmation (required without a terminal)")
     replay.add_argument("--by", help="who replays, for the audit log (default: the OS user)")
     replay.add_argument("--reason", help="why, for the audit log")
     replay.add_argument("--json", action="store_true", help="machine-readable output")
@@ -104,6 +113,28 @@ def _parser() -> argparse.ArgumentParser:
     sync_scope.add_argument("--resume", action="store_true", help="continue the last full sync that did not finish")
     sync.add_argument("--by", help="who syncs, for the audit log (default: the OS user; a dry run records nothing)")
     sync.add_argument("--reason", help="why, for the audit log")
+    sync.add_argument("--yes", action="store_true", help="do not ask for confirmation (required without a terminal)")
+
+    prune = commands.add_parser(
+        "prune",
+        help="delete old events now: applied and ignored ones past INBOX_RETENTION_DAYS, or --failed parked ones",
+        description=(
+            "The workers prune applied and ignored events older than INBOX_RETENTION_DAYS every hour; this does "
+            "it now, or, with --failed, deletes parked failures (kept until replayed or pruned by hand). "
+            "Audited; the audit log itself is never pruned."
+        ),
+    )
+    prune.add_argument("--failed", action="store_true", help="parked failures instead of applied and ignored events")
+    prune.add_argument(
+        "--older-than",
+        metavar="AGE",
+        help="received more than AGE ago: 30d, 12w, 36h (default INBOX_RETENTION_DAYS; at least 31d for applied "
+        "and ignored events, 1d for parked failures; required with --failed)",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
+    prune.add_argument("--yes", action="store_true", help="do not ask for confirmation (required without a terminal)")
+    prune.add_argument("--by", help="who prunes, for the audit log (default: the OS user)")
+    prune.add_argument("--reason", help="why, for the audit log")
 
     backfill = commands.add_parser(
         "backfill",
@@ -169,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args, settings)
     except KamiyoError as exc:
         print(f"kamiyo: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code if isinstance(exc, NotConfirmed) else 1
     except KeyboardInterrupt:
         return 130
 
@@ -187,7 +218,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         if args.events_command == "list":
             return commands.events_list(settings, status=args.status, event_type=args.type, limit=args.limit)
         return commands.events_show(settings, args.event_id)
-    if args.command in ("replay", "users", "audit"):
+    if args.command in ("replay", "users", "audit", "prune"):
         from kamiyo.cli import operators
 
         return operators.dispatch(args, settings)
@@ -203,6 +234,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
                 resume=args.resume,
                 by=args.by,
                 reason=args.reason,
+                yes=args.yes,
             )
         return reconcile.backfill(settings, since=args.since, by=args.by, reason=args.reason)
     if args.command == "trigger":

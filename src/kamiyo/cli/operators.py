@@ -1,4 +1,4 @@
-"""What ``kamiyo users``, ``kamiyo audit`` and ``kamiyo replay`` do. Imported lazily by main.
+"""What ``kamiyo users``, ``kamiyo audit``, ``kamiyo replay`` and ``kamiyo prune`` do. Imported lazily by main.
 
 Thin: parse times and numbers with bounds (a bad one is a usage error, exit 2), call
 ``kamiyo.operations``, print. Every string that comes from the database is printed through
@@ -15,23 +15,32 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
-from kamiyo.config import Settings
+from kamiyo.cli.confirm import confirm
+from kamiyo.config import MIN_INBOX_RETENTION_DAYS, Settings
 from kamiyo.db.engine import make_engine
 from kamiyo.errors import KamiyoError
 from kamiyo.operations.audit import AuditEntry, cli_actor, list_audit
-from kamiyo.operations.inputs import expiry_time, parse_time
+from kamiyo.operations.inputs import expiry_time, parse_duration, parse_time
 from kamiyo.operations.overrides import clear_override, set_override
-from kamiyo.operations.replay import ReplayResult, replay_events
+from kamiyo.operations.prune import (
+    FAILED,
+    MIN_FAILED_AGE,
+    RETAINED,
+    Prunable,
+    PruneScope,
+    prunable,
+    prune_by_hand,
+)
+from kamiyo.operations.replay import ReplayResult, count_selected, replay_events
 from kamiyo.operations.users import DriftView, StateView, UserReport, drift, show_user
 from kamiyo.scrub import clean, scrub
 
 __all__ = ["dispatch", "expiry_time"]
-MAX_REPLAY = 100_000
 MAX_AUDIT = 100_000
 MAX_EVENTS = 1000
 
@@ -51,6 +60,8 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "replay":
         return replay(settings, args)
+    if args.command == "prune":
+        return prune(settings, args)
     if args.command == "audit":
         return audit(settings, since=args.since, target=args.target, limit=args.limit, as_json=args.json)
     if args.users_command == "set-tier":
@@ -223,25 +234,39 @@ def audit(settings: Settings, *, since: str | None, target: str | None, limit: i
 
 
 def replay(settings: Settings, args: argparse.Namespace) -> int:
-    """Exit 1 when an applied replay leaves an event failing (a dry run always exits 0)."""
+    """Exit 1 when an applied replay leaves an event failing (a dry run always exits 0).
+
+    A replay of a selection (not one event by id) that applies asks first (cli/confirm.py)."""
     since = _argument(parse_time, args.since, now=datetime.now(UTC)) if args.since else None
-    _bounded(args.limit, "--limit", MAX_REPLAY)
+    _bounded(args.limit, "--limit", settings.replay_max_limit)
     actor, claimed = cli_actor(args.by)
+    selection = {"failed": args.failed, "event_type": args.event_type, "since": since, "after": args.after}
+    limit = 1 if args.event_id else (args.limit or settings.replay_default_limit)
     engine = make_engine(settings)
     try:
+        if args.event_id is None and not args.dry_run:
+            total = count_selected(engine, **selection)
+            if total:
+                more = f" (the oldest {limit:,} of {total:,})" if total > limit else ""
+                confirm(
+                    f"replay {min(total, limit):,} event(s){more} selected by {_selection(args)}, applying them now "
+                    "with this process's configuration",
+                    yes=args.yes,
+                )
         results = replay_events(
             engine,
             event_id=args.event_id,
-            failed=args.failed,
-            event_type=args.event_type,
-            since=since,
             dry_run=args.dry_run,
             actor=actor,
             reason=args.reason,
             settings=settings,
-            limit=args.limit,
+            limit=None if args.event_id else limit,
             claimed_by=claimed,
+            **selection,
         )
+        left = 0
+        if args.event_id is None and results and len(results) == limit:
+            left = count_selected(engine, **{**selection, "after": results[-1].event_id})
     finally:
         engine.dispose()
     if args.json:
@@ -250,8 +275,18 @@ def replay(settings: Settings, args: argparse.Namespace) -> int:
         for result in results:
             print(_replay_line(result))
         print(_replay_summary(results, dry_run=args.dry_run))
+        if left:
+            print(f"{left:,} more event(s) selected: continue with --after {clean(results[-1].event_id)}")
     failing = [r for r in results if r.status_after in ("failed", "pending")]
     return 1 if failing and not args.dry_run else 0
+
+
+def _selection(args: argparse.Namespace) -> str:
+    parts = ["--failed"] if args.failed else []
+    parts += [f"--type {args.event_type}"] if args.event_type else []
+    parts += [f"--since {args.since}"] if args.since else []
+    parts += [f"--after {args.after}"] if args.after else []
+    return clean(" ".join(parts)) or "nothing"
 
 
 def _replay_line(result: ReplayResult) -> str:
@@ -274,6 +309,55 @@ def _replay_summary(results: Sequence[ReplayResult], *, dry_run: bool) -> str:
     if dry_run:
         return f"dry run: {len(results)} event(s) would be replayed{': ' + detail if detail else ''}; nothing changed"
     return f"{len(results)} event(s) replayed{': ' + detail if detail else ''}"
+
+
+# -- prune ---------------------------------------------------------------------------------------
+
+
+def prune(settings: Settings, args: argparse.Namespace) -> int:
+    """``kamiyo prune``: applied and ignored events past the retention, or ``--failed`` parked ones."""
+    now = datetime.now(UTC)
+    if args.failed:
+        if not args.older_than:
+            raise _UsageError("--failed needs --older-than (e.g. --older-than 30d): parked failures are evidence")
+        scope = PruneScope(FAILED, now - _age(args.older_than, least=MIN_FAILED_AGE))
+    else:
+        least = timedelta(days=MIN_INBOX_RETENTION_DAYS)
+        age = _age(args.older_than, least=least) if args.older_than else timedelta(days=settings.inbox_retention_days)
+        scope = PruneScope(RETAINED, now - age)
+    actor, claimed = cli_actor(args.by)
+    engine = make_engine(settings)
+    try:
+        found = prunable(engine, scope)
+        print(_prunable_line(found, scope, dry_run=args.dry_run))
+        if args.dry_run or not found.count:
+            return 0
+        confirm(f"delete {found.count:,} {scope.label()}", yes=args.yes)
+        summary = prune_by_hand(
+            engine, scope, dry_run=False, actor=actor, reason=args.reason, found=found, claimed_by=claimed
+        )
+    finally:
+        engine.dispose()
+    kinds = ", ".join(f"{n:,} {status}" for status, n in sorted(summary.by_status.items()))
+    print(f"deleted {summary.pruned:,} event(s){': ' + kinds if kinds else ''}; recorded in the audit log")
+    return 0
+
+
+def _age(text: str, *, least: timedelta) -> timedelta:
+    """``--older-than``: 36h, 30d, 12w (operations/inputs.py's durations), at least ``least``."""
+    age: timedelta = _argument(parse_duration, text)
+    if age < least:
+        raise _UsageError(f"--older-than {clean(text.strip())} is less than the {least.days} day(s) this prune allows")
+    return age
+
+
+def _prunable_line(found: Prunable, scope: PruneScope, *, dry_run: bool) -> str:
+    if not found.count:
+        return f"nothing to prune: no {scope.label()}"
+    kinds = ", ".join(f"{n:,} {status}" for status, n in sorted(found.by_status.items()))
+    span = f", received {_time(found.oldest)} .. {_time(found.newest)}"
+    verb = "would delete" if dry_run else "found"
+    return f"{verb} {found.count:,} {scope.label()} ({kinds}{span})" + ("; nothing changed" if dry_run else "")
 
 
 # -- formatting ----------------------------------------------------------------------------------

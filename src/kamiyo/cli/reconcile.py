@@ -15,6 +15,7 @@ from typing import IO
 from sqlalchemy import Engine
 
 from kamiyo.cli.commands import _require_current_schema
+from kamiyo.cli.confirm import confirm
 from kamiyo.config import Settings
 from kamiyo.db.engine import make_engine
 from kamiyo.errors import KamiyoError
@@ -40,8 +41,15 @@ def sync(
     gateway: StripeGateway | None = None,
     out: IO[str] | None = None,
     err: IO[str] | None = None,
+    yes: bool = False,
 ) -> int:
-    """``kamiyo sync``: 0 when every subscription was applied, 1 when some were skipped."""
+    """``kamiyo sync``: 0 when every subscription was applied, 1 when some were skipped.
+
+    A sync that writes asks first on a terminal and needs ``yes`` otherwise (cli/confirm.py);
+    the runbook's ``sync_all_subscriptions()`` calls ``run_sync`` and never asks."""
+    gateway = gateway or _gateway(settings)
+    if not dry_run:
+        confirm(f"sync {_scope(customer, email, resume)} from Stripe's API, writing users' tiers and statuses", yes=yes)
     summary = run_sync(
         settings,
         dry_run=dry_run,
@@ -152,6 +160,14 @@ def backfill(
     finally:
         engine.dispose()
     return 0
+
+
+def _scope(customer: str | None, email: str | None, resume: bool) -> str:
+    if customer:
+        return f"the subscriptions of customer {customer}"
+    if email:
+        return f"the subscriptions of the customers with email {email}"
+    return "the rest of the last full sync (--resume)" if resume else "every subscription"
 
 
 def _gateway(settings: Settings) -> StripeGateway:

@@ -167,11 +167,13 @@ def prune_by_hand(
     reason: str | None,
     found: Prunable | None = None,
     progress: Callable[[int], None] | None = None,
+    claimed_by: str | None = None,
 ) -> PruneSummary:
     """``kamiyo prune``: delete ``scope`` in batches (or, with ``dry_run``, only count it).
 
     A prune that deletes appends one audit entry when it ends, however it ends (done, failed,
     interrupted), in a transaction of its own after its batches, with what it deleted.
+    ``claimed_by``: a name the actor gave without proving it, recorded beside the actor.
     """
     if not actor.strip():
         raise KamiyoError("who prunes is required (--by)")
@@ -199,12 +201,12 @@ def prune_by_hand(
         summary.status, summary.error = "failed", describe(exc)
         raise
     finally:
-        _audit(engine, summary, actor=actor.strip(), reason=(reason or "").strip() or None)
+        _audit(engine, summary, actor=actor.strip(), reason=(reason or "").strip() or None, claimed_by=claimed_by)
         log.info("prune %s by=%s scope=%s pruned=%d", summary.status, actor.strip(), scope.label(), summary.pruned)
     return summary
 
 
-def _audit(engine: Engine, summary: PruneSummary, *, actor: str, reason: str | None) -> None:
+def _audit(engine: Engine, summary: PruneSummary, *, actor: str, reason: str | None, claimed_by: str | None) -> None:
     found = summary.found
     try:
         with engine.begin() as connection:
@@ -228,6 +230,7 @@ def _audit(engine: Engine, summary: PruneSummary, *, actor: str, reason: str | N
                     "pruned": summary.pruned,
                     "pruned_by_status": summary.by_status,
                 },
+                claimed_by=claimed_by,
             )
     except Exception as exc:  # noqa: BLE001 - the database may be what failed; the log line says what happened
         log.error("prune could not be recorded in the audit log: %s", exc.__class__.__name__)

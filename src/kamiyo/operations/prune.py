@@ -40,7 +40,7 @@ BATCH = 500  # rows per transaction
 RETAINED = ("applied", "ignored")  # what the retention prunes; pending and failed events stay
 FAILED = ("failed",)
 MIN_FAILED_AGE = timedelta(days=1)  # a parked failure younger than this is still being looked at
-VACUUM_PAGES = 2000  # pages (8 MiB at SQLite's default page size) given back per transaction
+VACUUM_PAGES = 500  # pages (2 MiB at SQLite's default page size) given back per transaction
 PRUNE_ACTION = "prune"
 
 

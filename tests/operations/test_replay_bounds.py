@@ -70,7 +70,7 @@ def test_a_replay_takes_the_default_limit_at_most_the_maximum_and_continues_afte
     assert count_selected(ops.engine, failed=True) == 7
     assert count_selected(ops.engine, failed=True, after=ids[4]) == 2
     for too_many in (6, 0, -1):
-        with pytest.raises(KamiyoError, match=r"--limit must be 1\.\.5 \(REPLAY_MAX_LIMIT\)"):
+        with pytest.raises(KamiyoError, match=r"limit must be from 1 to 5 \(REPLAY_MAX_LIMIT\)"):
             replayed(limit=too_many)
     with pytest.raises(KamiyoError, match="no event evt_nowhere in the inbox"):
         replayed(after="evt_nowhere")

@@ -165,7 +165,7 @@ def replay_limit(settings: Settings, limit: int | None) -> int:
     if limit is None:
         return settings.replay_default_limit
     if not 1 <= limit <= settings.replay_max_limit:
-        raise KamiyoError(f"--limit must be 1..{settings.replay_max_limit} (REPLAY_MAX_LIMIT), got {limit}")
+        raise KamiyoError(f"limit must be from 1 to {settings.replay_max_limit} (REPLAY_MAX_LIMIT), got {limit}")
     return limit
 
 

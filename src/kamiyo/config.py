@@ -41,6 +41,11 @@ DEFAULT_INBOX_RETENTION_DAYS = 90
 MIN_INBOX_RETENTION_DAYS = 31
 DEFAULT_REPLAY_LIMIT = 1000
 DEFAULT_REPLAY_MAX_LIMIT = 10_000
+# Well under the 30 s after which Stripe's CLI gives up on a delivery, and at most 15 s so that
+# kamiyo serve's shutdown budgets (webhooks/inbox_process.py) hold.
+DEFAULT_STORE_TIMEOUT = 10.0
+MAX_STORE_TIMEOUT = 15.0
+DEFAULT_STORE_MAX_WAITING = 1000
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,10 @@ class Settings:
     admin_max_form_bytes: int = 4096
     admin_max_json_bytes: int = 16 * 1024
     forwarded_allow_ips: str = "127.0.0.1,::1"
+    # The inbox writer of kamiyo serve: every delivery is answered within the timeout (503 when
+    # its row is not committed by then), and at most max_waiting deliveries wait on the writer.
+    webhook_store_timeout: float = DEFAULT_STORE_TIMEOUT
+    webhook_store_max_waiting: int = DEFAULT_STORE_MAX_WAITING
 
     @property
     def admin_enabled(self) -> bool:
@@ -177,6 +186,12 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
             values, "REPLAY_DEFAULT_LIMIT", min(DEFAULT_REPLAY_LIMIT, replay_max), low=1, high=replay_max
         ),
         replay_max_limit=replay_max,
+        webhook_store_timeout=_float(
+            values, "WEBHOOK_STORE_TIMEOUT_SECONDS", DEFAULT_STORE_TIMEOUT, low=1, high=MAX_STORE_TIMEOUT
+        ),
+        webhook_store_max_waiting=_int(
+            values, "WEBHOOK_STORE_MAX_WAITING", DEFAULT_STORE_MAX_WAITING, low=1, high=100_000
+        ),
     )
 
 

@@ -8,25 +8,117 @@ connection attempt, a statement and a wait for a lock each end with an error ins
 hanging, and TCP keepalives notice a server that vanished without closing the connection.
 Work that is long by nature (migrations, sync, backfill) raises the statement limit in its own
 transactions (``allow_long_statements``).
+
+On SQLite every wait for the write lock is bounded too (``SqliteWriteLock``): a write
+transaction's by ``DEFAULT_WRITE_WAIT`` or its connection's ``WRITE_WAIT_OPTION``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import Pool
 
 from kamiyo.config import Settings
-from kamiyo.db.driver import sqlalchemy_errors
+from kamiyo.db.driver import as_sqlalchemy_error, sqlalchemy_errors
+
+# How long a write transaction waits for SQLite's write lock unless it says otherwise (the
+# execution option WRITE_WAIT_OPTION): what `kamiyo worker` and the CLI wait, and what every
+# other statement may spend in SQLite's busy handler.
+DEFAULT_WRITE_WAIT = 30.0
+WRITE_WAIT_OPTION = "kamiyo_write_wait"
+# One BEGIN IMMEDIATE attempt's wait in SQLite's busy handler. Between attempts the process's
+# own write lock is let go, so that no thread of this process queues behind one that waits for
+# another process.
+BUSY_SLICE = 0.05
+_BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
 
 
-def make_engine(settings: Settings, **kwargs: Any) -> Engine:
-    """Build the engine for ``settings.database_url``; creates the SQLite file's folder."""
+class SqliteWriteLock:
+    """SQLite's one writer, among the threads of one process.
+
+    Writers queue on a lock of ours and are handed the database the moment it is free, instead
+    of polling in SQLite's busy handler (whose sleeps grow to 100 ms and would show up as
+    latency on the webhook endpoint). The lock is held from BEGIN IMMEDIATE until the COMMIT or
+    ROLLBACK has returned. When another process holds SQLite's lock, a BEGIN waits at most
+    ``busy_slice`` in SQLite's busy handler, lets go of our lock, and tries again until its
+    deadline: every wait is bounded, and a thread with a short deadline (the inbox writer) never
+    waits behind one with a long one (the worker) that is itself waiting for another process.
+    """
+
+    def __init__(self, busy_slice: float) -> None:
+        self._lock = threading.Lock()
+        self._slice_ms = max(0, round(busy_slice * 1000))
+        self.busy_attempts = 0  # BEGIN IMMEDIATEs that found the database locked by another process
+        # Per thread: when its current BEGIN first found the database locked by another process.
+        self._busy_since: dict[int, float] = {}
+
+    def busy_for(self, thread_id: int) -> float:
+        """How long ``thread_id``'s current BEGIN has found SQLite locked by another process (0: it has not)."""
+        since = self._busy_since.get(thread_id)
+        return 0.0 if since is None else time.monotonic() - since
+
+    def begin(self, connection: Any, wait: float) -> None:
+        """BEGIN IMMEDIATE on ``connection`` within ``wait`` seconds, holding our lock after it."""
+        started = time.monotonic()
+        deadline = started + wait
+        thread = threading.get_ident()
+        driver = connection.connection.driver_connection
+        try:
+            while True:
+                if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    locked = sqlite3.OperationalError(
+                        f"database is locked: another transaction of this process held the write lock "
+                        f"for the {wait:g} s this one could wait"
+                    )
+                    locked.sqlite_errorcode = 5
+                    raise as_sqlalchemy_error(connection.dialect, "BEGIN IMMEDIATE", None, locked)
+                try:
+                    _busy_timeout(connection, self._slice_ms)
+                    driver.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as exc:
+                    self._lock.release()
+                    if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in _BUSY_CODES or time.monotonic() >= deadline:
+                        raise as_sqlalchemy_error(connection.dialect, "BEGIN IMMEDIATE", None, exc) from exc
+                    self.busy_attempts += 1
+                    self._busy_since.setdefault(thread, time.monotonic())
+                    time.sleep(0.001)  # lets a thread of ours that waits for the lock take its turn
+                    continue
+                except BaseException:
+                    self._lock.release()
+                    raise
+                connection.info["kamiyo_write_lock"] = True
+                return
+        finally:
+            self._busy_since.pop(thread, None)
+
+    def release(self, connection: Any) -> None:
+        if connection.info.pop("kamiyo_write_lock", False):
+            self._lock.release()
+
+
+_write_locks: weakref.WeakKeyDictionary[Pool, SqliteWriteLock] = weakref.WeakKeyDictionary()
+
+
+def sqlite_write_lock(engine: Engine) -> SqliteWriteLock | None:
+    """The write lock of a SQLite engine made by ``make_engine`` (None for PostgreSQL)."""
+    return _write_locks.get(engine.pool)
+
+
+def make_engine(settings: Settings, *, busy_slice: float = BUSY_SLICE, **kwargs: Any) -> Engine:
+    """Build the engine for ``settings.database_url``; creates the SQLite file's folder.
+
+    On SQLite a write transaction waits at most ``DEFAULT_WRITE_WAIT`` for the write lock, or
+    what its connection's execution option ``WRITE_WAIT_OPTION`` says."""
     url = make_url(settings.database_url)
     kwargs.setdefault("hide_parameters", True)
     if url.get_backend_name() != "sqlite":
@@ -41,21 +133,19 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
 
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)
+    engine = create_engine(url, connect_args={"timeout": DEFAULT_WRITE_WAIT, "check_same_thread": False}, **kwargs)
     synchronous = settings.sqlite_synchronous
-    # SQLite allows one writer. Inside one process, writers queue on this lock and are handed
-    # the database the moment it is free, instead of polling in SQLite's busy handler (whose
-    # sleeps grow to 100 ms and would show up as latency on the webhook endpoint).
-    write_lock = threading.Lock()
+    write_lock = _write_locks[engine.pool] = SqliteWriteLock(busy_slice)
+    wait_ms = round(DEFAULT_WRITE_WAIT * 1000)
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
         # Let SQLAlchemy, not the driver, decide when a transaction begins (see _on_begin).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA synchronous={synchronous}")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={wait_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
         # Statement journals in memory: a multi-row statement inside a transaction (the inbox
         # writer's batch insert, the worker's batch updates) journals every page it changes, and
@@ -64,25 +154,20 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
         # event 54 -> 40 us). The journal is only ever needed to undo a failed statement.
         cursor.execute("PRAGMA temp_store=MEMORY")
         cursor.close()
+        record.info["kamiyo_busy_ms"] = wait_ms
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
         # A write transaction takes the write lock up front: two writers that both began reading
         # would otherwise deadlock on the upgrade (SQLITE_BUSY, no retry possible).
-        if connection.get_execution_options().get("readonly"):
+        options = connection.get_execution_options()
+        if options.get("readonly"):
+            # A reader waits in the busy handler as long as it takes (in WAL mode only a recovery
+            # or an exclusive lock makes it wait at all).
+            _busy_timeout(connection, wait_ms)
             _driver_send(connection, "BEGIN")
             return
-        write_lock.acquire()
-        connection.info["kamiyo_write_lock"] = True
-        try:
-            _driver_send(connection, "BEGIN IMMEDIATE")
-        except BaseException:
-            _release(connection)
-            raise
-
-    def _release(connection: Any) -> None:
-        if connection.info.pop("kamiyo_write_lock", False):
-            write_lock.release()
+        write_lock.begin(connection, float(options.get(WRITE_WAIT_OPTION, DEFAULT_WRITE_WAIT)))
 
     # SQLAlchemy calls these before it asks the driver to commit or roll back. The lock must
     # cover the COMMIT (its fsync, and a checkpoint when one is due) and the ROLLBACK: the next
@@ -102,7 +187,7 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
                     _driver_end(connection, "ROLLBACK")
                 raise
             finally:
-                _release(connection)
+                write_lock.release(connection)
 
         return end
 
@@ -143,6 +228,14 @@ def allow_long_statements(connection: Connection, seconds: float) -> None:
 def _milliseconds(seconds: float) -> int:
     """PostgreSQL's setting in milliseconds; a positive limit never rounds down to 0 (no limit)."""
     return max(1, round(seconds * 1000)) if seconds > 0 else 0
+
+
+def _busy_timeout(connection: Any, milliseconds: int) -> None:
+    """Set the connection's busy timeout, unless it is set so already (one PRAGMA when it changes)."""
+    info = connection.info
+    if info.get("kamiyo_busy_ms") != milliseconds:
+        connection.connection.driver_connection.execute(f"PRAGMA busy_timeout={milliseconds}")
+        info["kamiyo_busy_ms"] = milliseconds
 
 
 def _driver_end(connection: Any, sql: str) -> None:

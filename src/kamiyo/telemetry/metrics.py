@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
@@ -57,6 +57,8 @@ FAILURE_REASONS = (
     "not_configured",
     "internal",
 )
+# Why a verified delivery could not be stored (the inbox writer, webhooks/inbox_process.py).
+STORE_FAILURE_REASONS = ("timeout", "overloaded", "writer_down", "database")
 # `kamiyo doctor` probes the live endpoint. Its requests are not Stripe deliveries, so they are
 # left out of every delivery count: its unsigned ping carries this User-Agent, its signed
 # synthetic event this id prefix.
@@ -136,8 +138,16 @@ class WebhookMetrics:
             "Times a worker ended by an error and was started again (kamiyo serve's in-process worker, kamiyo worker).",
             registry=reg,
         )
+        self.store_failures = Counter(
+            "webhook_store_failures",
+            "Verified deliveries answered 503 because they could not be stored, by why: timeout (no answer "
+            "from the inbox writer in time), overloaded (too many waiting), writer_down, database.",
+            ["reason"],
+            registry=reg,
+        )
         # Every reason exported from the start (at 0), so a failure ratio has a series to rate().
         self._failure_children = {reason: self.failures.labels(reason) for reason in FAILURE_REASONS}
+        self._store_failure_children = {reason: self.store_failures.labels(reason) for reason in STORE_FAILURE_REASONS}
         self._received_children: dict[str, Counter] = {}
         self._ignored_children: dict[str, Counter] = {}
         # Deliveries answered 2xx, not yet counted: (type, seconds, ignored). See ``flush``.
@@ -154,6 +164,13 @@ class WebhookMetrics:
             child = self._failure_children[reason] = self.failures.labels(reason)
         child.inc()
         self.request_seconds.observe(seconds)
+
+    def store_failed(self, reason: str) -> None:
+        """A verified delivery not stored (one of ``STORE_FAILURE_REASONS``); it is answered 503."""
+        child = self._store_failure_children.get(reason)
+        if child is None:
+            child = self._store_failure_children[reason] = self.store_failures.labels(reason)
+        child.inc()
 
     def delivery_received(self, event_type: str, seconds: float, *, ignored: bool) -> None:
         """A verified event answered 2xx; ``ignored`` when it was new and of a type nothing handles.
@@ -380,6 +397,20 @@ def _housekeeping_gauges(engine: Engine, settings: Settings) -> Iterator[Metric]
     )
 
 
+class WriterCollector(Collector):
+    """``webhook_writer_up``: whether the scraped process's inbox writer can store a delivery now."""
+
+    def __init__(self, writer_ok: Callable[[], bool]) -> None:
+        self._writer_ok = writer_ok
+
+    def collect(self) -> Iterator[Metric]:
+        yield _gauge(
+            "webhook_writer_up",
+            "1 when the scraped process's inbox writer can store a delivery (as GET /health says), else 0.",
+            1.0 if self._writer_ok() else 0.0,
+        )
+
+
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
@@ -395,14 +426,15 @@ class _Scrape(Collector):
             yield from source.collect()
 
 
-def scrape_source(metrics: WebhookMetrics, state: StateCollector) -> Collector:
-    """What ``GET /metrics`` renders: every process's counts (multiprocess) or this one's, plus the state."""
+def scrape_source(metrics: WebhookMetrics, state: StateCollector, *own: Collector) -> Collector:
+    """What ``GET /metrics`` renders: every process's counts (multiprocess) or this one's, plus the
+    state, plus ``own``: gauges of the scraped process itself."""
     path = multiprocess_dir()
     if path is not None:
         shared = CollectorRegistry()
         MultiProcessCollector(shared, path=path)  # type: ignore[no-untyped-call]
-        return _Scrape(metrics, [shared, state])
-    return _Scrape(metrics, [metrics.registry, state])
+        return _Scrape(metrics, [shared, state, *own])
+    return _Scrape(metrics, [metrics.registry, state, *own])
 
 
 def _label(event_type: str) -> str:

@@ -31,6 +31,7 @@ from kamiyo.processing.retention import RetentionStatus, retention_status
 from kamiyo.scrub import redact
 from kamiyo.telemetry.delivery_stats import ServiceState, delivery_totals, read_state
 from kamiyo.telemetry.inbox_modes import MODE_WINDOW, recent_modes
+from kamiyo.webhooks.writer_health import WriterHealth
 
 OK, WARN, FAIL, SKIPPED = "ok", "warn", "fail", "skipped"
 PRUNE_FAILURES_WARN = 3  # failed prune runs in a row (one every 5 minutes) before the check warns
@@ -321,6 +322,9 @@ def check_retention(status: RetentionStatus | None, retention_days: int, now: fl
         f"last prune {_age(age)} ago: {status.last_pruned} event(s) older than {retention_days} days",
         data,
     )
+def check_writer(writer: WriterHealth) -> Check:
+    """Can the serving process store a delivery now? Its inbox writer's state (``writer_health``)."""
+    return Check("writer", OK if writer.ok else FAIL, writer.detail, {"state": writer.state})
 
 
 StripeProbe = Callable[[], str]
@@ -358,11 +362,15 @@ def run_checks(
     worker_restarts: RestartRecord | None = None,
     stripe_probe: StripeProbe | None = None,
     started_at: float | None = None,
+    writer: WriterHealth | None = None,
 ) -> HealthReport:
-    """Every check, in the order an operator reads them. Blocking (database, maybe Stripe)."""
+    """Every check, in the order an operator reads them. Blocking (database, maybe Stripe).
+    ``writer``: the serving process's inbox writer (no ``writer`` check without it)."""
     now = time.time() if now is None else now
     limits = limits or Thresholds.from_settings(settings)
     checks = [check_secret(settings.webhook_secrets)]
+    if writer is not None:
+        checks.append(check_writer(writer))
     try:
         with engine.connect().execution_options(readonly=True) as connection:
             connection.execute(text("SELECT 1"))

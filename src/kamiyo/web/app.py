@@ -33,6 +33,7 @@ from kamiyo.telemetry.metrics import (
     CONTENT_TYPE,
     StateCollector,
     WebhookMetrics,
+    WriterCollector,
     process_metrics,
     render,
     scrape_source,
@@ -42,7 +43,7 @@ from kamiyo.web.admin import admin_routes
 from kamiyo.web.cache import CachedAnswer
 from kamiyo.web.webhook import WEBHOOK_PATH, Receive, Scope, Send, WebhookEndpoint
 from kamiyo.webhooks.inbox import InboxWriter
-from kamiyo.webhooks.inbox_process import InboxProcess
+from kamiyo.webhooks.inbox_process import WRITE_WAIT_SHARE, InboxProcess
 
 log = logging.getLogger("kamiyo.webhook")
 __all__ = ["WEBHOOK_PATH", "create_app"]
@@ -83,12 +84,20 @@ def create_app(
                 worker=_in_process(settings) if with_worker else None,
                 on_processed=metrics.count_processed if metrics is not None else None,
                 on_worker_death=metrics.worker_restarted if metrics is not None else None,
+                on_store_failure=metrics.store_failed if metrics is not None else None,
             )
             await writer.start()
             worker_alive = writer.worker_alive
             restarts = writer.worker_restarts
         else:  # an engine given by a test, or one in-memory SQLite database: the same process
-            writer = InboxWriter(db, on_commit=wake.set, count_deliveries=metrics is not None)
+            writer = InboxWriter(
+                db,
+                on_commit=wake.set,
+                count_deliveries=metrics is not None,
+                write_wait=settings.webhook_store_timeout * WRITE_WAIT_SHARE,
+                store_timeout=settings.webhook_store_timeout,
+                max_waiting=settings.webhook_store_max_waiting,
+            )
             writer.start()
             restarts = RestartRecord()
 
@@ -114,7 +123,9 @@ def create_app(
             stripe_probe=_stripe_probe(settings),
         )
         if metrics is not None:
-            state["scrape"] = scrape_source(metrics, StateCollector(db, settings))
+            state["scrape"] = scrape_source(
+                metrics, StateCollector(db, settings), WriterCollector(lambda: writer.health().ok)
+            )
         if not secrets:
             log.error(
                 "webhook secret not configured: STRIPE_WEBHOOK_SECRET is empty; deliveries get 503 until it is set"
@@ -141,11 +152,17 @@ def create_app(
     # The public endpoints below read the database for anybody who asks: each answer is
     # computed at most once per HEALTH_CACHE_SECONDS, whoever asks and however often.
     async def store_ready() -> tuple[int, dict[str, Any]]:
+        """/health: 200 when this process can store a delivery: its inbox writer runs, answers and
+        writes (kept current by the writer itself, no query for it here), and the database
+        answers a query. ``writer`` names the writer's state (writer_health.STATES)."""
+        writer = state["writer"].health()
+        if not writer.ok:
+            return 503, {"status": "unavailable", "database": "not checked", "writer": writer.state}
         try:
             await run_in_threadpool(_ping, state["engine"])
         except Exception:  # noqa: BLE001 - any failure means "not healthy"; the reason is not public
-            return 503, {"status": "unavailable", "database": "unavailable"}
-        return 200, {"status": "ok", "database": "ok"}
+            return 503, {"status": "unavailable", "database": "unavailable", "writer": writer.state}
+        return 200, {"status": "ok", "database": "ok", "writer": writer.state}
 
     def full_report() -> HealthReport:
         """Every check with its details (blocking): the public endpoint shows part of it, the admin API all."""
@@ -156,6 +173,7 @@ def create_app(
             worker_restarts=state["worker_restarts"],
             stripe_probe=state.get("stripe_probe"),
             started_at=started_at,
+            writer=state["writer"].health(),
         )
 
     state["health_report"] = full_report

@@ -5,6 +5,13 @@ waiting (up to ``max_batch``), inserts them in ONE transaction with
 ``ON CONFLICT (stripe_event_id) DO NOTHING RETURNING stripe_event_id`` and commits, then wakes
 the requests. A commit (an fsync on SQLite) is paid once per batch rather than once per request,
 and no request is answered before its row is committed: the endpoint's 2xx means durable.
+
+When the database itself fails (locked, full, unreachable: ``kamiyo.db.errors.is_database_fault``)
+the whole batch fails at once and the writer backs off before its next write; only an error of
+one row's data sends the batch again one row at a time, so that the other rows are stored.
+The writer never waits longer than ``write_wait`` for SQLite's write lock, and reports how it
+is doing (``activity``; ``kamiyo.webhooks.writer_health``), probing the database with a write
+of its own when it has had nothing to write for a while.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -19,16 +27,28 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Dialect, Engine
+from sqlalchemy import Connection, Dialect, Engine, delete
 
 from kamiyo.db.driver import driver_connection, sqlalchemy_errors
+from kamiyo.db.engine import WRITE_WAIT_OPTION, sqlite_write_lock
+from kamiyo.db.errors import describe, is_database_fault
+from kamiyo.db.faults import fault_kind
 from kamiyo.db.models import events_table
 from kamiyo.telemetry.delivery_stats import DeliveryKey, add_delivery_counts, minute_of
 from kamiyo.webhooks.envelope import Envelope
+from kamiyo.webhooks.writer_health import PROBE_SECONDS, WriterActivity, WriterHealth, judge
 
 log = logging.getLogger("kamiyo.inbox")
 delivery_log = logging.getLogger("kamiyo.webhook")  # the endpoint's logger: one line per delivery
 _table = events_table
+# After a database fault the writer waits before it writes again: BACKOFF_FIRST, doubling up to
+# BACKOFF_MAX. What arrives meanwhile waits for that write (its delivery's own bound still holds).
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 2.0
+
+
+class InboxUnavailable(Exception):
+    """The row's fate is unknown or it was not stored: the delivery must be retried (503)."""
 
 
 @dataclass(slots=True)
@@ -50,6 +70,8 @@ class Inbox(Protocol):
     ) -> bool: ...
 
     def count_rejection(self, reason: str, event_type: str = "") -> None: ...
+
+    def health(self) -> WriterHealth: ...
 
 
 # Answers a batch's waiters: the outcomes (True: the event is new), or the error that failed it.
@@ -195,6 +217,35 @@ def _raw_insert(dialect: Dialect) -> _RawInsert:
     return insert
 
 
+PROBE_EVENT_ID_PREFIX = "evt_kamiyo_writer_probe_"
+# About the size of a Stripe event: on a database that can take no new page, a probe needs one
+# just as a delivery does.
+_PROBE_PAYLOAD = '{"probe": "' + "x" * 4000 + '"}'
+
+
+def write_probe(connection: Connection) -> None:
+    """Write what a delivery writes, in the open transaction, and delete it again before the
+    commit: the commit then proves that the inbox takes a row (the write lock, a page, the disk),
+    and leaves nothing behind for anyone to see."""
+    row = {
+        "stripe_event_id": PROBE_EVENT_ID_PREFIX + secrets.token_hex(8),
+        "type": "kamiyo.writer_probe",
+        "api_version": None,
+        "created": 0,
+        "livemode": False,
+        "object_id": None,
+        "payload": _PROBE_PAYLOAD,
+        "source": "probe",
+        "received_at": datetime.now(UTC),
+        "status": "ignored",
+        "attempts": 0,
+        "available_at": 0.0,
+        "detail": None,
+    }
+    insert_new_events(connection, [row])
+    connection.execute(delete(_table).where(_table.c.stripe_event_id == row["stripe_event_id"]))
+
+
 class InboxWriter:
     """One thread that commits batches of inbox rows for the event loop's requests.
 
@@ -204,6 +255,10 @@ class InboxWriter:
     one of their own): an upsert in every batch cost ingest about a sixth of its throughput
     (bench/metrics_overhead.py). A count is added only once the rows it counts are committed; a
     crash loses at most the last ``stats_seconds`` of counts, never an event.
+
+    ``write_wait`` bounds each transaction's wait for SQLite's write lock (the engine's default
+    otherwise). ``store_timeout`` and ``max_waiting`` bound ``store`` itself, for a writer that
+    serves the event loop of its own process (``InboxProcess`` bounds its requests itself).
     """
 
     def __init__(
@@ -215,18 +270,34 @@ class InboxWriter:
         count_deliveries: bool = True,
         stats_seconds: float = 1.0,
         resolve: Resolver | None = None,
+        write_wait: float | None = None,
+        store_timeout: float | None = None,
+        max_waiting: int | None = None,
+        probe_seconds: float = PROBE_SECONDS,
     ) -> None:
         self._engine = engine
+        self._write_engine = engine
+        if write_wait is not None:
+            self._write_engine = engine.execution_options(**{WRITE_WAIT_OPTION: write_wait})
         self._resolve = resolve or _resolve_futures
         self._max_batch = max_batch
         self._on_commit = on_commit
         self._count_deliveries = count_deliveries
         self._stats_seconds = stats_seconds
         self._stats_due = 0.0  # time.monotonic() from which pending counts go out with the next batch
+        self._store_timeout = store_timeout
+        self._max_waiting = max_waiting
+        self._probe_seconds = probe_seconds
         # Counts not yet committed (kept across a failed batch, so an outage loses none).
         self._counts: dict[DeliveryKey, int] = {}
         self._queue: queue.SimpleQueue[Pending | _Count | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # What ``activity`` reports, kept by the writer's thread.
+        self._busy_since: float | None = None  # time.monotonic() when it took up its current work
+        self._last_write = time.monotonic()  # when a write last committed or failed (probes wait after it)
+        self._failure: tuple[str, str] | None = None  # (fault kind, description) of the last write, if it failed
+        self._backoff = 0.0
+        self._retry_at = 0.0  # no write before this time.monotonic()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="kamiyo-inbox", daemon=True)
@@ -239,6 +310,27 @@ class InboxWriter:
             self._thread.join(timeout=30)
             self._thread = None
 
+    def activity(self) -> WriterActivity:
+        """How the writer is doing now (read from any thread)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return WriterActivity(alive=False)
+        now = time.monotonic()
+        busy_since = self._busy_since
+        lock = sqlite_write_lock(self._engine)
+        failure = self._failure
+        return WriterActivity(
+            alive=True,
+            busy_for=0.0 if busy_since is None else now - busy_since,
+            lock_wait_for=0.0 if lock is None or thread.ident is None else lock.busy_for(thread.ident),
+            failure=None if failure is None else failure[0],
+            failure_detail="" if failure is None else failure[1],
+        )
+
+    def health(self) -> WriterHealth:
+        """Whether this writer can store a delivery now (``/health`` when it runs in the server's process)."""
+        return judge(self.activity())
+
     async def store_event(
         self, envelope: Envelope, body: bytes, *, status: str, counted: bool = True, detail: str | None = None
     ) -> bool:
@@ -248,12 +340,22 @@ class InboxWriter:
     async def store(self, row: dict[str, Any], *, counted: bool = True) -> bool:
         """Commit ``row``; True if the event is new, False if its id was already stored.
 
-        ``counted=False`` leaves the delivery out of the delivery stats (doctor's probe).
+        ``counted=False`` leaves the delivery out of the delivery stats (doctor's probe). Raises
+        ``InboxUnavailable`` at once when ``max_waiting`` rows already wait, and when no answer
+        came within ``store_timeout`` (the row may still be committed later: a retry of the
+        delivery is then a duplicate).
         """
+        if self._max_waiting is not None and self._queue.qsize() >= self._max_waiting:
+            raise InboxUnavailable(f"{self._max_waiting} deliveries already wait for the inbox writer")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
         self.submit(row, (loop, future), counted=counted)
-        return await future
+        if self._store_timeout is None:
+            return await future
+        try:
+            return await asyncio.wait_for(future, self._store_timeout)
+        except TimeoutError:
+            raise InboxUnavailable(f"no answer from the inbox writer within {self._store_timeout:g} s") from None
 
     def submit(self, row: dict[str, Any], waiter: Any, *, counted: bool = True) -> None:
         """Queue ``row``; ``resolve`` answers ``waiter`` once its batch is committed (or failed)."""
@@ -267,17 +369,18 @@ class InboxWriter:
     def _run(self) -> None:
         stopping = False
         while not stopping:
+            self._busy_since = None
+            batch: list[Pending | _Count] = []
             try:
-                # With counts pending, wake up when they are due even if no delivery comes.
-                wait = max(0.0, self._stats_due - time.monotonic()) if self._counts else None
-                first = self._queue.get(timeout=wait)
+                first = self._queue.get(timeout=self._idle_wait())
             except queue.Empty:
-                self._commit([])
-                continue
-            if first is None:
-                break
-            batch: list[Pending | _Count] = [first]
-            while len(batch) < self._max_batch:
+                pass  # nothing came: counts may be due, or a probe
+            else:
+                if first is None:
+                    break
+                batch.append(first)
+            self._busy_since = time.monotonic()
+            while batch and len(batch) < self._max_batch:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -293,28 +396,51 @@ class InboxWriter:
                 else:
                     pending.append(item)
             self._commit(pending)
+            if not pending and time.monotonic() - self._last_write >= self._probe_seconds:
+                self._probe()
+        self._busy_since = time.monotonic()
         if self._counts:
             self._commit([], final=True)
 
-    def _commit(self, batch: list[Pending], *, final: bool = False) -> None:
+    def _idle_wait(self) -> float:
+        """How long the writer may wait for work: until pending counts are due, or a probe."""
+        now = time.monotonic()
+        wait = self._last_write + self._probe_seconds - now
+        if self._counts:
+            wait = min(wait, self._stats_due - now)
+        return max(0.0, wait)
+
+    def _commit(self, batch: list[Pending], *, final: bool = False) -> bool:
+        """Store ``batch`` (and the counts, when due) and answer its waiters; True if the database failed."""
         if not batch and not (self._counts and (final or time.monotonic() >= self._stats_due)):
-            return
+            return False
+        self._wait_out_backoff()
         try:
             outcomes = self._insert(batch, final=final)
         except Exception as exc:  # noqa: BLE001 - storage failed: every waiting request must hear it
             self._stats_due = time.monotonic() + self._stats_seconds  # no tight retry loop while it is down
+            if is_database_fault(exc):
+                # The database itself: every row would fail the same way, now. No row-by-row retry
+                # (each would wait out the same lock or find the same full disk).
+                self._failed(exc)
+                if batch:
+                    log.error("inbox batch of %d not stored: %s", len(batch), describe(exc))
+                    self._resolve(batch, None, exc)
+                else:
+                    log.error("delivery stats not stored (kept for the next batch): %s", describe(exc))
+                return True
+            self._stored()  # the database answered: it refused this data, not every write
             if len(batch) > 1:
                 # One row the database refuses must not fail the deliveries batched with it.
                 log.warning("inbox batch of %d failed (%s); storing one by one", len(batch), exc.__class__.__name__)
-                for item in batch:
-                    self._commit([item])
-                return
-            if not batch:
-                log.error("delivery stats not stored (kept for the next batch): %s", exc.__class__.__name__)
-                return
-            log.error("inbox commit failed for event %s: %s", batch[0].row["stripe_event_id"], exc.__class__.__name__)
-            self._resolve(batch, None, exc)
-            return
+                self._commit_one_by_one(batch)
+            elif batch:
+                log.error("inbox commit failed for event %s: %s", batch[0].row["stripe_event_id"], describe(exc))
+                self._resolve(batch, None, exc)
+            else:
+                log.error("delivery stats not stored (kept for the next batch): %s", describe(exc))
+            return False
+        self._stored()
         self._resolve(batch, outcomes, None)
         if self._on_commit is not None and any(outcomes):
             self._on_commit()
@@ -325,6 +451,48 @@ class InboxWriter:
             delivery_log.info(
                 "webhook %s event=%s type=%s", "accepted" if new else "duplicate", row["stripe_event_id"], row["type"]
             )
+        return False
+
+    def _commit_one_by_one(self, batch: list[Pending]) -> None:
+        """Each row in a transaction of its own; a database fault on the way fails the rest at once."""
+        for index, item in enumerate(batch):
+            if self._commit([item]):
+                rest = batch[index + 1 :]
+                if rest:
+                    self._resolve(rest, None, InboxUnavailable("the database failed; retry later"))
+                return
+
+    def _probe(self) -> None:
+        """An idle writer's write: does the database still take a row?"""
+        self._wait_out_backoff()
+        try:
+            with self._write_engine.begin() as connection:
+                write_probe(connection)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the writer cannot store now
+            if self._failure is None:
+                log.error("inbox writer's probe write failed: %s", describe(exc))
+            self._failed(exc)
+            return
+        self._stored()
+
+    def _stored(self) -> None:
+        if self._failure is not None:
+            log.info("inbox writer stores again (after: %s)", self._failure[1])
+        self._failure = None
+        self._backoff = self._retry_at = 0.0
+        self._last_write = time.monotonic()
+
+    def _failed(self, exc: BaseException) -> None:
+        kind = fault_kind(exc) if is_database_fault(exc) else "unavailable"
+        self._failure = (kind, describe(exc))
+        self._backoff = min(BACKOFF_MAX, self._backoff * 2 or BACKOFF_FIRST)
+        self._last_write = time.monotonic()
+        self._retry_at = self._last_write + self._backoff
+
+    def _wait_out_backoff(self) -> None:
+        delay = self._retry_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
 
     def _insert(self, batch: list[Pending], *, final: bool = False) -> list[bool]:
         """Insert the batch in one transaction; per item, True if its event was new."""
@@ -333,7 +501,7 @@ class InboxWriter:
         unique: dict[str, dict[str, Any]] = {}
         for item in batch:
             unique.setdefault(item.row["stripe_event_id"], item.row)
-        with self._engine.begin() as connection:
+        with self._write_engine.begin() as connection:
             new_ids = insert_new_events(connection, list(unique.values())) if unique else set()
             outcomes: list[bool] = []
             for item in batch:

@@ -13,6 +13,21 @@ commit. Should the child die, the requests waiting on it fail (the endpoint answ
 Stripe retries) and a new child starts; a row it committed without answering is a duplicate the
 next time. Should the server die, the child finishes what it was sent, then exits.
 
+Every delivery is answered within WEBHOOK_STORE_TIMEOUT_SECONDS: a sweep of the waiting
+deliveries, a few times a second, fails those older than that (503: Stripe retries; should the
+child commit one later, the retry is a duplicate, answered 200). No timer per request: each
+sweep notes the next delivery's number, and a delivery is old when a note taken a bound ago is
+above its number. At most WEBHOOK_STORE_MAX_WAITING deliveries wait on the child; the next ones
+get 503 at once. The same sweep pings the child; the child's main thread answers with its
+writer's ``WriterActivity``, and ``health`` judges it (``writer_health.py``): a child that
+leaves pings unanswered is stalled (stopped, hung), and deliveries get 503 at once until it
+answers again.
+
+SIGTERM reaches the child too when the whole service is stopped (systemd signals every process
+of the unit; the child has a session of its own, so a signal to the terminal's process group
+does not reach it). The child then keeps serving the server, which lets its in-flight
+deliveries finish, until the server says stop or goes away, at most TERM_GRACE seconds.
+
 The in-process worker of ``kamiyo serve`` (WORKER_IN_PROCESS) runs in the child too, as a thread
 beside the writer. In the server's process it shared the event loop's GIL: every batch it
 applied held up the requests in flight (side by side here: more requests a second and a lower
@@ -27,18 +42,21 @@ takes its worker with it; the next child starts a new one.
 Messages are lists of tuples, pickled, each framed by its length. Server to child:
 ``("start", settings, count_deliveries, worker_settings)``, ``("event", number, envelope, body,
 status, counted, received_at, detail)`` (the row is made in the child: a tuple and bytes pickle in
-a fifth of the row's time), ``("count", reason, event_type)``, ``("stop",)``. Child to server:
-``("ready",)``, ``("done", numbers, outcomes)``, ``("failed", numbers, error)``, ``("processed",
-tally)``, ``("worker_started",)``, ``("worker_died", WorkerDeath)``, ``("worker_stopped",)``.
+a fifth of the row's time), ``("count", reason, event_type)``, ``("ping",)``, ``("stop",)``.
+Child to server: ``("ready",)``, ``("done", numbers, outcomes)``, ``("failed", numbers, error)``,
+``("pong", activity)``, ``("processed", tally)``, ``("worker_started",)``, ``("worker_died",
+WorkerDeath)``, ``("worker_stopped",)``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import itertools
 import logging
 import pickle
+import select
+import signal
 import socket
 import struct
 import subprocess
@@ -55,17 +73,26 @@ from kamiyo.config import Settings
 from kamiyo.processing.restarts import RestartingWorker, RestartRecord, WorkerDeath
 from kamiyo.telemetry.metrics import ProcessedTally
 from kamiyo.webhooks.envelope import Envelope
-from kamiyo.webhooks.inbox import InboxWriter, Pending, inbox_row
+from kamiyo.webhooks.inbox import InboxUnavailable, InboxWriter, Pending, inbox_row
+from kamiyo.webhooks.writer_health import PING_SECONDS, STALL_SECONDS, WriterActivity, WriterHealth, judge
+
+__all__ = ["InboxProcess", "InboxUnavailable"]
 
 log = logging.getLogger("kamiyo.inbox")
 _LENGTH = struct.Struct("!I")
 START_TIMEOUT = 60.0
-STOP_TIMEOUT = 30.0
 RESTART_PAUSE = 1.0  # between a child's death and the next start, so a crash loop does not spin
-
-
-class InboxUnavailable(Exception):
-    """The row's fate is unknown or it was not stored: the delivery must be retried."""
+SWEEP_SECONDS = 0.25  # how often the waiting deliveries are swept: a 503 comes at most this late
+# The writer waits this share of a delivery's bound for SQLite's write lock, so that a batch
+# that cannot begin fails (and says why) before its deliveries' bound has passed.
+WRITE_WAIT_SHARE = 0.75
+# Shutdown budgets. They add up to less than docker-compose.yml's stop_grace_period (30 s):
+# uvicorn lets in-flight requests finish for DRAIN_SECONDS (longer than any delivery's bound,
+# WEBHOOK_STORE_TIMEOUT_SECONDS <= 15), then the child has STOP_TIMEOUT to store what it was
+# sent and exit. A child sent SIGTERM itself serves its server for TERM_GRACE at most.
+DRAIN_SECONDS = 17.0
+STOP_TIMEOUT = 10.0
+TERM_GRACE = DRAIN_SECONDS + 3.0
 
 
 def _frame(message: list[tuple[Any, ...]]) -> bytes:
@@ -104,7 +131,8 @@ class InboxProcess:
     Used from one event loop: ``await start()``, then ``store_event`` from its requests, ``await stop()``.
     With ``worker`` (the worker's settings) the child also runs a worker; ``on_processed`` gets
     the tally of each batch it commits, ``on_worker_death`` each death of that worker (it is
-    restarted), also kept in ``worker_restarts``.
+    restarted), also kept in ``worker_restarts``. ``on_store_failure`` hears each delivery that
+    could not be stored, with why: ``timeout``, ``overloaded``, ``writer_down`` or ``database``.
     """
 
     def __init__(
@@ -115,6 +143,7 @@ class InboxProcess:
         worker: Settings | None = None,
         on_processed: Callable[[ProcessedTally], None] | None = None,
         on_worker_death: Callable[[WorkerDeath], None] | None = None,
+        on_store_failure: Callable[[str], None] | None = None,
     ) -> None:
         self._settings = settings
         self._count_deliveries = count_deliveries
@@ -122,14 +151,26 @@ class InboxProcess:
         self._on_processed = on_processed
         self._on_worker_death = on_worker_death
         self.worker_restarts = RestartRecord()  # deaths of the children's workers, each one restarted
+        self._on_store_failure = on_store_failure
+        self._timeout = settings.webhook_store_timeout
+        self._max_waiting = settings.webhook_store_max_waiting
         self._worker_running = False  # the current child's worker thread, from "ready" to "worker_stopped"
-        self._numbers = itertools.count()
-        self._waiting: dict[int, asyncio.Future[bool]] = {}
+        self._next = 0  # the next delivery's number
+        self._waiting: dict[int, asyncio.Future[bool]] = {}  # in the order sent: by number
+        # (time.monotonic(), the next delivery's number then), one per sweep over the last bound.
+        self._marks: collections.deque[tuple[float, int]] = collections.deque()
         self._link: _Link | None = None  # the socket to the current child, from its start
         self._ready = False  # the current child has said it can store
         self._process: subprocess.Popen[bytes] | None = None
         self._restart: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._stopping = False
+        # What the child last said of its writer, when, and whether it now leaves pings unanswered.
+        self._activity: WriterActivity | None = None
+        self._pong_at = 0.0
+        self._pinged_at = 0.0
+        self._unresponsive = False
+        self._timed_out = 0  # deliveries failed by the sweep since the writer last answered one
 
     @property
     def pid(self) -> int | None:
@@ -142,7 +183,19 @@ class InboxProcess:
         """Whether the child's worker is running; None when the child runs none."""
         if self._worker_settings is None:
             return None
-        return self._worker_running and self.pid is not None
+        return self._worker_running and self.pid is not None and not self._unresponsive
+
+    def health(self) -> WriterHealth:
+        """Whether a delivery can be stored now: the child runs, answers, and its writer writes."""
+        if self.pid is None:
+            return judge(None)
+        unanswered = max(0.0, time.monotonic() - self._pong_at - PING_SECONDS)
+        return judge(
+            self._activity,
+            stall_seconds=min(STALL_SECONDS, self._timeout),
+            unanswered_for=unanswered,
+            timed_out=self._timed_out,
+        )
 
     async def start(self) -> None:
         """Start the child and wait until it is ready to store."""
@@ -165,18 +218,29 @@ class InboxProcess:
         except BaseException:
             self._link.close()  # the child reads the end of its input, and exits
             raise
+        self._activity = WriterActivity()
+        self._pong_at = self._pinged_at = time.monotonic()
+        self._unresponsive = False
         self._ready = True
+        if self._sweeper is None:
+            self._sweeper = loop.create_task(self._sweep())
         log.info("inbox writer process %d started", self._process.pid)
 
     async def store_event(
         self, envelope: Envelope, body: bytes, *, status: str, counted: bool = True, detail: str | None = None
     ) -> bool:
         """Commit the inbox row of a verified delivery (made in the child, received now); True if
-        the event is new, False if its id was already stored."""
+        the event is new, False if its id was already stored. ``InboxUnavailable`` when it could
+        not be stored within the bound, or at once when the child cannot take it."""
         link = self._link
-        if link is None or not self._ready:
-            raise InboxUnavailable("the inbox writer process is not running")
-        number = next(self._numbers)
+        if link is None or not self._ready or self._unresponsive:
+            self._store_failed("writer_down")
+            raise InboxUnavailable("the inbox writer process is not running or not answering")
+        if len(self._waiting) >= self._max_waiting:
+            self._store_failed("overloaded")
+            raise InboxUnavailable(f"{self._max_waiting} deliveries already wait for the inbox writer")
+        number = self._next
+        self._next = number + 1
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting[number] = future
         link.send(("event", number, envelope, body, status, counted, time.time(), detail))
@@ -184,7 +248,7 @@ class InboxProcess:
 
     def count_rejection(self, reason: str, event_type: str = "") -> None:
         """Count a rejected delivery (in the child's next batch); returns at once."""
-        if self._count_deliveries and self._link is not None and self._ready:
+        if self._count_deliveries and self._link is not None and self._ready and not self._unresponsive:
             self._link.send(("count", reason, event_type))
 
     async def stop(self) -> None:
@@ -196,10 +260,80 @@ class InboxProcess:
             self._link.send(("stop",))
         if self._process is not None:
             await asyncio.get_running_loop().run_in_executor(None, _end, self._process)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    async def _sweep(self) -> None:
+        """Fail the deliveries waiting past the bound, and ping the child; a few times a second."""
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            now = time.monotonic()
+            self._marks.append((now, self._next))
+            cutoff = -1
+            while self._marks and self._marks[0][0] <= now - self._timeout:
+                cutoff = self._marks.popleft()[1]
+            if cutoff > 0:
+                self._expire(cutoff)
+            if self._link is not None and self._ready:
+                if now - self._pinged_at >= PING_SECONDS:
+                    self._pinged_at = now
+                    self._link.send(("ping",))
+                unresponsive = now - self._pong_at > PING_SECONDS + min(STALL_SECONDS, self._timeout)
+                if unresponsive and not self._unresponsive:
+                    log.error(
+                        "inbox writer process %s does not answer (stopped or hung): deliveries get 503 until it does",
+                        self.pid,
+                    )
+                self._unresponsive = unresponsive
+
+    def _expire(self, cutoff: int) -> None:
+        """Fail every waiting delivery numbered below ``cutoff`` (all sent a bound ago or more)."""
+        expired = []
+        for number in self._waiting:
+            if number >= cutoff:
+                break
+            expired.append(number)
+        if not expired:
+            return
+        for number in expired:
+            future = self._waiting.pop(number)
+            if not future.done():
+                future.set_exception(
+                    InboxUnavailable(f"no answer from the inbox writer within {self._timeout:g} s; retry later")
+                )
+            self._store_failed("timeout")
+        self._timed_out += len(expired)
+        log.error("%d delivery(ies) got no answer from the inbox writer within %g s: 503", len(expired), self._timeout)
+
+    def _store_failed(self, reason: str) -> None:
+        if self._on_store_failure is not None:
+            self._on_store_failure(reason)
 
     def _answered(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "ready":
+        if kind == "done":
+            _kind, numbers, outcomes = message
+            for number, new in zip(numbers, outcomes, strict=True):
+                future = self._waiting.pop(number, None)
+                if future is not None and not future.done():
+                    future.set_result(new)
+            self._timed_out = 0
+        elif kind == "pong":
+            self._activity = message[1]
+            self._pong_at = time.monotonic()
+            if self._activity is not None and not self._activity.busy_for and self._activity.failure is None:
+                self._timed_out = 0  # it has caught up and writes: what timed out is over
+            if self._unresponsive:
+                self._unresponsive = False
+                log.info("inbox writer process %s answers again", self.pid)
+        elif kind == "failed":
+            _kind, numbers, error = message
+            for number in numbers:
+                future = self._waiting.pop(number, None)
+                if future is not None and not future.done():
+                    future.set_exception(InboxUnavailable(error))
+                    self._store_failed("database")
+        elif kind == "ready":
             self._worker_running = self._worker_settings is not None
         elif kind == "processed":
             if self._on_processed is not None:
@@ -214,18 +348,6 @@ class InboxProcess:
                 self._on_worker_death(death)
         elif kind == "worker_stopped":
             self._worker_running = False
-        elif kind == "done":
-            _kind, numbers, outcomes = message
-            for number, new in zip(numbers, outcomes, strict=True):
-                future = self._waiting.pop(number, None)
-                if future is not None and not future.done():
-                    future.set_result(new)
-        elif kind == "failed":
-            _kind, numbers, error = message
-            for number in numbers:
-                future = self._waiting.pop(number, None)
-                if future is not None and not future.done():
-                    future.set_exception(InboxUnavailable(error))
 
     def _lost(self, link: _Link) -> None:
         if link is not self._link:
@@ -236,6 +358,8 @@ class InboxProcess:
         for future in waiting.values():
             if not future.done():
                 future.set_exception(InboxUnavailable("the inbox writer process stopped before answering"))
+        for _future in waiting:
+            self._store_failed("writer_down")
         if self._stopping or not was_ready:
             return  # a child that failed to start: its starter says so
         code = self._process.poll() if self._process is not None else None
@@ -312,11 +436,22 @@ def _end(process: subprocess.Popen[bytes]) -> None:
 
 
 def serve(connection: socket.socket) -> None:
-    """Store what the server sends until it says stop or goes away, then finish and return."""
+    """Store what the server sends until it says stop or goes away, then finish and return.
+
+    A SIGTERM does not stop it at once: the server may still be letting its requests finish and
+    needs the child meanwhile. It stops when the server says so or goes away, or TERM_GRACE
+    seconds after the signal, whichever comes first."""
     from kamiyo.db.engine import make_engine
     from kamiyo.logs import configure_logging
 
     lock = threading.Lock()
+    terminated: list[float] = []  # when a SIGTERM came (the handler only notes it)
+
+    def on_sigterm(_signum: int, _frame: Any) -> None:
+        if not terminated:
+            terminated.append(time.monotonic())
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
     def send(*items: tuple[Any, ...]) -> None:
         with lock, contextlib.suppress(OSError):  # the server is gone: nobody is left to answer
@@ -333,8 +468,18 @@ def serve(connection: socket.socket) -> None:
     writer: InboxWriter | None = None
     worker: _WorkerThread | None = None
     engine = None
+    readable = select.poll()
+    readable.register(connection, select.POLLIN)
     try:
         while True:
+            if terminated:
+                if time.monotonic() - terminated[0] > TERM_GRACE:
+                    log.warning("inbox writer process: SIGTERM %.0f s ago and still serving; stopping", TERM_GRACE)
+                    return
+                if writer is None:
+                    return  # not started: nothing to finish
+            if not readable.poll(1000):  # wakes at least once a second to look at a SIGTERM's grace
+                continue
             data = connection.recv(1 << 16)
             if not data:
                 return  # the server is gone; the finally below stores what it sent
@@ -347,6 +492,8 @@ def serve(connection: socket.socket) -> None:
                         at = datetime.fromtimestamp(received, UTC)
                         row = inbox_row(envelope, body, status=status, received_at=at, detail=detail)
                         writer.submit(row, number, counted=counted)
+                    elif kind == "ping":
+                        send(("pong", writer.activity() if writer is not None else None))
                     elif kind == "count":
                         assert writer is not None
                         writer.count_rejection(item[1], item[2])
@@ -361,6 +508,7 @@ def serve(connection: socket.socket) -> None:
                             count_deliveries=item[2],
                             resolve=resolve,
                             on_commit=wake.set if worker_settings is not None else None,
+                            write_wait=settings.webhook_store_timeout * WRITE_WAIT_SHARE,
                         )
                         writer.start()
                         if worker_settings is not None:

@@ -27,6 +27,8 @@ import yaml
 
 from e2e.harness import WEBHOOK_PATH, free_port, wait_until
 from kamiyo import synthetic
+from kamiyo.config import MAX_STORE_TIMEOUT
+from kamiyo.webhooks.inbox_process import DRAIN_SECONDS, STOP_TIMEOUT, TERM_GRACE
 from support import PRICE_TIERS, SECRET, in_ci, signed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,6 +115,25 @@ def test_every_kamiyo_service_reads_dot_env_through_env_file() -> None:
 def test_compose_health_check_asks_slash_health_on_port_8000() -> None:
     check = " ".join(_service("kamiyo")["healthcheck"]["test"])
     assert "http://127.0.0.1:8000/health" in check
+
+
+def _seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|m)", duration)
+    assert match, f"stop_grace_period {duration!r}: expected seconds or minutes, e.g. 30s"
+    return int(match[1]) * (60 if match[2] == "m" else 1)
+
+
+def test_every_kamiyo_service_stops_within_its_explicit_grace_period() -> None:
+    """docker compose sends SIGTERM, then SIGKILL after stop_grace_period: kamiyo serve's drain
+    (longer than any delivery's bound) and then its writer process's stop both fit inside it, and
+    so does the writer process's own grace after a SIGTERM of its own."""
+    assert MAX_STORE_TIMEOUT < DRAIN_SECONDS
+    for name, service in _compose()["services"].items():
+        if service.get("image", "").startswith("postgres"):
+            continue
+        grace = _seconds(service["stop_grace_period"])
+        assert DRAIN_SECONDS + STOP_TIMEOUT <= grace, name
+        assert TERM_GRACE < grace, name
 
 
 def test_scale_profile_runs_postgresql_two_servers_and_two_workers_on_it() -> None:

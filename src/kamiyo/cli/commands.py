@@ -55,6 +55,7 @@ def serve(settings: Settings, *, host: str | None, port: int | None, no_worker: 
     import uvicorn
 
     from kamiyo.web.app import create_app
+    from kamiyo.webhooks.inbox_process import DRAIN_SECONDS
 
     engine = make_engine(settings)
     try:
@@ -71,7 +72,9 @@ def serve(settings: Settings, *, host: str | None, port: int | None, no_worker: 
         log_config=None,
         loop="uvloop",
         http="httptools",
-        timeout_graceful_shutdown=20,
+        # On SIGTERM: stop accepting, let in-flight requests finish (each delivery is answered
+        # within WEBHOOK_STORE_TIMEOUT_SECONDS, less than this), then stop the inbox writer.
+        timeout_graceful_shutdown=int(DRAIN_SECONDS),
         # X-Forwarded-For names the client (the console's sign-in throttling counts per address)
         # only when the peer is one of these proxies; anyone else's header is ignored.
         proxy_headers=True,

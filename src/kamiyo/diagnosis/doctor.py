@@ -25,10 +25,13 @@ from typing import Any
 
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, delete, func, select, text
 
 from kamiyo import synthetic
 from kamiyo.config import Settings
+from kamiyo.db.engine import WRITE_WAIT_OPTION
+from kamiyo.db.errors import describe, is_database_fault
+from kamiyo.db.faults import FULL, LOCKED, fault_kind
 from kamiyo.db.models import customers_table, events_table, subscriptions_table
 from kamiyo.diagnosis.stripe_view import RUNBOOK_EVENTS, StripeWebhookView
 from kamiyo.domain.modes import LIVE
@@ -51,6 +54,8 @@ from kamiyo.telemetry.webhook_health import (
     fingerprint,
     parked_reasons,
 )
+from kamiyo.webhooks import writer_health
+from kamiyo.webhooks.inbox import write_probe
 from kamiyo.webhooks.signature import signature_header
 
 WEBHOOK_PATH = "/api/v1/payments/webhook"
@@ -69,12 +74,17 @@ SPIKE_SHARE = 0.05
 SPIKE_MIN = 3
 DEPLOY_WINDOW_SECONDS = 1800.0
 BACKLOG_STUCK_SECONDS = 600.0
+PROBE_WRITE_WAIT = 2.0  # doctor's own write waits this long for the database's write lock
 
 # The order in which causes explain an outage: the first failing one is the verdict.
 _PRIORITY = {
     "config_invalid": 5,
     "service_down": 10,
+    "writer_dead": 12,
+    "writer_stalled": 12,
     "database_down": 15,
+    "database_locked": 16,
+    "database_full": 16,
     "secret_missing": 20,
     "secret_mismatch": 30,
     "endpoint_missing": 40,
@@ -332,6 +342,68 @@ def diagnose_secret(local: tuple[str, ...], service_secret: Mapping[str, Any] | 
     if local_check.status == FAIL:
         return Finding(step, FAIL, local_check.detail, "set STRIPE_WEBHOOK_SECRET", option=2, cause="secret_missing")
     return Finding(step, WARN, f"{local_check.detail} here; the running service could not be asked")
+
+
+def diagnose_writer(service_writer: str | None, local_write: str | None) -> Finding:
+    """Can the service store a delivery? ``service_writer``: the state the running service gives
+    its inbox writer (``/health``'s ``writer``; None when it could not be asked).
+    ``local_write``: how doctor's own write to the database went: None (it committed), a fault
+    kind of ``kamiyo.db.faults``, or ``"skipped"`` (no database to write to)."""
+    step = "Storing deliveries"
+    if service_writer == writer_health.DEAD:
+        return Finding(
+            step,
+            FAIL,
+            "writer dead: the service's inbox writer process is not running; deliveries get 503 (Stripe retries)",
+            "the service starts a new one within seconds; if this persists, look for `inbox writer process` in "
+            "its log and restart the service",
+            option=1,
+            cause="writer_dead",
+        )
+    if service_writer == writer_health.STALLED:
+        return Finding(
+            step,
+            FAIL,
+            "writer stalled: the service's inbox writer process does not answer (stopped or hung); deliveries "
+            "get 503 (Stripe retries)",
+            "if it was stopped (a debugger, `kill -STOP`), resume it: `pkill -CONT -f kamiyo.webhooks.inbox_process`; "
+            "otherwise restart the service",
+            option=1,
+            cause="writer_stalled",
+        )
+    if service_writer == writer_health.LOCKED_STATE or local_write == LOCKED:
+        return Finding(
+            step,
+            FAIL,
+            "database locked: another process holds the database's write lock; deliveries get 503 (Stripe retries)",
+            "find what holds it and end it: an open `sqlite3` session inside a transaction (BEGIN without COMMIT), a "
+            "long-running `kamiyo` command (`fuser -v data/kamiyo.db`); on PostgreSQL, pg_locks and "
+            "pg_stat_activity. Deliveries are stored again as soon as it is released",
+            cause="database_locked",
+        )
+    if service_writer == writer_health.FULL_STATE or local_write == FULL:
+        return Finding(
+            step,
+            FAIL,
+            "database full: the disk (or a size limit) refuses another page; deliveries get 503 (Stripe retries)",
+            "free space where the database lives (`df -h data/`; old logs, a forgotten backup), then check with "
+            "`kamiyo doctor` again: deliveries are stored as soon as it has room",
+            cause="database_full",
+        )
+    if service_writer == writer_health.FAILING or (local_write is not None and local_write != "skipped"):
+        return Finding(
+            step,
+            FAIL,
+            "the database refuses writes; deliveries get 503 (Stripe retries)",
+            "check the database server and its log (read-only? out of connections?), then restart the service",
+            option=1,
+            cause="database_down",
+        )
+    if service_writer is None:
+        if local_write is None:
+            return Finding(step, WARN, "the database takes writes; the service's writer could not be asked")
+        return Finding(step, SKIPPED, "neither the service nor the database could be asked")
+    return Finding(step, OK, "the service's inbox writer stores deliveries; the database takes writes")
 
 
 def diagnose_processing(
@@ -636,12 +708,16 @@ class Doctor:
         ping_ok = False
         health: dict[str, Any] | None = None
         metrics_text: str | None = None
+        service_writer: str | None = None
         if listening:
             ping = self._ping()
             add(ping)
             ping_ok = ping.status == OK or ping.cause == "secret_missing"
             health = self._get_json(WEBHOOK_PATH + "/health")
             metrics_text = self._get_text("/metrics")
+            writer = (self._get_json("/health") or {}).get("writer")
+            service_writer = writer if writer in writer_health.STATES else None
+        add(diagnose_writer(service_writer, self._write_probe()))
 
         rows: list[DeliveryRow] | None = None
         state: ServiceState | None = None
@@ -709,6 +785,24 @@ class Doctor:
                 return True, ""
         except OSError as exc:
             return False, exc.strerror or exc.__class__.__name__
+
+    def _write_probe(self) -> str | None:
+        """Doctor's own write to the database, as the inbox writer probes it: None when it
+        committed, the fault kind when the database refused it, "skipped" without a database."""
+        if self.engine is None:
+            return "skipped"
+        try:
+            with self.engine.connect() as connection:
+                connection.execution_options(**{WRITE_WAIT_OPTION: PROBE_WRITE_WAIT})
+                with connection.begin():
+                    if connection.dialect.name == "postgresql":
+                        # Bounded like SQLite's wait above: a held lock must not hang the doctor.
+                        connection.execute(text(f"SET LOCAL lock_timeout = '{PROBE_WRITE_WAIT:g}s'"))
+                        connection.execute(text(f"SET LOCAL statement_timeout = '{3 * PROBE_WRITE_WAIT:g}s'"))
+                    write_probe(connection)
+        except Exception as exc:  # noqa: BLE001 - the database may be the thing that is broken
+            return fault_kind(exc) if is_database_fault(exc) else f"unavailable ({describe(exc)})"
+        return None
 
     def _ping(self) -> Finding:
         try:

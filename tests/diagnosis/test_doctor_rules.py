@@ -82,3 +82,37 @@ def test_mixed_stripe_modes_and_a_failing_retention_are_warnings_with_what_to_do
     assert "inbox retention failed" in retention.todo
     calm = diagnose_housekeeping([check_stripe_mode("live", frozenset()), check_retention(None, 90, 10.0)])
     assert [(f.status, f.todo) for f in calm] == [("ok", ""), ("ok", "")]
+
+
+def test_the_writer_finding_names_each_way_the_service_cannot_store() -> None:
+    from kamiyo.diagnosis.doctor import diagnose_writer
+
+    assert diagnose_writer("ok", None).status == OK
+    causes = {
+        ("dead", None): "writer_dead",
+        ("stalled", None): "writer_stalled",
+        ("locked", None): "database_locked",
+        ("ok", "locked"): "database_locked",  # the service has not noticed yet; doctor's own write has
+        (None, "locked"): "database_locked",
+        ("full", None): "database_full",
+        (None, "full"): "database_full",
+        ("failing", None): "database_down",
+    }
+    for (service, local), cause in causes.items():
+        finding = diagnose_writer(service, local)
+        assert (finding.status, finding.cause) == (FAIL, cause), (service, local)
+        assert finding.todo
+    stalled = diagnose_writer("stalled", None)
+    assert "kill -CONT" in stalled.todo or "-CONT" in stalled.todo
+    assert stalled.option == 1
+
+
+def test_a_stalled_writer_outranks_a_worker_that_is_down_in_the_verdict() -> None:
+    from kamiyo.diagnosis.doctor import diagnose_writer
+
+    diagnosis = Diagnosis(
+        "http://127.0.0.1:8000",
+        [Finding("Processing", FAIL, "no worker", cause="worker_down", option=1), diagnose_writer("stalled", None)],
+    )
+    assert diagnosis.verdict is not None
+    assert diagnosis.verdict.cause == "writer_stalled"

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Engine, event, func, select, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from kamiyo.db.engine import make_engine
+from kamiyo.db.faults import fault_kind
+from kamiyo.db.migrate import upgrade
 from kamiyo.db.models import events_table
-from kamiyo.webhooks.inbox import InboxWriter, insert_new_events
-from support import event_row, stored_emails
+from kamiyo.webhooks.inbox import InboxUnavailable, InboxWriter, insert_new_events, write_probe
+from kamiyo.webhooks.writer_health import FULL_STATE, LOCKED_STATE
+from support import event_row, make_settings, stored_emails
 
 
 def test_insert_new_events_reports_only_new_ids_and_keeps_the_first_copy(engine: Engine) -> None:
@@ -153,3 +162,164 @@ def test_writer_stop_commits_requests_already_queued(engine: Engine) -> None:
     assert _run_writer(engine, scenario) == [True] * 5
     with engine.connect() as connection:
         assert connection.execute(select(func.count()).select_from(events_table)).scalar_one() == 5
+
+
+# -- faults: a locked or full database ----------------------------------------------------------
+
+
+def _sqlite_engine(tmp_path: Path) -> Engine:
+    """A migrated SQLite database: the locks and limits below are SQLite's own."""
+    engine = make_engine(make_settings(f"sqlite:///{tmp_path / 'kamiyo.db'}"))
+    upgrade(engine)
+    return engine
+
+
+@contextmanager
+def _locked(engine: Engine) -> Iterator[None]:
+    """SQLite's write lock held by another connection, as another process (``sqlite3``) holds it."""
+    other = sqlite3.connect(engine.url.database or "", isolation_level=None, timeout=0)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        yield
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+def _eventually(probe: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        assert time.monotonic() < deadline, f"timed out waiting for {probe}"
+        time.sleep(0.02)
+
+
+@pytest.mark.timeout(60)
+def test_with_the_database_locked_a_batch_fails_whole_at_once_and_no_row_is_retried_alone(tmp_path: Path) -> None:
+    """Four deliveries in one batch, the database locked by another process: every one fails
+    after one wait for the lock (half a second here), not one wait per row after it."""
+    engine = _sqlite_engine(tmp_path)
+    ids = [f"evt_locked_{n}" for n in range(4)]
+
+    async def scenario(writer: InboxWriter) -> tuple[list[Any], float, bool]:
+        with _locked(engine):
+            tasks = [asyncio.ensure_future(writer.store(event_row(i))) for i in ids]
+            await asyncio.sleep(0)  # all four queued: the writer takes them as one batch
+            started = time.monotonic()
+            writer.start()
+            failures = list(await asyncio.gather(*tasks, return_exceptions=True))
+            took = time.monotonic() - started
+        return failures, took, await writer.store(event_row("evt_after_unlock"))
+
+    try:
+        # The wait for the lock as an execution option: the same on the writer's own engine.
+        failures, took, stored = _run_writer(engine.execution_options(kamiyo_write_wait=0.5), scenario)
+        assert all(isinstance(f, DBAPIError) and fault_kind(f) == "locked" for f in failures), failures
+        assert took < 3.0
+        assert stored is True
+        assert list(stored_emails(engine)) == ["evt_after_unlock"]
+    finally:
+        engine.dispose()
+
+
+def test_a_row_the_database_refuses_is_failed_alone_and_the_rest_of_its_batch_is_stored(engine: Engine) -> None:
+    """An error of one row's data (a NOT NULL refused) is not a database fault: the batch is
+    stored again one row at a time, and only that row fails."""
+    bad = event_row("evt_bad") | {"type": None}
+
+    async def scenario(writer: InboxWriter) -> list[Any]:
+        tasks = [
+            asyncio.ensure_future(writer.store(row)) for row in (event_row("evt_ok_1"), bad, event_row("evt_ok_2"))
+        ]
+        await asyncio.sleep(0)
+        writer.start()
+        return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+    first, refused, second = _run_writer(engine, scenario)
+    assert (first, second) == (True, True)
+    assert isinstance(refused, IntegrityError)
+    assert sorted(stored_emails(engine)) == ["evt_ok_1", "evt_ok_2"]
+
+
+@pytest.mark.timeout(60)
+def test_the_writer_reports_a_locked_database_and_backs_off_then_reports_it_writes_again(tmp_path: Path) -> None:
+    engine = _sqlite_engine(tmp_path)
+    writer = InboxWriter(engine, write_wait=0.3, probe_seconds=0.1)
+    writer.start()
+    try:
+        assert writer.health().ok
+        with _locked(engine):
+            _eventually(lambda: writer.activity().failure == "locked")
+            assert writer.health().state == LOCKED_STATE
+            assert "locked" in writer.activity().failure_detail
+        _eventually(lambda: writer.health().ok)
+    finally:
+        writer.stop()
+        engine.dispose()
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_writer_notices_a_full_database_by_its_probe_and_that_it_has_room_again(tmp_path: Path) -> None:
+    """No delivery needed: the writer's own probe write finds that the database cannot grow
+    (SQLite's max_page_count, as a full disk refuses a page), and later that it can. The probe
+    leaves no row behind."""
+    engine = _sqlite_engine(tmp_path)
+    with engine.connect() as connection:
+        connection.connection.driver_connection.execute("VACUUM")  # no free page left to reuse
+    limit: list[int] = []
+
+    @event.listens_for(engine, "checkout")
+    def _limit_pages(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        dbapi_connection.execute(f"PRAGMA max_page_count={limit[0] if limit else 1073741823}")
+
+    writer = InboxWriter(engine, probe_seconds=0.1)
+    writer.start()
+    try:
+        _eventually(lambda: writer.activity().busy_for == 0 and writer.health().ok)
+        with engine.connect() as connection:
+            limit.append(connection.execute(text("PRAGMA page_count")).scalar_one())
+        _eventually(lambda: writer.health().state == FULL_STATE)
+        assert writer.activity().failure == "full"
+        limit.clear()
+        _eventually(lambda: writer.health().ok)
+    finally:
+        writer.stop()
+    with engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(events_table)).scalar_one() == 0
+    engine.dispose()
+
+
+def test_the_probe_writes_through_the_inbox_and_leaves_nothing(engine: Engine) -> None:
+    with engine.begin() as connection:
+        write_probe(connection)
+    with engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(events_table)).scalar_one() == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_writer_in_the_servers_process_answers_within_its_bound_and_refuses_beyond_its_queue(
+    tmp_path: Path,
+) -> None:
+    """The same bounds as kamiyo serve's writer process, for a writer thread beside the event loop:
+    with the database locked, at most ``max_waiting`` deliveries wait (the next is refused at
+    once) and each waiting one is answered within ``store_timeout``."""
+    engine = _sqlite_engine(tmp_path)
+
+    async def scenario(writer: InboxWriter) -> tuple[list[Any], float]:
+        with _locked(engine):
+            writer.start()
+            started = time.monotonic()
+            taken = asyncio.ensure_future(writer.store(event_row("evt_bound_taken")))
+            await asyncio.sleep(0.1)  # the writer has taken it and waits for the lock
+            queued = [asyncio.ensure_future(writer.store(event_row(f"evt_bound_{n}"))) for n in range(2)]
+            await asyncio.sleep(0)
+            with pytest.raises(InboxUnavailable, match="already wait"):
+                await writer.store(event_row("evt_bound_refused"))
+            answers = list(await asyncio.gather(taken, *queued, return_exceptions=True))
+            return answers, time.monotonic() - started
+
+    try:
+        answers, took = _run_writer(engine, scenario, write_wait=5.0, store_timeout=0.5, max_waiting=2)
+        assert [type(a) for a in answers] == [InboxUnavailable] * 3, answers
+        assert took < 2.0
+    finally:
+        engine.dispose()

@@ -8,19 +8,26 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select, text
 
 from kamiyo.config import Settings
+from kamiyo.db.engine import make_engine
+from kamiyo.db.migrate import upgrade
 from kamiyo.db.models import delivery_stats_table, events_table
 from kamiyo.telemetry.metrics import ProcessedTally
 from kamiyo.webhooks.inbox_process import InboxProcess, InboxUnavailable
-from support import event_delivery, stored_emails
+from kamiyo.webhooks.writer_health import DEAD, LOCKED_STATE, OK, STALLED
+from support import event_delivery, make_settings, stored_emails
 
 Scenario = Callable[[InboxProcess], Awaitable[Any]]
 
@@ -214,3 +221,164 @@ def test_a_worker_thread_told_to_stop_says_nothing_of_a_death_and_one_whose_loop
         time.sleep(0.01)
     failed.stop()
     assert sent == [("worker_stopped",)]
+
+
+# -- a writer process that stalls, dies, is sent SIGTERM, or finds the database locked ----------
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {condition}"
+        await asyncio.sleep(0.02)
+
+
+@contextmanager
+def _stopped(pid: int) -> Iterator[None]:
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_writer_process_gets_each_delivery_answered_within_the_bound_and_health_says_stalled(
+    settings: Settings, engine: Engine
+) -> None:
+    """SIGSTOP: a delivery waiting on it fails within WEBHOOK_STORE_TIMEOUT_SECONDS (never hangs),
+    health turns to stalled within seconds and new deliveries then fail at once; after SIGCONT
+    it stores again and says so."""
+    bounded = replace(settings, webhook_store_timeout=1.0)
+
+    async def scenario(writer: InboxProcess) -> dict[str, Any]:
+        pid = writer.pid
+        assert pid is not None
+        assert writer.health().ok
+        seen: dict[str, Any] = {}
+        with _stopped(pid):
+            started = time.monotonic()
+            with pytest.raises(InboxUnavailable, match="no answer"):
+                await asyncio.wait_for(_store(writer, "evt_while_stopped"), timeout=10)
+            seen["answered_after"] = time.monotonic() - started
+            # First from the delivery that timed out, then from the pings it leaves unanswered.
+            await _until(lambda: writer.health().state == STALLED, timeout=5)
+            await _until(lambda: "has not answered" in writer.health().detail, timeout=5)
+            seen["stalled_after"] = time.monotonic() - started
+            seen["worker_alive"] = writer.worker_alive()
+            started = time.monotonic()
+            with pytest.raises(InboxUnavailable):
+                await _store(writer, "evt_refused_at_once")
+            seen["refused_after"] = time.monotonic() - started
+        await _until(lambda: writer.health().ok, timeout=10)
+        seen["stored_after_resume"] = await _store(writer, "evt_after_resume")
+        return seen
+
+    seen = _run(bounded, scenario, worker=bounded)
+    assert 0.9 < seen["answered_after"] < 2.0
+    assert seen["stalled_after"] < 5.0
+    assert seen["worker_alive"] is False
+    assert seen["refused_after"] < 0.1
+    assert seen["stored_after_resume"] is True
+    # Sent before the stop and committed after it: Stripe's retry would be answered "duplicate".
+    assert sorted(stored_emails(engine)) == ["evt_after_resume", "evt_while_stopped"]
+
+
+@pytest.mark.timeout(60)
+def test_beyond_the_waiting_limit_a_delivery_is_refused_at_once_and_those_waiting_are_stored(
+    settings: Settings, engine: Engine
+) -> None:
+    limited = replace(settings, webhook_store_max_waiting=3)
+
+    async def scenario(writer: InboxProcess) -> tuple[float, list[bool]]:
+        pid = writer.pid
+        assert pid is not None
+        with _stopped(pid):
+            waiting = [asyncio.ensure_future(_store(writer, f"evt_waiting_{n}")) for n in range(3)]
+            await asyncio.sleep(0.05)
+            started = time.monotonic()
+            with pytest.raises(InboxUnavailable, match="already wait"):
+                await _store(writer, "evt_one_too_many")
+            refused_after = time.monotonic() - started
+        return refused_after, list(await asyncio.gather(*waiting))
+
+    refused_after, stored = _run(limited, scenario)
+    assert refused_after < 0.1
+    assert stored == [True, True, True]
+    assert sorted(stored_emails(engine)) == [f"evt_waiting_{n}" for n in range(3)]
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_to_the_writer_process_leaves_it_serving_until_the_server_stops_it(
+    settings: Settings, engine: Engine
+) -> None:
+    """systemd stops a service by sending SIGTERM to every process of it at once: the child must
+    go on storing the deliveries the server is still letting finish, and stop when told."""
+    processes: list[Any] = []
+
+    async def scenario(writer: InboxProcess) -> tuple[list[bool], int | None]:
+        pid = writer.pid
+        assert pid is not None
+        processes.append(writer._process)
+        os.kill(pid, signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        stored = list(await asyncio.gather(*(_store(writer, f"evt_after_sigterm_{n}") for n in range(20))))
+        return stored, writer.pid
+
+    stored, pid_after = _run(settings, scenario)
+    assert stored == [True] * 20
+    assert pid_after == processes[0].pid  # the same child: it neither died nor was replaced
+    assert processes[0].returncode == 0  # and it exited when the server said stop
+    assert len(stored_emails(engine)) == 20
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_writer_process_shows_as_dead_until_the_next_one_is_ready(settings: Settings, engine: Engine) -> None:
+    async def scenario(writer: InboxProcess) -> list[str]:
+        first = writer.pid
+        assert first is not None
+        states = [writer.health().state]
+        os.kill(first, signal.SIGKILL)
+        await _until(lambda: writer.pid != first)
+        states.append(writer.health().state)
+        await _until(lambda: writer.pid is not None, timeout=30)
+        states.append(writer.health().state)
+        return states
+
+    assert _run(settings, scenario) == [OK, DEAD, OK]
+
+
+@pytest.mark.timeout(60)
+def test_with_sqlite_locked_by_another_process_deliveries_fail_within_the_bound_and_health_says_locked(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'kamiyo.db'}"
+    settings = make_settings(url, webhook_store_timeout=2.0)
+    engine = make_engine(settings)
+    upgrade(engine)
+
+    async def scenario(writer: InboxProcess) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        other = sqlite3.connect(tmp_path / "kamiyo.db", isolation_level=None, timeout=0)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            started = time.monotonic()
+            with pytest.raises(InboxUnavailable):
+                await asyncio.wait_for(_store(writer, "evt_while_locked"), timeout=20)
+            seen["answered_after"] = time.monotonic() - started
+            await _until(lambda: writer.health().state == LOCKED_STATE, timeout=5)
+            seen["detail"] = writer.health().detail
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        await _until(lambda: writer.health().ok, timeout=10)
+        seen["stored_after"] = await _store(writer, "evt_after_unlock")
+        return seen
+
+    try:
+        seen = _run(settings, scenario)
+    finally:
+        engine.dispose()
+    assert seen["answered_after"] < 2.5
+    assert "locked" in seen["detail"]
+    assert seen["stored_after"] is True

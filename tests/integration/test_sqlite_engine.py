@@ -5,34 +5,51 @@ SQLite-only by nature: PostgreSQL has no single write lock, and its engine no lo
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import IntegrityError, OperationalError
 
-from kamiyo.db.engine import make_engine
+from kamiyo.db.engine import WRITE_WAIT_OPTION, make_engine, sqlite_write_lock
+from kamiyo.db.errors import is_database_fault
+from kamiyo.db.faults import LOCKED, fault_kind
 from support import make_settings
 
 
 def _engine_without_busy_wait(path: Path) -> Engine:
-    """The service's SQLite engine, except that SQLite's busy timeout is 0: a write that finds
-    the database locked fails at once instead of sleeping in the busy handler."""
-    engine = make_engine(make_settings(database_url=f"sqlite:///{path}"))
+    """The service's SQLite engine, except that a BEGIN IMMEDIATE does not wait in SQLite's busy
+    handler at all: one that finds the database locked fails at once and is counted
+    (``busy_attempts``) before it is tried again."""
+    return make_engine(make_settings(database_url=f"sqlite:///{path}"), busy_slice=0)
 
-    @event.listens_for(engine, "connect")
-    def _no_busy_wait(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.execute("PRAGMA busy_timeout=0")
 
-    return engine
+@contextmanager
+def _locked_by_another_process(path: Path) -> Iterator[None]:
+    """SQLite's write lock held by a connection of its own, as another process (``sqlite3``) holds it."""
+    other = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        yield
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+def _table(engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE written (thread TEXT, n INTEGER)"))
 
 
 def test_the_next_writer_begins_only_after_the_last_one_committed_or_rolled_back(tmp_path: Path) -> None:
-    """With SQLite's busy timeout at 0, a BEGIN IMMEDIATE that finds another transaction of the
-    process still committing (or rolling back) fails at once as "database is locked". Two threads
-    writing as fast as they can, committing and rolling back: none may fail."""
+    """A BEGIN IMMEDIATE that found another transaction of the process still committing (or
+    rolling back) would find the database locked. Two threads writing as fast as they can,
+    committing and rolling back: none may fail, and no BEGIN may ever find SQLite locked."""
     engine = _engine_without_busy_wait(tmp_path / "lock.db")
     with engine.begin() as connection:
         connection.execute(text("CREATE TABLE written (thread TEXT, n INTEGER)"))
@@ -58,6 +75,9 @@ def test_the_next_writer_begins_only_after_the_last_one_committed_or_rolled_back
         thread.join()
     try:
         assert errors == []
+        lock = sqlite_write_lock(engine)
+        assert lock is not None
+        assert lock.busy_attempts == 0
         with engine.connect() as connection:
             assert connection.execute(text("SELECT count(*) FROM written")).scalar_one() == 2 * 320
     finally:
@@ -94,5 +114,73 @@ def test_a_commit_that_fails_leaves_nothing_stored_and_the_lock_free(tmp_path: P
         with engine.connect() as connection:
             assert connection.execute(text("SELECT count(*) FROM child")).scalar_one() == 0
             assert connection.execute(text("SELECT id FROM parent")).scalars().all() == [1]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.timeout(60)
+def test_a_write_waits_for_another_process_only_as_long_as_it_may_and_then_fails_as_locked(tmp_path: Path) -> None:
+    """SQLite's own busy timeout (30 s) no longer decides: the wait a connection asks for does,
+    and what it gets at the end is a database fault of the kind "locked"."""
+    path = tmp_path / "held.db"
+    engine = make_engine(make_settings(database_url=f"sqlite:///{path}"))
+    _table(engine)
+    try:
+        with _locked_by_another_process(path), engine.connect() as connection:
+            connection.execution_options(**{WRITE_WAIT_OPTION: 0.5})
+            started = time.monotonic()
+            with pytest.raises(OperationalError) as failed:
+                connection.execute(text("INSERT INTO written VALUES ('w', 1)"))
+            waited = time.monotonic() - started
+        assert 0.4 < waited < 2.0
+        assert is_database_fault(failed.value)
+        assert fault_kind(failed.value) == LOCKED
+        with engine.begin() as connection:  # released: writes go through again
+            connection.execute(text("INSERT INTO written VALUES ('w', 2)"))
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.timeout(60)
+def test_a_thread_waiting_for_another_process_does_not_hold_up_a_thread_with_a_shorter_wait(tmp_path: Path) -> None:
+    """The worker (30 s wait) finds SQLite locked by another process; the inbox writer (a short
+    wait) must get its answer within its own wait, not queue behind the worker; and the worker
+    writes as soon as the other process lets go."""
+    path = tmp_path / "two.db"
+    engine = make_engine(make_settings(database_url=f"sqlite:///{path}"))
+    _table(engine)
+    worker_done: list[float] = []
+    writer_failed: list[float] = []
+
+    def worker() -> None:
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO written VALUES ('worker', 1)"))
+        worker_done.append(time.monotonic())
+
+    def writer() -> None:
+        try:
+            with engine.connect() as connection:
+                connection.execution_options(**{WRITE_WAIT_OPTION: 0.5})
+                connection.execute(text("INSERT INTO written VALUES ('writer', 1)"))
+                connection.commit()
+        except OperationalError:
+            writer_failed.append(time.monotonic())
+
+    try:
+        with _locked_by_another_process(path):
+            first = threading.Thread(target=worker, daemon=True)
+            first.start()
+            time.sleep(0.3)  # the worker is in its wait
+            started = time.monotonic()
+            second = threading.Thread(target=writer, daemon=True)
+            second.start()
+            second.join(timeout=20)
+            assert writer_failed, "the short wait ended without an error"
+            assert writer_failed[0] - started < 2.0
+            assert not worker_done  # still waiting for the other process
+            released = time.monotonic()
+        first.join(timeout=20)
+        assert worker_done
+        assert worker_done[0] - released < 1.0
     finally:
         engine.dispose()

@@ -189,7 +189,8 @@ class InboxProcess:
         """Whether a delivery can be stored now: the child runs, answers, and its writer writes."""
         if self.pid is None:
             return judge(None)
-        unanswered = max(0.0, time.monotonic() - self._pong_at - PING_SECONDS)
+        # Stalled exactly when deliveries are refused for it (the sweep's verdict).
+        unanswered = time.monotonic() - self._pong_at - PING_SECONDS if self._unresponsive else 0.0
         return judge(
             self._activity,
             stall_seconds=min(STALL_SECONDS, self._timeout),
@@ -278,7 +279,7 @@ class InboxProcess:
                 if now - self._pinged_at >= PING_SECONDS:
                     self._pinged_at = now
                     self._link.send(("ping",))
-                unresponsive = now - self._pong_at > PING_SECONDS + min(STALL_SECONDS, self._timeout)
+                unresponsive = now - self._pong_at - PING_SECONDS > min(STALL_SECONDS, self._timeout)
                 if unresponsive and not self._unresponsive:
                     log.error(
                         "inbox writer process %s does not answer (stopped or hung): deliveries get 503 until it does",

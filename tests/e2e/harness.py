@@ -64,6 +64,9 @@ KAMIYO_ENV_KEYS = (
     "INBOX_RETENTION_DAYS",
     "REPLAY_DEFAULT_LIMIT",
     "REPLAY_MAX_LIMIT",
+    # The inbox writer's bounds.
+    "WEBHOOK_STORE_TIMEOUT_SECONDS",
+    "WEBHOOK_STORE_MAX_WAITING",
 )
 WEBHOOK_PATH = "/api/v1/payments/webhook"
 START_TIMEOUT = 30.0

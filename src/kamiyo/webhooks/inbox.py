@@ -32,7 +32,7 @@ from sqlalchemy import Connection, Dialect, Engine, delete
 from kamiyo.db.driver import driver_connection, sqlalchemy_errors
 from kamiyo.db.engine import WRITE_WAIT_OPTION, sqlite_write_lock
 from kamiyo.db.errors import describe, is_database_fault
-from kamiyo.db.faults import fault_kind
+from kamiyo.db.faults import FULL, fault_kind
 from kamiyo.db.models import events_table
 from kamiyo.telemetry.delivery_stats import DeliveryKey, add_delivery_counts, minute_of
 from kamiyo.webhooks.envelope import Envelope
@@ -219,14 +219,19 @@ def _raw_insert(dialect: Dialect) -> _RawInsert:
 
 PROBE_EVENT_ID_PREFIX = "evt_kamiyo_writer_probe_"
 # About the size of a Stripe event: on a database that can take no new page, a probe needs one
-# just as a delivery does.
-_PROBE_PAYLOAD = '{"probe": "' + "x" * 4000 + '"}'
+# just as a delivery does. After a batch was refused for want of space, the probe writes at least
+# FULL_PROBE_BYTES and four times that batch (up to PROBE_MAX_BYTES) until it succeeds: a probe
+# must not find room for one small row in a page and call the database writable while the
+# deliveries it refused, which need pages of their own, still do not fit.
+PROBE_BYTES = 4096
+FULL_PROBE_BYTES = 64 * 1024
+PROBE_MAX_BYTES = 4 * 1024 * 1024
 
 
-def write_probe(connection: Connection) -> None:
-    """Write what a delivery writes, in the open transaction, and delete it again before the
-    commit: the commit then proves that the inbox takes a row (the write lock, a page, the disk),
-    and leaves nothing behind for anyone to see."""
+def write_probe(connection: Connection, size: int = PROBE_BYTES) -> None:
+    """Write what a delivery writes (a row of about ``size`` bytes), in the open transaction, and
+    delete it again before the commit: the commit then proves that the inbox takes a row (the
+    write lock, pages, the disk), and leaves nothing behind for anyone to see."""
     row = {
         "stripe_event_id": PROBE_EVENT_ID_PREFIX + secrets.token_hex(8),
         "type": "kamiyo.writer_probe",
@@ -234,7 +239,7 @@ def write_probe(connection: Connection) -> None:
         "created": 0,
         "livemode": False,
         "object_id": None,
-        "payload": _PROBE_PAYLOAD,
+        "payload": '{"probe": "' + "x" * max(0, min(size, PROBE_MAX_BYTES) - 14) + '"}',
         "source": "probe",
         "received_at": datetime.now(UTC),
         "status": "ignored",
@@ -298,6 +303,7 @@ class InboxWriter:
         self._failure: tuple[str, str] | None = None  # (fault kind, description) of the last write, if it failed
         self._backoff = 0.0
         self._retry_at = 0.0  # no write before this time.monotonic()
+        self._probe_bytes = PROBE_BYTES  # what the next probe writes (more after a batch found no room)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="kamiyo-inbox", daemon=True)
@@ -423,6 +429,9 @@ class InboxWriter:
                 # The database itself: every row would fail the same way, now. No row-by-row retry
                 # (each would wait out the same lock or find the same full disk).
                 self._failed(exc)
+                if self._failure is not None and self._failure[0] == FULL:
+                    refused = sum(len(item.row["payload"]) for item in batch)
+                    self._probe_bytes = max(self._probe_bytes, FULL_PROBE_BYTES, 4 * refused)
                 if batch:
                     log.error("inbox batch of %d not stored: %s", len(batch), describe(exc))
                     self._resolve(batch, None, exc)
@@ -440,7 +449,12 @@ class InboxWriter:
             else:
                 log.error("delivery stats not stored (kept for the next batch): %s", describe(exc))
             return False
-        self._stored()
+        if batch:
+            self._stored()
+        else:
+            # Counts alone: an update in place, which proves little of a full database. Only a
+            # delivery or a probe says the writer stores again.
+            self._last_write = time.monotonic()
         self._resolve(batch, outcomes, None)
         if self._on_commit is not None and any(outcomes):
             self._on_commit()
@@ -467,7 +481,7 @@ class InboxWriter:
         self._wait_out_backoff()
         try:
             with self._write_engine.begin() as connection:
-                write_probe(connection)
+                write_probe(connection, self._probe_bytes)
         except Exception as exc:  # noqa: BLE001 - whatever it is, the writer cannot store now
             if self._failure is None:
                 log.error("inbox writer's probe write failed: %s", describe(exc))
@@ -479,6 +493,7 @@ class InboxWriter:
         if self._failure is not None:
             log.info("inbox writer stores again (after: %s)", self._failure[1])
         self._failure = None
+        self._probe_bytes = PROBE_BYTES
         self._backoff = self._retry_at = 0.0
         self._last_write = time.monotonic()
 

@@ -74,7 +74,14 @@ from kamiyo.processing.restarts import RestartingWorker, RestartRecord, WorkerDe
 from kamiyo.telemetry.metrics import ProcessedTally
 from kamiyo.webhooks.envelope import Envelope
 from kamiyo.webhooks.inbox import InboxUnavailable, InboxWriter, Pending, inbox_row
-from kamiyo.webhooks.writer_health import PING_SECONDS, STALL_SECONDS, WriterActivity, WriterHealth, judge
+from kamiyo.webhooks.writer_health import (
+    PING_SECONDS,
+    PONG_SECONDS,
+    STALL_SECONDS,
+    WriterActivity,
+    WriterHealth,
+    judge,
+)
 
 __all__ = ["InboxProcess", "InboxUnavailable"]
 
@@ -190,7 +197,7 @@ class InboxProcess:
         if self.pid is None:
             return judge(None)
         # Stalled exactly when deliveries are refused for it (the sweep's verdict).
-        unanswered = time.monotonic() - self._pong_at - PING_SECONDS if self._unresponsive else 0.0
+        unanswered = time.monotonic() - self._pong_at if self._unresponsive else None
         return judge(
             self._activity,
             stall_seconds=min(STALL_SECONDS, self._timeout),
@@ -279,7 +286,7 @@ class InboxProcess:
                 if now - self._pinged_at >= PING_SECONDS:
                     self._pinged_at = now
                     self._link.send(("ping",))
-                unresponsive = now - self._pong_at - PING_SECONDS > min(STALL_SECONDS, self._timeout)
+                unresponsive = now - self._pong_at - PING_SECONDS > PONG_SECONDS
                 if unresponsive and not self._unresponsive:
                     log.error(
                         "inbox writer process %s does not answer (stopped or hung): deliveries get 503 until it does",

@@ -25,8 +25,9 @@ from kamiyo.db.faults import FULL, LOCKED
 DEAD, STALLED, LOCKED_STATE, FULL_STATE, FAILING, OK = "dead", "stalled", LOCKED, FULL, "failing", "ok"
 STATES = (DEAD, STALLED, LOCKED_STATE, FULL_STATE, FAILING, OK)
 PING_SECONDS = 0.5  # how often the server asks the writer process how it is
+PONG_SECONDS = 1.0  # a writer process that leaves a ping unanswered for longer is stalled
 PROBE_SECONDS = 2.0  # an idle writer writes a probe this often
-STALL_SECONDS = 2.0  # a write (or an answer to a ping) that takes longer than this is a stall
+STALL_SECONDS = 2.0  # a write that takes longer than this is a stall
 
 
 class WriterActivity(NamedTuple):
@@ -55,15 +56,16 @@ def judge(
     activity: WriterActivity | None,
     *,
     stall_seconds: float = STALL_SECONDS,
-    unanswered_for: float = 0.0,
+    unanswered_for: float | None = None,
     timed_out: int = 0,
 ) -> WriterHealth:
     """The writer's health. ``activity`` None: no writer runs. ``unanswered_for``: how long the
-    writer process has left a ping unanswered; ``timed_out``: deliveries answered 503 for want
-    of an answer in time since the writer last stored one."""
+    writer process has left pings unanswered, once that is longer than it may (None while it
+    answers); ``timed_out``: deliveries answered 503 for want of an answer in time since the
+    writer last stored one."""
     if activity is None:
         return WriterHealth(DEAD, "the inbox writer process is not running (a new one is starting)")
-    if unanswered_for > stall_seconds:
+    if unanswered_for is not None:
         return WriterHealth(
             STALLED, f"the inbox writer process has not answered for {unanswered_for:.0f} s (stopped or hung)"
         )

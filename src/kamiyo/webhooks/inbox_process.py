@@ -282,7 +282,7 @@ class InboxProcess:
                 cutoff = self._marks.popleft()[1]
             if cutoff > 0:
                 self._expire(cutoff)
-            if self._link is not None and self._ready:
+            if self._link is not None and self._ready and not self._stopping:
                 if now - self._pinged_at >= PING_SECONDS:
                     self._pinged_at = now
                     self._link.send(("ping",))

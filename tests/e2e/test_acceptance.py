@@ -39,7 +39,7 @@ def _subscription_flow(customer_id: str, email: str) -> tuple[dict, dict]:
 def test_health_answers_200_when_app_and_database_are_up(server: KamiyoServer) -> None:
     response = server.http.get("/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "database": "ok"}
+    assert response.json() == {"status": "ok", "database": "ok", "writer": "ok"}
 
 
 def test_runbook_step3_unsigned_ping_gets_400_missing_signature(server: KamiyoServer) -> None:

@@ -322,6 +322,8 @@ def check_retention(status: RetentionStatus | None, retention_days: int, now: fl
         f"last prune {_age(age)} ago: {status.last_pruned} event(s) older than {retention_days} days",
         data,
     )
+
+
 def check_writer(writer: WriterHealth) -> Check:
     """Can the serving process store a delivery now? Its inbox writer's state (``writer_health``)."""
     return Check("writer", OK if writer.ok else FAIL, writer.detail, {"state": writer.state})

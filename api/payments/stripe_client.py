@@ -31,8 +31,9 @@ def sync_all_subscriptions(
 ) -> SyncSummary:
     """Sync every subscription (or one customer's, or one email's) from Stripe's API; print what changed.
 
-    Unless ``dry_run``, the run is recorded in the audit log (``kamiyo audit``) as done by ``by``
-    (default: the OS user) for ``reason`` (default: "sync_all_subscriptions()", the runbook's line).
+    Unless ``dry_run``, the run is recorded in the audit log (``kamiyo audit``) as done by the OS
+    user, with ``by`` beside it as a claim when it names someone else, for ``reason`` (default:
+    "sync_all_subscriptions()", the runbook's line).
 
     A setting, API or database failure prints one line naming it and exits with status 1
     (this runs from ``python -c``, where a traceback would only hide the message).

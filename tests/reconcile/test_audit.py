@@ -149,9 +149,10 @@ def test_a_sync_that_fails_is_recorded_with_what_it_did_and_without_the_key(
     assert wrong not in str(entry.after)
 
 
-def test_kamiyo_sync_passes_by_and_reason_and_kamiyo_audit_lists_the_entry(
+def test_kamiyo_sync_records_the_os_user_with_by_as_a_claim_and_kamiyo_audit_lists_the_entry(
     db: Db, account: FakeStripe, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Shell access is what the CLI proves: the OS user is the actor, ``--by`` a claim beside it."""
     drifted_account(db, account)
     out, err = io.StringIO(), io.StringIO()
 
@@ -163,7 +164,7 @@ def test_kamiyo_sync_passes_by_and_reason_and_kamiyo_audit_lists_the_entry(
     assert code == 0
     listed = capsys.readouterr().out
     assert "sync" in listed
-    assert "by dave  on all subscriptions: INC-7" in listed
+    assert f"by {default_actor()} (claims to be dave)  on all subscriptions: INC-7" in listed
     assert '"user1@example.com":{"tier":"pro","status":"active"}' in listed
     assert '"users_changed":2' in listed
 
@@ -258,9 +259,10 @@ def test_the_scheduled_backfill_is_recorded_by_a_system_actor_only_when_it_store
     assert sorted(entry.after["events"]) == sorted(missed)
 
 
-def test_kamiyo_backfill_passes_by_and_reason_and_kamiyo_audit_lists_the_entry(
+def test_kamiyo_backfill_records_the_os_user_with_by_as_a_claim_and_kamiyo_audit_lists_the_entry(
     db: Db, account: FakeStripe, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Shell access is what the CLI proves: the OS user is the actor, ``--by`` a claim beside it."""
     now = int(time.time())
     missed_events(db, account, now)
     out, err = io.StringIO(), io.StringIO()
@@ -274,5 +276,5 @@ def test_kamiyo_backfill_passes_by_and_reason_and_kamiyo_audit_lists_the_entry(
     assert "applied: the worker handled 3 event(s)" in out.getvalue()  # with the delivered one, pending
     listed = capsys.readouterr().out
     assert "backfill" in listed
-    assert "by frank  on undelivered events: INC-9" in listed
+    assert f"by {default_actor()} (claims to be frank)  on undelivered events: INC-9" in listed
     assert '"stored":2' in listed

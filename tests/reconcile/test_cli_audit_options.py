@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from kamiyo import synthetic
+from kamiyo.operations.audit import default_actor
 from reconcile.harness import paying_customer
 from reconcile.test_commands import KAMIYO, database, environment, run
 from stripe_api import FakeStripe, StripeApiServer
@@ -33,8 +34,10 @@ def test_kamiyo_sync_and_backfill_record_by_and_reason(
 
     assert synced.returncode == 0, synced.stderr
     assert backfilled.returncode == 0, backfilled.stderr
-    assert "sync             by alice  on all subscriptions: INC-1 webhooks down" in audit.stdout
-    assert "backfill         by bob  on undelivered events: INC-1 catch up" in audit.stdout
+    # The OS user is the proven actor; --by is kept beside it as a claim.
+    me = default_actor()
+    assert f"sync             by {me} (claims to be alice)  on all subscriptions: INC-1 webhooks down" in audit.stdout
+    assert f"backfill         by {me} (claims to be bob)  on undelivered events: INC-1 catch up" in audit.stdout
 
 
 def test_backfill_help_says_where_the_first_backfill_starts(tmp_path: Path) -> None:

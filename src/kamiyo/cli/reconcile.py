@@ -19,6 +19,7 @@ from kamiyo.cli.confirm import confirm
 from kamiyo.config import Settings
 from kamiyo.db.engine import make_engine
 from kamiyo.errors import KamiyoError
+from kamiyo.operations.audit import cli_actor
 from kamiyo.processing.worker import Worker
 from kamiyo.reconcile.apply import UserDrift
 from kamiyo.reconcile.backfill import FIRST_BACKFILL, BackfillSummary, backfill_events
@@ -80,11 +81,13 @@ def run_sync(
 ) -> SyncSummary:
     """Run a sync with its report and progress printed; return its summary (also the runbook's path).
 
-    A sync that writes is recorded in the audit log as run by ``by`` (default: the OS user) for
-    ``reason``; a dry run writes nothing, not even that entry.
+    A sync that writes is recorded in the audit log as run by the OS user, with ``by`` beside it
+    as a claim when it names someone else, for ``reason``; a dry run writes nothing, not even
+    that entry.
     """
     out = out or sys.stdout
     err = err or sys.stderr
+    actor, claimed = cli_actor(by)
     gateway = gateway or _gateway(settings)
     engine = make_engine(settings)
     # What is loaded by now lives as long as the command: the collector need not walk it again on
@@ -103,7 +106,8 @@ def run_sync(
                 resume=resume,
                 listener=listener,
                 parallel=True,  # a full sync reads in a second process: two cores
-                actor=by,
+                actor=actor,
+                claimed_by=claimed,
                 reason=reason,
                 statement_timeout=settings.database_maintenance_timeout_seconds,
             )
@@ -129,8 +133,8 @@ def backfill(
     """``kamiyo backfill``: list undelivered events into the inbox, then apply them.
 
     Without ``since``, it starts where the last backfill began; the very first one reads all of
-    Stripe's 30 days of undelivered events. Recorded in the audit log as run by ``by`` (default:
-    the OS user) for ``reason``.
+    Stripe's 30 days of undelivered events. Recorded in the audit log as run by the OS user, with
+    ``by`` beside it as a claim when it names someone else, for ``reason``.
     """
     from datetime import UTC, datetime
 
@@ -139,6 +143,7 @@ def backfill(
     out = out or sys.stdout
     err = err or sys.stderr
     start = int(parse_time(since, now=datetime.now(UTC)).timestamp()) if since else None
+    actor, claimed = cli_actor(by)
     gateway = gateway or _gateway(settings)
     engine = make_engine(settings)
     try:
@@ -148,7 +153,8 @@ def backfill(
             gateway,
             since=start,
             warn=lambda m: print(f"WARNING: {m}", file=err),
-            actor=by,
+            actor=actor,
+            claimed_by=claimed,
             reason=reason,
             statement_timeout=settings.database_maintenance_timeout_seconds,
             mode=settings.stripe_mode,

@@ -824,8 +824,9 @@ class Doctor:
             return None
 
     def _admin_health(self) -> dict[str, Any] | None:
-        """The full webhook health from ``/admin/api/health``, with ``KAMIYO_ADMIN_TOKEN``; else None."""
-        token = self.settings.admin_token
+        """The full webhook health from ``/admin/api/health``, with an admin token of this
+        environment (``KAMIYO_ADMIN_TOKEN``, else the first of ``KAMIYO_ADMIN_TOKENS``); else None."""
+        token = self.settings.admin_token or next((t for _name, t in self.settings.admin_tokens), None)
         if not token:
             return None
         try:

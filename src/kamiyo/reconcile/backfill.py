@@ -94,12 +94,14 @@ def backfill_events(
     audit_when_nothing_new: bool = True,
     statement_timeout: float = DEFAULT_MAINTENANCE_TIMEOUT,
     mode: str | None = None,
+    claimed_by: str | None = None,
 ) -> BackfillSummary:
     """List undelivered events from the gap's start and store the new ones in the inbox.
 
     The run is recorded in the audit log as done by ``actor`` (default: the OS user) for
-    ``reason``; with ``audit_when_nothing_new=False`` (the schedule) only if it stored an event.
-    On PostgreSQL its pages may run statements for ``statement_timeout`` seconds
+    ``reason``, with ``claimed_by`` (a name given without proof) beside it; with
+    ``audit_when_nothing_new=False`` (the schedule) only if it stored an event. On PostgreSQL its
+    pages may run statements for ``statement_timeout`` seconds
     (``DATABASE_MAINTENANCE_TIMEOUT_SECONDS``; 0: no limit), not the service's limit. An event of
     the Stripe mode the service does not take (``mode``, ``Settings.stripe_mode``) is stored as
     ignored, as the webhook endpoint stores it.
@@ -140,7 +142,7 @@ def backfill_events(
         cursor = summary.newest if status == runs.DONE else None
         runs.finish_run(engine, run.id, status, seen=summary.listed, changed=summary.new, cursor=cursor, error=error)
         if audit_when_nothing_new or summary.new:
-            _audit(engine, summary, status=status, error=error, actor=who, reason=reason)
+            _audit(engine, summary, status=status, error=error, actor=who, reason=reason, claimed_by=claimed_by)
     log.info("backfill done run=%d listed=%d new=%d", run.id, summary.listed, summary.new)
     return summary
 
@@ -239,7 +241,14 @@ def _store(engine: Engine, page: Page, statement_timeout: float, mode: str | Non
 
 
 def _audit(
-    engine: Engine, summary: BackfillSummary, *, status: str, error: str | None, actor: str, reason: str | None
+    engine: Engine,
+    summary: BackfillSummary,
+    *,
+    status: str,
+    error: str | None,
+    actor: str,
+    reason: str | None,
+    claimed_by: str | None,
 ) -> None:
     start = summary.start
     try:
@@ -249,6 +258,7 @@ def _audit(
                 action=BACKFILL_ACTION,
                 actor=actor,
                 reason=reason,
+                claimed_by=claimed_by,
                 target="undelivered events",
                 before={
                     "run": summary.run_id,

@@ -83,6 +83,7 @@ class SyncSummary:
     seconds: float = 0.0
     error: str | None = None
     actor: str | None = None  # who ran it, for the audit log
+    claimed_by: str | None = None  # the name it was run under, unproven (--by), beside the actor
     reason: str | None = None
 
 
@@ -112,12 +113,14 @@ def sync_subscriptions(
     actor: str | None = None,
     reason: str | None = None,
     statement_timeout: float = DEFAULT_MAINTENANCE_TIMEOUT,
+    claimed_by: str | None = None,
 ) -> SyncSummary:
     """List subscriptions from the API and converge the database on them; return what changed.
 
     Unless ``dry_run``, the run is recorded in the audit log as done by ``actor`` (default: the
-    OS user) for ``reason``. On PostgreSQL its pages may run statements for ``statement_timeout``
-    seconds (``DATABASE_MAINTENANCE_TIMEOUT_SECONDS``; 0: no limit), not the service's limit.
+    OS user) for ``reason``, with ``claimed_by`` (a name given without proof) beside it. On
+    PostgreSQL its pages may run statements for ``statement_timeout`` seconds
+    (``DATABASE_MAINTENANCE_TIMEOUT_SECONDS``; 0: no limit), not the service's limit.
 
     ``resume`` continues the latest full sync that did not finish, after its last committed
     page. ``parallel`` reads a full sync's pages in a child process (``reader.ProcessReader``),
@@ -132,6 +135,7 @@ def sync_subscriptions(
     summary = SyncSummary(run_id=run.id, dry_run=dry_run, scope=scope.label(), resumed_after=cursor)
     summary.actor = (actor or "").strip() or default_actor()
     summary.reason = (reason or "").strip() or None
+    summary.claimed_by = claimed_by
     if resume:
         summary.seen, summary.changed = run.seen, run.changed
     label = f"sync:{run.id}"
@@ -241,6 +245,7 @@ def _audit(engine: Engine, summary: SyncSummary) -> None:
                 action=SYNC_ACTION,
                 actor=summary.actor or default_actor(),
                 reason=summary.reason,
+                claimed_by=summary.claimed_by,
                 target=summary.scope or "all subscriptions",
                 before={"run": summary.run_id, "resumed_after": summary.resumed_after, "users": before},
                 after={

@@ -168,6 +168,18 @@ def test_a_signature_newer_than_the_tolerance_is_rejected_as_timestamp() -> None
     assert reject(signature_header(BODY, SECRET, NOW + TOLERANCE + 1)) == "timestamp"
 
 
+@pytest.mark.parametrize(
+    ("offset", "said"),
+    [(-1000, "signed 1000 s ago"), (1000, "signed 1000 s in the future"), (-(TOLERANCE + 1), "signed 301 s ago")],
+)
+def test_the_timestamp_message_says_how_old_or_how_far_in_the_future_the_signature_is(offset: int, said: str) -> None:
+    with pytest.raises(SignatureError) as caught:
+        verify(signature_header(BODY, SECRET, NOW + offset))
+    assert caught.value.reason == "timestamp"
+    assert said in str(caught.value)
+    assert "signed -" not in str(caught.value)  # never a negative age
+
+
 @pytest.mark.parametrize("offset", [-TOLERANCE, TOLERANCE])
 def test_a_signature_exactly_at_the_tolerance_still_passes(offset: int) -> None:
     assert verify(signature_header(BODY, SECRET, NOW + offset)) == NOW + offset

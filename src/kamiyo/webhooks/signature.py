@@ -68,10 +68,12 @@ def verify_signature(header: str | None, body: bytes, secrets: Sequence[str], *,
     if not matched:
         raise SignatureError("Invalid signature: no v1 signature matches a configured secret")
 
-    if abs(now - timestamp) > tolerance:
+    age = now - timestamp
+    if abs(age) > tolerance:
+        when = f"signed {int(age)} s ago" if age > 0 else f"signed {int(-age)} s in the future"
         raise SignatureError(
-            f"timestamp outside the tolerance: signed {int(now - timestamp)} s from now, "
-            f"tolerance {tolerance} s (clock skew, or a replayed delivery)",
+            f"timestamp outside the tolerance: {when}, tolerance {tolerance} s (clock skew, or a replayed delivery)",
             reason="timestamp",
         )
     return timestamp
+

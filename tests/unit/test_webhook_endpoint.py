@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import orjson
@@ -14,7 +15,8 @@ from kamiyo.telemetry.metrics import WebhookMetrics
 from kamiyo.web.webhook import WebhookEndpoint
 from kamiyo.webhooks.envelope import Envelope
 from kamiyo.webhooks.inbox import inbox_row
-from support import make_settings, signed
+from kamiyo.webhooks.signature import PROBE_HEADER, probe_header
+from support import SECRET, make_settings, signed
 
 
 class _Writer:
@@ -33,13 +35,18 @@ class _Writer:
 
 
 def _call(
-    endpoint: WebhookEndpoint, method: str, headers: dict[str, str], chunks: list[dict[str, Any]]
+    endpoint: WebhookEndpoint,
+    method: str,
+    headers: dict[str, str],
+    chunks: list[dict[str, Any]],
+    raw_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> list[dict[str, Any]]:
     scope = {
         "type": "http",
         "method": method,
         "path": "/api/v1/payments/webhook",
-        "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
+        "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        + (raw_headers or []),
     }
     incoming = list(chunks)
     sent: list[dict[str, Any]] = []
@@ -127,3 +134,59 @@ def test_a_declared_length_over_the_limit_is_refused_before_reading() -> None:
     status, _headers, answer = _answer(_call(endpoint, "POST", {"content-length": "5000"}, []))
     assert (status, answer["reason"]) == (413, "too_large")
     assert writer.stored == []
+
+
+def _customer_delivery() -> tuple[bytes, dict[str, str]]:
+    return signed(synthetic.event("customer.created", synthetic.customer(customer_id="cus_1", email="a@example.com")))
+
+
+def _unsigned_ping(extra: dict[str, str]) -> tuple[int, WebhookMetrics, _Writer]:
+    metrics = WebhookMetrics()
+    endpoint, writer = _endpoint(metrics)
+    chunks = [{"type": "http.request", "body": b'{"type":"ping"}', "more_body": False}]
+    status, _headers, answer = _answer(_call(endpoint, "POST", extra, chunks))
+    assert answer["reason"] == "missing_signature"
+    return status, metrics, writer
+
+
+def test_a_client_claiming_to_be_doctor_by_user_agent_is_counted_as_a_failed_delivery() -> None:
+    status, metrics, writer = _unsigned_ping({"User-Agent": "kamiyo-doctor/1"})
+    assert status == 400
+    assert writer.rejections == ["missing_signature"]
+    metrics.flush()
+    assert metrics.registry.get_sample_value("webhook_failures_total", {"reason": "missing_signature"}) == 1
+
+
+def test_doctors_ping_marked_with_the_secret_is_answered_but_not_counted() -> None:
+    status, metrics, writer = _unsigned_ping({PROBE_HEADER: probe_header(SECRET, int(time.time()))})
+    assert status == 400
+    assert writer.rejections == []
+    metrics.flush()
+    assert metrics.registry.get_sample_value("webhook_failures_total", {"reason": "missing_signature"}) in (None, 0)
+
+
+@pytest.mark.parametrize(
+    "mark",
+    [
+        pytest.param(lambda: probe_header("whsec_test_someone_else_000000000", int(time.time())), id="other-secret"),
+        pytest.param(lambda: probe_header(SECRET, int(time.time()) - 301), id="stale"),
+    ],
+)
+def test_a_probe_mark_made_without_the_secret_or_too_long_ago_is_counted(mark: Any) -> None:
+    _status, _metrics, writer = _unsigned_ping({PROBE_HEADER: mark()})
+    assert writer.rejections == ["missing_signature"]
+
+
+def test_a_signed_delivery_with_a_probe_mark_is_still_a_delivery() -> None:
+    """The mark only ever spares an unsigned request: a delivery's own failures are always counted."""
+    metrics = WebhookMetrics()
+    endpoint, writer = _endpoint(metrics)
+    body, headers = signed(
+        synthetic.event("customer.created", synthetic.customer(customer_id="cus_1", email="a@example.com")),
+        "whsec_test_someone_else_000000000",
+    )
+    headers[PROBE_HEADER] = probe_header(SECRET, int(time.time()))
+    chunks = [{"type": "http.request", "body": body, "more_body": False}]
+    status, _headers, answer = _answer(_call(endpoint, "POST", headers, chunks))
+    assert (status, answer["reason"]) == (400, "invalid_signature")
+    assert writer.rejections == ["invalid_signature"]

@@ -18,10 +18,10 @@ import orjson
 from kamiyo.config import Settings
 from kamiyo.errors import PayloadTooLarge, WebhookRejected
 from kamiyo.processing.handlers import HANDLED_TYPES
-from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX, PROBE_USER_AGENT, WebhookMetrics
+from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX, WebhookMetrics
 from kamiyo.webhooks.envelope import read_envelope
 from kamiyo.webhooks.inbox import Inbox
-from kamiyo.webhooks.signature import verify_signature
+from kamiyo.webhooks.signature import PROBE_HEADER, is_probe, verify_signature
 
 log = logging.getLogger("kamiyo.webhook")
 WEBHOOK_PATH = "/api/v1/payments/webhook"
@@ -32,6 +32,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _JSON = (b"content-type", b"application/json")
+_WANTED = (b"stripe-signature", b"content-length", PROBE_HEADER.encode())  # the headers read below
 _ALLOW = (b"allow", b"POST")
 
 
@@ -83,8 +84,11 @@ class WebhookEndpoint:
                 log.warning("webhook rejected reason=invalid_signature: Webhook validation failed: %s", exc)
             else:
                 log.warning("webhook rejected reason=%s: %s", exc.reason, exc)
-            # doctor's unsigned ping is not a delivery: it stays out of the failure counts.
-            if exc.reason != "missing_signature" or not headers.get("user-agent", "").startswith(PROBE_USER_AGENT):
+            # doctor's unsigned ping is not a delivery: it stays out of the failure counts. Only an
+            # unsigned request can be one, so a delivery never pays for this check.
+            if exc.reason != "missing_signature" or not is_probe(
+                headers.get(PROBE_HEADER), self._secrets, tolerance=self._tolerance, now=time.time()
+            ):
                 self._count_rejection(exc.reason, started)
             return exc.status_code, {"error": str(exc), "reason": exc.reason}
 
@@ -115,7 +119,7 @@ def _headers(scope: Scope) -> dict[str, str]:
     A repeated header keeps its first value."""
     wanted: dict[str, str] = {}
     for name, value in scope["headers"]:
-        if name in (b"stripe-signature", b"content-length", b"user-agent"):
+        if name in _WANTED:
             wanted.setdefault(name.decode("latin-1"), value.decode("latin-1"))
     return wanted
 

@@ -140,6 +140,33 @@ def _customer_delivery() -> tuple[bytes, dict[str, str]]:
     return signed(synthetic.event("customer.created", synthetic.customer(customer_id="cus_1", email="a@example.com")))
 
 
+@pytest.mark.parametrize(
+    ("declared", "status"),
+    [
+        pytest.param(b"\xb2", 200, id="superscript-two-latin-1"),
+        pytest.param("²".encode(), 200, id="superscript-two-utf-8"),
+        pytest.param("٣".encode(), 200, id="arabic-indic-three"),
+        pytest.param("１２".encode(), 200, id="fullwidth-digits"),
+        pytest.param(b"-1", 200, id="negative"),
+        pytest.param(b" 12", 200, id="space"),
+        pytest.param(b"1e9", 200, id="exponent"),
+        pytest.param(b"", 200, id="empty"),
+        pytest.param(b"9" * 5000, 413, id="5000-digits"),
+        pytest.param(b"9" * 19, 413, id="19-digits"),
+        pytest.param(b"0" * 30 + b"1", 200, id="zero-padded"),
+    ],
+)
+def test_no_content_length_value_makes_the_endpoint_answer_500(declared: bytes, status: int) -> None:
+    """A value that is not plain ASCII digits is ignored (the server frames the body and the running
+    count caps it); too many digits for any body is 413. "²".isdigit() is true and int() refuses it."""
+    endpoint, writer = _endpoint()
+    body, headers = _customer_delivery()
+    chunks = [{"type": "http.request", "body": body, "more_body": False}]
+    answered, _headers, answer = _answer(_call(endpoint, "POST", headers, chunks, [(b"content-length", declared)]))
+    assert answered == status, answer
+    assert len(writer.stored) == (1 if status == 200 else 0)
+
+
 def _unsigned_ping(extra: dict[str, str]) -> tuple[int, WebhookMetrics, _Writer]:
     metrics = WebhookMetrics()
     endpoint, writer = _endpoint(metrics)

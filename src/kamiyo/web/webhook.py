@@ -33,6 +33,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 _JSON = (b"content-type", b"application/json")
 _WANTED = (b"stripe-signature", b"content-length", PROBE_HEADER.encode())  # the headers read below
+_MAX_DIGITS = 18  # a Content-Length longer than this is larger than any body we take
 _ALLOW = (b"allow", b"POST")
 
 
@@ -124,9 +125,21 @@ def _headers(scope: Scope) -> dict[str, str]:
     return wanted
 
 
+def _declared_length(value: str | None) -> int | None:
+    """A Content-Length as a number, or None when it is not one (the server frames the body
+    anyway, and the running count below still caps it). Only ASCII digits count ("²".isdigit()
+    is true, and int() refuses it); more digits than any body can have mean "too large"."""
+    if value is None or not (value.isascii() and value.isdigit()):
+        return None
+    digits = value.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
+
+
 async def _read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {declared} bytes is over the {limit}-byte limit")
+    length = _declared_length(declared)
+    if length is not None and length > limit:
+        shown = f"{length}" if length < 10**_MAX_DIGITS else f"over {10**_MAX_DIGITS - 1}"
+        raise PayloadTooLarge(f"body of {shown} bytes is over the {limit}-byte limit")
     chunks: list[bytes] = []
     size = 0
     while True:

@@ -60,7 +60,10 @@ class WebhookEndpoint:
         try:
             status, body = await self._deliver(scope, receive, started)
         except ClientGone:
-            log.warning("webhook rejected reason=disconnected: the client left before its body arrived")
+            log.warning(
+                "webhook rejected reason=disconnected: the connection closed before the whole body arrived "
+                "(the client left, or HTTP_BODY_TIMEOUT_SECONDS passed)"
+            )
             return
         except Exception as exc:
             log.exception("webhook failed reason=internal: %s", exc.__class__.__name__)

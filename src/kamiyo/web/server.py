@@ -23,17 +23,19 @@ sockets that never send a byte lock everyone out. This protocol bounds each of t
 - **pipelining**: at most ``MAX_PIPELINED`` requests may wait behind the one being answered.
 
 The keep-alive wait between requests stays uvicorn's (``timeout_keep_alive``). Every answer the
-protocol writes itself closes the connection. Timers are armed only where a wait begins (a
-connection opening, an answer ending, a body that did not arrive with its head), so a delivery
-that arrives whole in one read costs a timer for its next head and nothing else.
+protocol writes itself closes the connection. A connection keeps its deadlines as numbers, and
+one sweep per server, a few times per timeout, acts on those that have passed: a request costs
+no timer of its own, and a cut comes at most a quarter of its timeout (at most 1 s) late.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -72,14 +74,16 @@ class HttpLimits:
 
 def bounded_protocol(limits: HttpLimits) -> type[BoundedHttpToolsProtocol]:
     """The protocol class to pass as ``uvicorn.Config(http=...)``: one per server, since it keeps
-    that server's idle connections."""
+    that server's sweep."""
 
     class ServerProtocol(BoundedHttpToolsProtocol):
         pass
 
     ServerProtocol.limits = limits
-    ServerProtocol.idle = {}
     ServerProtocol.cuts = _CutLog()
+    ServerProtocol.sweep_seconds = min(1.0, max(0.05, min(limits.header_timeout, limits.body_timeout) / 4))
+    ServerProtocol.sweeper = None
+    ServerProtocol.turns = itertools.count()
     return ServerProtocol
 
 
@@ -136,14 +140,20 @@ class _CutLog:
         log.warning("http connection closed reason=%s count=%d: %s", reason, count, detail)
 
 
+# The methods called for every request name their base explicitly: cheaper than super(), and on
+# the webhook's path every step counts (bench/edge_overhead.py).
+_Base = HttpToolsProtocol
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the bounds of the module docstring. Made per server by
     ``bounded_protocol``, which sets the class attributes."""
 
     limits: ClassVar[HttpLimits]
-    # Connections between requests (no byte of the next one received yet), oldest first.
-    idle: ClassVar[dict[BoundedHttpToolsProtocol, None]]
     cuts: ClassVar[_CutLog]
+    sweep_seconds: ClassVar[float]
+    sweeper: ClassVar[asyncio.TimerHandle | None]
+    turns: ClassVar[Iterator[int]]  # orders the connections waiting between requests, oldest first
 
     def __init__(
         self,
@@ -153,11 +163,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._body_timer: asyncio.TimerHandle | None = None
-        self._send_timer: asyncio.TimerHandle | None = None
-        self._idle = False
-        self._in_head = False  # a request's head has begun and is not complete
+        self._idle_turn: int | None = None  # between requests, no byte of the next one yet
+        # Loop times (None: no such wait now).
+        self._head_deadline: float | None = None
+        self._body_deadline: float | None = None
+        self._send_deadline: float | None = None
+        # Bytes received outside a request body since the last complete head: a head in the
+        # making, or requests sent ahead of their answers. Counted a whole read at a time, so a
+        # head can exceed the limit by at most one read before it is refused.
         self._head_bytes = 0
         self._body_open = False  # the latest request's head is complete and its body is not
         self._keep_alive = True  # what the latest request asked for, held back until its body is whole
@@ -173,54 +186,34 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 _answer(503, "Service Unavailable", "overloaded", "too many open connections; retry later", _RETRY)
             )
             return
-        self._await_request()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._leave_idle()
-        for timer in (self._head_timer, self._body_timer, self._send_timer):
-            if timer is not None:
-                timer.cancel()
-        self._head_timer = self._body_timer = self._send_timer = None
-        super().connection_lost(exc)
+        self._await_request(self.loop.time())
+        cls = type(self)
+        if cls.sweeper is None:
+            cls.sweeper = self.loop.call_later(cls.sweep_seconds, cls._sweep, self.loop, self.connections)
 
     def shutdown(self) -> None:
         self._stopping = True
-        self._leave_idle()
+        self._idle_turn = None
         super().shutdown()
 
     def data_received(self, data: bytes) -> None:
-        if self._idle:
-            self._leave_idle()
-        head_before = self._in_head
-        super().data_received(data)
-        if self._in_head:
-            # Counted from the read after the one the head began in: at most one read over the limit.
-            if head_before:
-                self._head_bytes += len(data)
-                if self._head_bytes > self.limits.max_header_bytes and not self.transport.is_closing():
-                    self._head_too_large()
-        elif self._body_open and self._body_timer is None and not self.pipeline:
-            self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
+        self._idle_turn = None
+        if not self._body_open:
+            self._head_bytes += len(data)
+        _Base.data_received(self, data)
+        if self._head_bytes > self.limits.max_header_bytes:
+            if not self.transport.is_closing():
+                self._head_too_large()
+        elif self._body_open and self._body_deadline is None and not self.pipeline:
+            self._body_deadline = self.loop.time() + self.limits.body_timeout
 
     # -- parser callbacks ------------------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        if len(self.pipeline) >= MAX_PIPELINED:
-            # Raised through httptools: uvicorn answers 400 and closes the connection, and the
-            # requests parsed so far are dropped unanswered.
-            self.cuts.cut("pipeline", f"over {MAX_PIPELINED} requests sent ahead of their answers")
-            raise RuntimeError("too many pipelined requests")
-        super().on_message_begin()
-        self._in_head = True
-        self._head_bytes = 0
-
     def on_headers_complete(self) -> None:
-        self._in_head = False
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._head_deadline = None
+        self._head_bytes = 0
         previous = self.cycle
-        super().on_headers_complete()
+        _Base.on_headers_complete(self)
         cycle = self.cycle
         if cycle is not previous:
             # Until the whole body has arrived, an answer closes the connection: what is left of
@@ -228,103 +221,109 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._body_open = True
             self._keep_alive = cycle.keep_alive
             cycle.keep_alive = False
+            if len(self.pipeline) > MAX_PIPELINED:
+                # Raised through httptools: uvicorn answers 400 and closes the connection, and the
+                # requests parsed so far are dropped unanswered.
+                self.cuts.cut("pipeline", f"over {MAX_PIPELINED} requests sent ahead of their answers")
+                raise RuntimeError("too many pipelined requests")
 
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        _Base.on_message_complete(self)
         self._body_open = False
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
+        self._body_deadline = None
         cycle = self.cycle
         if cycle is not None and not cycle.response_started and not self._stopping:
             cycle.keep_alive = self._keep_alive
 
     def on_response_complete(self) -> None:
         started_next = bool(self.pipeline)
-        super().on_response_complete()
+        _Base.on_response_complete(self)
         if self.transport.is_closing():
             return
+        now = self.loop.time()
         if started_next:
-            if self._body_open and not self.pipeline and self._body_timer is None:
-                self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
-        elif self._in_head:
-            self._arm_head_timer()  # the next head has begun: it has the rest of the head timeout
+            if self._body_open and not self.pipeline and self._body_deadline is None:
+                self._body_deadline = now + self.limits.body_timeout
+        elif self._head_bytes:
+            self._head_deadline = now + self.limits.header_timeout  # the next head has begun
         else:
-            self._await_request()
+            self._await_request(now)
 
     # -- writing ---------------------------------------------------------------------------------
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        if self._send_timer is None:
-            self._send_timer = self.loop.call_later(self.limits.body_timeout, self._send_timed_out)
+        if self._send_deadline is None:
+            self._send_deadline = self.loop.time() + self.limits.body_timeout
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
+        self._send_deadline = None
 
     # -- limits ----------------------------------------------------------------------------------
 
-    def _await_request(self) -> None:
+    def _await_request(self, now: float) -> None:
         """Between requests: the next head must arrive in time, and until its first byte this
-        connection is the first to go when the cap is reached."""
-        self.idle[self] = None
-        self._idle = True
-        self._arm_head_timer()
+        connection is among the first to go when the cap is reached."""
+        self._idle_turn = next(self.turns)
+        self._head_deadline = now + self.limits.header_timeout
 
-    def _leave_idle(self) -> None:
-        if self._idle:
-            self._idle = False
-            self.idle.pop(self, None)
+    @classmethod
+    def _sweep(cls, loop: asyncio.AbstractEventLoop, connections: set[Any]) -> None:
+        """Act on every deadline that has passed; again in ``sweep_seconds`` while any connection is open."""
+        now = loop.time()
+        for connection in list(connections):
+            if isinstance(connection, BoundedHttpToolsProtocol):
+                connection._check(now)
+        cls.sweeper = loop.call_later(cls.sweep_seconds, cls._sweep, loop, connections) if connections else None
 
-    def _arm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
+    def _check(self, now: float) -> None:
+        if self._send_deadline is not None and now >= self._send_deadline:
+            self._send_timed_out()
+        elif self.transport.is_closing():
+            return
+        elif self._head_deadline is not None and now >= self._head_deadline:
+            self._head_timed_out()
+        elif self._body_deadline is not None and now >= self._body_deadline:
+            self._body_timed_out()
 
     def _make_room(self) -> bool:
         """Close connections waiting between requests, longest first, until this one fits."""
         while len(self.connections) > self.limits.max_connections:
-            if not self.idle:
+            idle = [
+                (c._idle_turn, c)
+                for c in self.connections
+                if isinstance(c, BoundedHttpToolsProtocol) and c._idle_turn is not None
+            ]
+            if not idle:
                 return False
-            victim = next(iter(self.idle))
-            victim._leave_idle()
-            victim._close()
+            min(idle, key=_turn)[1]._close()
             self.cuts.cut("evicted", f"HTTP_MAX_CONNECTIONS={self.limits.max_connections} reached")
         return True
 
     def _close(self, answer: bytes = b"") -> None:
         """Write ``answer`` (if any) and close; the connection stops counting toward the cap now."""
-        self._leave_idle()
+        self._idle_turn = None
+        self._head_deadline = self._body_deadline = None
         if answer:
             self.transport.write(answer)
         self.transport.close()
         self.connections.discard(self)
 
-    def _cycle_running(self) -> bool:
-        return self.cycle is not None and not self.cycle.response_complete
-
     def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if self.transport.is_closing():
-            return
         self.cuts.cut("header_timeout", f"no complete request head within {self.limits.header_timeout:g} s")
         self._close()
 
     def _head_too_large(self) -> None:
         self.cuts.cut("header_too_large", f"a request head over {self.limits.max_header_bytes} bytes")
-        if self._cycle_running():
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
             self._close()  # an answer now would land in the middle of the running request's answer
             return
         message = f"request head over {self.limits.max_header_bytes} bytes"
         self._close(_answer(431, "Request Header Fields Too Large", "headers_too_large", message))
 
     def _body_timed_out(self) -> None:
-        self._body_timer = None
-        if self.transport.is_closing():
-            return
         self.cuts.cut("body_timeout", f"a request body not received within {self.limits.body_timeout:g} s")
         cycle = self.cycle
         if cycle is not None and not cycle.response_started:
@@ -337,13 +336,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._close()
 
     def _send_timed_out(self) -> None:
-        self._send_timer = None
-        if self.transport.is_closing() and self.transport.get_write_buffer_size() == 0:
-            return
+        self._send_deadline = None
         self.cuts.cut("send_timeout", f"the client read nothing of its answer for {self.limits.body_timeout:g} s")
-        self._leave_idle()
+        self._idle_turn = None
         self.transport.abort()  # close() would wait for the unread answer to drain
         self.connections.discard(self)
 
 
 _RETRY = b"retry-after: 1"
+
+
+def _turn(entry: tuple[int, BoundedHttpToolsProtocol]) -> int:
+    return entry[0]

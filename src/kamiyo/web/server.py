@@ -80,6 +80,9 @@ def bounded_protocol(limits: HttpLimits) -> type[BoundedHttpToolsProtocol]:
         pass
 
     ServerProtocol.limits = limits
+    ServerProtocol.header_timeout = limits.header_timeout
+    ServerProtocol.body_timeout = limits.body_timeout
+    ServerProtocol.max_header_bytes = limits.max_header_bytes
     ServerProtocol.cuts = _CutLog()
     ServerProtocol.sweep_seconds = min(1.0, max(0.05, min(limits.header_timeout, limits.body_timeout) / 4))
     ServerProtocol.sweeper = None
@@ -153,6 +156,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     cuts: ClassVar[_CutLog]
     sweep_seconds: ClassVar[float]
     sweeper: ClassVar[asyncio.TimerHandle | None]
+    # The limits again, one attribute away: read for every request.
+    header_timeout: ClassVar[float]
+    body_timeout: ClassVar[float]
+    max_header_bytes: ClassVar[int]
     turns: ClassVar[Iterator[int]]  # orders the connections waiting between requests, oldest first
 
     def __init__(
@@ -201,11 +208,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if not self._body_open:
             self._head_bytes += len(data)
         _Base.data_received(self, data)
-        if self._head_bytes > self.limits.max_header_bytes:
+        if self._head_bytes > self.max_header_bytes:
             if not self.transport.is_closing():
                 self._head_too_large()
         elif self._body_open and self._body_deadline is None and not self.pipeline:
-            self._body_deadline = self.loop.time() + self.limits.body_timeout
+            self._body_deadline = self.loop.time() + self.body_timeout
 
     # -- parser callbacks ------------------------------------------------------------------------
 
@@ -236,18 +243,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             cycle.keep_alive = self._keep_alive
 
     def on_response_complete(self) -> None:
-        started_next = bool(self.pipeline)
-        _Base.on_response_complete(self)
-        if self.transport.is_closing():
-            return
-        now = self.loop.time()
-        if started_next:
+        if self.pipeline:
+            _Base.on_response_complete(self)  # starts the next request, already parsed
             if self._body_open and not self.pipeline and self._body_deadline is None:
-                self._body_deadline = now + self.limits.body_timeout
-        elif self._head_bytes:
-            self._head_deadline = now + self.limits.header_timeout  # the next head has begun
-        else:
-            self._await_request(now)
+                self._body_deadline = self.loop.time() + self.body_timeout
+            return
+        _Base.on_response_complete(self)
+        # The next head must come in time (on a connection closing meanwhile, nothing acts on it).
+        self._head_deadline = self.loop.time() + self.header_timeout
+        if not self._head_bytes:  # none of it yet: idle
+            self._idle_turn = next(self.turns)
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -266,7 +271,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         """Between requests: the next head must arrive in time, and until its first byte this
         connection is among the first to go when the cap is reached."""
         self._idle_turn = next(self.turns)
-        self._head_deadline = now + self.limits.header_timeout
+        self._head_deadline = now + self.header_timeout
 
     @classmethod
     def _sweep(cls, loop: asyncio.AbstractEventLoop, connections: set[Any]) -> None:

@@ -20,7 +20,8 @@ sockets that never send a byte lock everyone out. This protocol bounds each of t
 - **connections**: at most ``max_connections`` are open. A new one over the cap closes the
   connection that has waited longest between requests; when every connection is in a request,
   the new one is answered 503 and closed at once.
-- **pipelining**: at most ``MAX_PIPELINED`` requests may wait behind the one being answered.
+- **pipelining**: at most ``MAX_PIPELINED`` requests may wait behind the one being answered;
+  more, and the connection is closed.
 
 The keep-alive wait between requests stays uvicorn's (``timeout_keep_alive``). Every answer the
 protocol writes itself closes the connection. A connection keeps its deadlines as numbers, and
@@ -179,8 +180,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # making, or requests sent ahead of their answers. Counted a whole read at a time, so a
         # head can exceed the limit by at most one read before it is refused.
         self._head_bytes = 0
-        self._body_open = False  # the latest request's head is complete and its body is not
-        self._keep_alive = True  # what the latest request asked for, held back until its body is whole
+        self._held = False  # the latest request's keep-alive is held back until its body is whole
+        self._keep_alive = True  # what that request asked for
         self._stopping = False
 
     # -- connection ----------------------------------------------------------------------------
@@ -204,48 +205,41 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().shutdown()
 
     def data_received(self, data: bytes) -> None:
+        # Everything a read can change is looked at once it has been parsed: one step per read,
+        # not one per parser callback.
         self._idle_turn = None
-        if not self._body_open:
-            self._head_bytes += len(data)
+        before = self.cycle
+        in_body = before is not None and before.more_body and not before.response_complete
         _Base.data_received(self, data)
-        if self._head_bytes > self.max_header_bytes:
-            if not self.transport.is_closing():
-                self._head_too_large()
-        elif self._body_open and self._body_deadline is None and not self.pipeline:
-            self._body_deadline = self.loop.time() + self.body_timeout
-
-    # -- parser callbacks ------------------------------------------------------------------------
-
-    def on_headers_complete(self) -> None:
-        self._head_deadline = None
-        self._head_bytes = 0
-        previous = self.cycle
-        _Base.on_headers_complete(self)
+        if in_body and not before.more_body:  # that body is whole now: keep-alive as asked
+            self._body_deadline = None
+            if self._held and not before.response_started and not self._stopping:
+                before.keep_alive = self._keep_alive
+            self._held = False
         cycle = self.cycle
-        if cycle is not previous:
-            # Until the whole body has arrived, an answer closes the connection: what is left of
-            # the body is never read (on_message_complete restores what the client asked for).
-            self._body_open = True
-            self._keep_alive = cycle.keep_alive
-            cycle.keep_alive = False
+        if cycle is not before:  # a head is complete: a new request
+            self._head_deadline = None
+            self._head_bytes = 0
             if len(self.pipeline) > MAX_PIPELINED:
-                # Raised through httptools: uvicorn answers 400 and closes the connection, and the
-                # requests parsed so far are dropped unanswered.
-                self.cuts.cut("pipeline", f"over {MAX_PIPELINED} requests sent ahead of their answers")
-                raise RuntimeError("too many pipelined requests")
-
-    def on_message_complete(self) -> None:
-        _Base.on_message_complete(self)
-        self._body_open = False
-        self._body_deadline = None
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_started and not self._stopping:
-            cycle.keep_alive = self._keep_alive
+                self._too_far_ahead()
+            elif cycle.more_body:
+                # Its body is still coming. Until it is whole, an answer closes the connection:
+                # what is left of the body is never read. (No answer has started: the request's
+                # task runs after this read.)
+                self._keep_alive, cycle.keep_alive = cycle.keep_alive, False
+                self._held = True
+                if not self.pipeline:
+                    self._body_deadline = self.loop.time() + self.body_timeout
+        elif not in_body:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
+                self._head_too_large()
 
     def on_response_complete(self) -> None:
         if self.pipeline:
             _Base.on_response_complete(self)  # starts the next request, already parsed
-            if self._body_open and not self.pipeline and self._body_deadline is None:
+            cycle = self.cycle
+            if cycle.more_body and not self.pipeline and self._body_deadline is None:
                 self._body_deadline = self.loop.time() + self.body_timeout
             return
         _Base.on_response_complete(self)
@@ -314,6 +308,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.write(answer)
         self.transport.close()
         self.connections.discard(self)
+
+    def _too_far_ahead(self) -> None:
+        """More requests sent ahead of their answers than MAX_PIPELINED: closed, unanswered (an
+        answer now could land in the middle of the running request's). The requests parsed from
+        this one read are all that was taken in."""
+        self.cuts.cut("pipeline", f"over {MAX_PIPELINED} requests sent ahead of their answers")
+        self.pipeline.clear()
+        self._close()
 
     def _head_timed_out(self) -> None:
         self.cuts.cut("header_timeout", f"no complete request head within {self.limits.header_timeout:g} s")

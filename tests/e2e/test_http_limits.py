@@ -251,8 +251,9 @@ def test_a_413_for_a_declared_size_closes_the_connection_and_the_rest_is_never_r
                 sock.sendall(b"x" * MIB)
                 sent += MIB
     status, headers, body = split_answer(data)
-    assert (status, headers["connection"], how) == (413, "close", "eof")
+    assert (status, headers["connection"]) == (413, "close")
     assert orjson.loads(body)["reason"] == "too_large"
+    assert how in ("eof", "reset")  # reset: the server closed with some of the body unread, as it should
     assert sent < 8 * MIB  # refused (reset) after at most what the kernel's buffers held
 
 

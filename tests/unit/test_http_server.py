@@ -164,3 +164,31 @@ def test_the_connection_limits_are_read_from_the_environment_with_documented_def
 def test_a_malformed_connection_limit_stops_the_start_naming_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=f"^{name}: "):
         load_settings({name: value}, env_file=None)
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "raised_to", "warned"),
+    [
+        (1024, 1_048_576, 628, False),  # enough already: left alone
+        (256, 1_048_576, 628, False),  # raised to fit 500 connections and the headroom
+        (256, 400, 400, True),  # the hard limit is too low: raised as far as it goes, and said so
+    ],
+)
+def test_the_open_file_limit_is_raised_to_fit_the_connection_cap(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    soft: int,
+    hard: int,
+    raised_to: int,
+    warned: bool,
+) -> None:
+    import resource
+
+    from kamiyo.web import server
+
+    limits = {"now": (soft, hard)}
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: limits["now"])
+    monkeypatch.setattr(resource, "setrlimit", lambda _which, value: limits.update(now=value))
+    server.raise_open_file_limit(500)
+    assert limits["now"] == (max(soft, raised_to), hard)
+    assert ("HTTP_MAX_CONNECTIONS=500" in caplog.text) is warned

@@ -1,10 +1,12 @@
 """The yardstick: a raw ASGI app that reads the request body and answers 200, nothing else.
 
-Served by exactly the server stack of ``kamiyo serve`` (uvicorn, one process, uvloop, httptools,
-no access log), so that the ratio kamiyo / bare isolates what kamiyo itself costs per delivery:
-Starlette's routing, the signature check, the JSON envelope, the durable commit and the log line.
+Served by exactly the server stack of ``kamiyo serve`` (uvicorn, one process, uvloop, httptools
+with kamiyo's bounded protocol, no access log), so that the ratio kamiyo / bare isolates what
+kamiyo itself costs per delivery: Starlette's routing, the signature check, the JSON envelope,
+the durable commit and the log line. ``--protocol httptools`` serves it with uvicorn's own
+protocol instead (what the bounded one costs: bench/edge_overhead.py).
 
-    .venv/bin/python bench/bare_app.py --port 8001
+    .venv/bin/python bench/bare_app.py --port 8001 [--protocol bounded|httptools]
 """
 
 from __future__ import annotations
@@ -53,7 +55,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--protocol", choices=("bounded", "httptools"), default="bounded")
     args = parser.parse_args()
+    http: Any = "httptools"
+    keep_alive = 5  # uvicorn's default
+    if args.protocol == "bounded":
+        from kamiyo.config import Settings
+        from kamiyo.web.server import HttpLimits, bounded_protocol
+
+        defaults = Settings()
+        http, keep_alive = bounded_protocol(HttpLimits.from_settings(defaults)), defaults.http_keepalive_seconds
     # The same options as kamiyo.cli.commands.serve().
     uvicorn.run(
         app,
@@ -62,7 +73,9 @@ def main() -> None:
         access_log=False,
         log_config=None,
         loop="uvloop",
-        http="httptools",
+        http=http,
+        ws="none",
+        timeout_keep_alive=keep_alive,
         timeout_graceful_shutdown=20,
     )
 

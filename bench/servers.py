@@ -44,6 +44,11 @@ KAMIYO_ENV_KEYS = (
     "METRICS_ENABLED",
     "STRIPE_SECRET_KEY",
     "STRIPE_API_BASE",
+    "HTTP_HEADER_TIMEOUT_SECONDS",
+    "HTTP_BODY_TIMEOUT_SECONDS",
+    "HTTP_KEEPALIVE_SECONDS",
+    "HTTP_MAX_CONNECTIONS",
+    "HTTP_MAX_HEADER_BYTES",
 )
 
 
@@ -149,9 +154,11 @@ def _cpu(stat: Path) -> float:
 
 
 @contextmanager
-def bare_server(workdir: Path) -> Iterator[Server]:
+def bare_server(workdir: Path, protocol: str = "bounded") -> Iterator[Server]:
+    """The bare app, served with kamiyo's bounded protocol or (``httptools``) uvicorn's own."""
     port = free_port()
     command = [sys.executable, str(BENCH_DIR / "bare_app.py"), "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--protocol", protocol]
     server = Server("bare ASGI app", command, workdir, dict(os.environ), port)
     try:
         server.start("/")
@@ -160,11 +167,11 @@ def bare_server(workdir: Path) -> Iterator[Server]:
         server.stop()
 
 
-def kamiyo_upgrade(workdir: Path, settings: dict[str, str]) -> None:
-    """``kamiyo db upgrade`` on the database of ``settings``."""
+def kamiyo_upgrade(workdir: Path, settings: dict[str, str], command: list[str] | None = None) -> None:
+    """``kamiyo db upgrade`` on the database of ``settings`` (with ``command``, another install's kamiyo)."""
     workdir.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
-        [*kamiyo_command(), "db", "upgrade"],
+        [*(command or kamiyo_command()), "db", "upgrade"],
         cwd=workdir,
         env=kamiyo_env(settings),
         capture_output=True,
@@ -177,11 +184,12 @@ def kamiyo_upgrade(workdir: Path, settings: dict[str, str]) -> None:
 
 
 @contextmanager
-def kamiyo_server(workdir: Path, settings: dict[str, str]) -> Iterator[Server]:
-    """``kamiyo serve`` on 127.0.0.1 with ``settings``; SIGKILLed at the end unless already stopped."""
+def kamiyo_server(workdir: Path, settings: dict[str, str], command: list[str] | None = None) -> Iterator[Server]:
+    """``kamiyo serve`` on 127.0.0.1 with ``settings``; SIGKILLed at the end unless already stopped.
+    ``command``: another install's ``kamiyo`` (a baseline to compare with)."""
     port = free_port()
     env = kamiyo_env({**settings, "HOST": "127.0.0.1", "PORT": str(port)})
-    server = Server("kamiyo serve", [*kamiyo_command(), "serve"], workdir, env, port)
+    server = Server("kamiyo serve", [*(command or kamiyo_command()), "serve"], workdir, env, port)
     try:
         server.start("/health")
         yield server

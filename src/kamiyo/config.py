@@ -116,6 +116,14 @@ class Settings:
     inbox_retention_days: int = DEFAULT_INBOX_RETENTION_DAYS
     replay_default_limit: int = DEFAULT_REPLAY_LIMIT
     replay_max_limit: int = DEFAULT_REPLAY_MAX_LIMIT
+    # kamiyo serve's connections (web/server.py): how long a request's head and body may take to
+    # arrive, how long a kept-alive connection may wait for its next request, how many may be
+    # open at once, and how large a request's head may be.
+    http_header_timeout: float = 10.0
+    http_body_timeout: float = 20.0
+    http_keepalive_seconds: int = 5
+    http_max_connections: int = 500
+    http_max_header_bytes: int = 32 * 1024
 
     def __repr__(self) -> str:  # never print secrets, even by accident
         url = _redact_url(self.database_url)
@@ -192,6 +200,11 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         webhook_store_max_waiting=_int(
             values, "WEBHOOK_STORE_MAX_WAITING", DEFAULT_STORE_MAX_WAITING, low=1, high=100_000
         ),
+        http_header_timeout=_float(values, "HTTP_HEADER_TIMEOUT_SECONDS", 10.0, low=0.1, high=300),
+        http_body_timeout=_float(values, "HTTP_BODY_TIMEOUT_SECONDS", 20.0, low=0.1, high=3600),
+        http_keepalive_seconds=_int(values, "HTTP_KEEPALIVE_SECONDS", 5, low=1, high=3600),
+        http_max_connections=_int(values, "HTTP_MAX_CONNECTIONS", 500, low=1, high=100_000),
+        http_max_header_bytes=_int(values, "HTTP_MAX_HEADER_BYTES", 32 * 1024, low=1024, high=1024 * 1024),
     )
 
 

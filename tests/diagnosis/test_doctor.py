@@ -86,6 +86,24 @@ def test_a_healthy_service_passes_every_step_exits_0_and_the_probe_leaves_no_tra
     assert server.rows("SELECT outcome, count FROM webhook_delivery_stats") == [("accepted", 1)]
 
 
+def test_only_doctors_own_ping_is_left_out_of_the_counts_not_anyone_sending_its_user_agent(
+    servers: ServerFactory,
+) -> None:
+    server = servers()
+    assert server.cli("doctor", "--json").returncode == 0
+    forged = server.post(b'{"type":"ping"}', {"User-Agent": "kamiyo-doctor/1", "Content-Type": "application/json"})
+    assert forged.status_code == 400
+    wait_until(
+        lambda: server.rows("SELECT outcome, reason, count FROM webhook_delivery_stats"),
+        timeout=10,
+        what="the forged ping's count",
+    )
+    time.sleep(1.5)  # counts are written at most once a second: doctor's would be there by now
+    assert server.rows("SELECT outcome, reason, count FROM webhook_delivery_stats") == [
+        ("rejected", "missing_signature", 1)
+    ]
+
+
 def test_missing_secret_is_named_with_option_2(servers: ServerFactory) -> None:
     server = servers(STRIPE_WEBHOOK_SECRET="")
     result = server.cli("doctor")

@@ -67,6 +67,12 @@ KAMIYO_ENV_KEYS = (
     # The inbox writer's bounds.
     "WEBHOOK_STORE_TIMEOUT_SECONDS",
     "WEBHOOK_STORE_MAX_WAITING",
+    # kamiyo serve's connection limits.
+    "HTTP_HEADER_TIMEOUT_SECONDS",
+    "HTTP_BODY_TIMEOUT_SECONDS",
+    "HTTP_KEEPALIVE_SECONDS",
+    "HTTP_MAX_CONNECTIONS",
+    "HTTP_MAX_HEADER_BYTES",
 )
 WEBHOOK_PATH = "/api/v1/payments/webhook"
 START_TIMEOUT = 30.0

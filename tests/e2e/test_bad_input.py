@@ -195,6 +195,20 @@ def test_genuine_signature_over_json_that_is_not_a_stripe_event_is_400_payload(
     assert "not a JSON Stripe event" in error["error"]
 
 
+@pytest.mark.parametrize(
+    "event_id",
+    ["evt_a/b/../c", "evt_../../admin", "evt_a%2Fb", "evt_a-b", "evt_a.b", "evt_a b", "evt_é", "evt_", "ch_1Nir"],
+)
+def test_a_signed_event_whose_id_is_unlike_stripes_is_400_payload_and_never_stored(
+    server: KamiyoServer, event_id: str
+) -> None:
+    """Such an id could be stored but never opened again by id (``kamiyo events show``, the console)."""
+    body = orjson.dumps({**_event(), "id": event_id})
+    error = _rejected(server, body, _signed_raw(body), "payload")
+    assert "invalid id" in error["error"]
+    assert server.stored_count(event_id) == 0
+
+
 def test_unstorable_optional_envelope_fields_do_not_cost_the_delivery(server: KamiyoServer) -> None:
     """NUL in api_version or in data.object.id (no database column can hold it): still 200, stored."""
     event = _event()

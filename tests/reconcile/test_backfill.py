@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from kamiyo import synthetic
@@ -14,7 +16,7 @@ from kamiyo.db.models import events_table
 from kamiyo.processing.worker import Worker
 from kamiyo.reconcile import runs
 from kamiyo.reconcile.backfill import FIRST_BACKFILL, OVERLAP_SECONDS, SCHEDULE_ACTOR, backfill_events
-from kamiyo.reconcile.gateway import StripeApiGateway
+from kamiyo.reconcile.gateway import EventQuery, Page, StripeApiGateway
 from kamiyo.reconcile.schedule import BackfillSchedule
 from reconcile.harness import Db, paying_customer, webhook_for
 from stripe_api import FakeStripe
@@ -267,3 +269,95 @@ def test_a_backfill_stores_an_event_of_the_mode_the_service_does_not_take_as_ign
         0,
     )
     assert db.state("user1@example.com") == ("pro", "past_due")  # not canceled by the live-mode event
+
+
+class _SmallPages:
+    """The gateway, listing events two to a page: malformed ids land on the edges of pages."""
+
+    def __init__(self, inner: StripeApiGateway) -> None:
+        self.inner = inner
+
+    def list_events(
+        self,
+        query: EventQuery,
+        *,
+        starting_after: str | None = None,
+        ending_before: str | None = None,
+        limit: int = 100,
+    ) -> Page:
+        return self.inner.list_events(
+            query, starting_after=starting_after, ending_before=ending_before, limit=min(limit, 2)
+        )
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["since", "first-backfill"])
+def test_an_event_whose_id_is_malformed_is_skipped_and_logged_and_the_others_are_stored(
+    db: Db, account: FakeStripe, gateway: StripeApiGateway, caplog: pytest.LogCaptureFixture, first: bool
+) -> None:
+    """An id unlike Stripe's never reaches the inbox, even from Stripe's API; nor does it stop the run
+    when it sits where the next page's cursor would come from (oldest first and newest first)."""
+    now = int(time.time())
+    paying_customer(account, 1)
+    customer = account.customer("cus_00001")
+    ids = ["evt_good_1", "evt_a/b/../c", "evt_good_2", "evt_x-y", "evt_good_3", "evt_z.z", "evt_good_4"]
+    for offset, event_id in enumerate(ids):
+        event = synthetic.event("customer.updated", customer, created=now - 1800 + offset, event_id=event_id)
+        stripe_event(account, event, delivered=False)
+    caplog.set_level(logging.WARNING, logger="kamiyo.reconcile")
+
+    summary = backfill_events(db.engine, _SmallPages(gateway), since=None if first else now - 3600, now=now)
+
+    stored = {event_id for event_id, source in inbox(db) if source == "backfill"}
+    assert stored == {"evt_good_1", "evt_good_2", "evt_good_3", "evt_good_4"}
+    assert summary.new == 4
+    assert summary.newest is None or summary.newest.startswith("evt_good_")
+    skipped = [r.getMessage() for r in caplog.records if "backfill skipped an event" in r.getMessage()]
+    for bad in ("evt_a/b/../c", "evt_x-y", "evt_z.z"):
+        assert any(bad in line and "invalid id" in line for line in skipped), (bad, skipped)
+    run = runs.latest_run(db.engine, "backfill")
+    assert run is not None
+    assert run.status == runs.DONE
+
+
+class _ScriptedPages:
+    """A gateway answering the events list from a script: {cursor: page}."""
+
+    def __init__(self, pages: dict[str | None, Page]) -> None:
+        self.pages = pages
+        self.cursors: list[str | None] = []
+
+    def list_events(
+        self,
+        query: EventQuery,
+        *,
+        starting_after: str | None = None,
+        ending_before: str | None = None,
+        limit: int = 100,
+    ) -> Page:
+        cursor = starting_after or ending_before
+        self.cursors.append(cursor)
+        return self.pages[cursor]
+
+
+def test_an_event_without_an_id_at_the_end_of_a_page_neither_stops_nor_breaks_the_listing(db: Db) -> None:
+    """The next page starts after the last event that has a well-formed id."""
+    now = int(time.time())
+    customer = synthetic.customer(customer_id="cus_noid", email="noid@example.com")
+
+    def event(event_id: str | None, offset: int) -> dict[str, Any]:
+        made = synthetic.event("customer.updated", customer, created=now - 600 + offset, event_id=event_id or "x")
+        if event_id is None:
+            del made["id"]
+        return made
+
+    gateway = _ScriptedPages(
+        {
+            None: Page([event("evt_new_3", 3), event("evt_new_2", 2), event(None, 1)], True, now),
+            "evt_new_2": Page([event(None, 1), event("evt_new_1", 0)], False, now),
+        }
+    )
+    summary = backfill_events(db.engine, gateway, now=now)
+
+    assert gateway.cursors == [None, "evt_new_2"]
+    assert {event_id for event_id, _ in inbox(db)} == {"evt_new_1", "evt_new_2", "evt_new_3"}
+    assert summary.new == 3

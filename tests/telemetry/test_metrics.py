@@ -15,9 +15,9 @@ from kamiyo import synthetic
 from kamiyo.config import Settings
 from kamiyo.db.models import delivery_stats_table
 from kamiyo.processing.worker import Worker
-from kamiyo.telemetry.metrics import FAILURE_REASONS, PROBE_EVENT_PREFIX, PROBE_USER_AGENT, WebhookMetrics
+from kamiyo.telemetry.metrics import FAILURE_REASONS, PROBE_EVENT_PREFIX, WebhookMetrics
 from kamiyo.web.app import WEBHOOK_PATH, create_app
-from kamiyo.webhooks.signature import signature_header
+from kamiyo.webhooks.signature import PROBE_HEADER, probe_header, signature_header
 from support import SECRET, signed
 from telemetry.scrape import samples, value
 
@@ -130,7 +130,8 @@ def test_doctor_probes_are_left_out_of_every_delivery_count(engine: Engine, sett
     """doctor's unsigned ping and its signed probe event are neither attempts nor stats rows."""
     metrics = WebhookMetrics()
     with AppClient(create_app(settings, engine=engine, run_worker=False, metrics=metrics)) as http:
-        ping = http.post(WEBHOOK_PATH, content=b'{"type":"ping"}', headers={"User-Agent": PROBE_USER_AGENT + "/1"})
+        mark = probe_header(settings.webhook_secrets[0], int(time.time()))
+        ping = http.post(WEBHOOK_PATH, content=b'{"type":"ping"}', headers={PROBE_HEADER: mark})
         assert ping.status_code == 400
         assert _post(http, _sub_event(event_id=PROBE_EVENT_PREFIX + "abc")) == 200
         Worker(engine, settings, metrics=metrics).run_once()
@@ -141,6 +142,20 @@ def test_doctor_probes_are_left_out_of_every_delivery_count(engine: Engine, sett
     # The app has stopped, so its writer has committed everything queued.
     with engine.connect() as connection:
         assert connection.execute(select(delivery_stats_table)).all() == []
+
+
+def test_a_request_that_only_claims_to_be_doctor_is_counted(engine: Engine, settings: Settings) -> None:
+    """doctor's User-Agent proves nothing: an unsigned request carrying it is a failed delivery."""
+    metrics = WebhookMetrics()
+    with AppClient(create_app(settings, engine=engine, run_worker=False, metrics=metrics)) as http:
+        ping = http.post(WEBHOOK_PATH, content=b'{"type":"ping"}', headers={"User-Agent": "kamiyo-doctor/1"})
+        assert ping.status_code == 400
+        found = samples(http.get("/metrics").text)
+    assert value(found, "webhook_attempts_total") == 1
+    assert value(found, "webhook_failures_total", reason="missing_signature") == 1
+    with engine.connect() as connection:
+        rows = connection.execute(select(delivery_stats_table.c.reason, delivery_stats_table.c.count)).all()
+    assert sum(count for reason, count in rows if reason == "missing_signature") == 1
 
 
 def test_delivery_stats_rows_match_the_deliveries_once_the_writer_has_drained(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -12,7 +15,9 @@ from hypothesis import strategies as st
 
 from kamiyo import synthetic
 from kamiyo.errors import PayloadError
-from kamiyo.webhooks.envelope import Envelope, read_envelope
+from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX
+from kamiyo.webhooks.envelope import Envelope, is_event_id, read_envelope
+from support import in_ci
 
 CREATED = 1_760_000_000
 
@@ -76,6 +81,77 @@ def test_livemode_is_true_only_for_the_json_boolean_true() -> None:
 def test_an_id_of_exactly_255_characters_is_accepted() -> None:
     event_id = "evt_" + "x" * 251
     assert read_envelope(body_of(with_value("id", event_id)))[0].event_id == event_id
+
+
+STRIPE_ID = re.compile(r"evt_[A-Za-z0-9_]+")  # the reference: Stripe's shape, with the length apart
+
+
+@pytest.mark.parametrize(
+    "event_id",
+    [
+        pytest.param("evt_a/b/../c", id="path"),
+        pytest.param("evt_1/..", id="dot-dot"),
+        pytest.param("evt_a b", id="space"),
+        pytest.param("evt_a-b", id="hyphen"),
+        pytest.param("evt_a.b", id="dot"),
+        pytest.param("evt_a%2Fb", id="percent"),
+        pytest.param("evt_a?b=c", id="query"),
+        pytest.param("evt_a\nforged", id="newline"),
+        pytest.param("evt_\u001b[31m", id="escape"),
+        pytest.param("evt_a\u2028b", id="line-separator"),
+        pytest.param("evt_\u00e9", id="non-ascii-letter"),
+        pytest.param("evt_\uff11", id="fullwidth-digit"),
+        pytest.param("evt_", id="prefix-only"),
+        pytest.param("EVT_1", id="upper-prefix"),
+        pytest.param("ch_1NirD82eZvKYlo2CIvbtLWuY", id="charge-id"),
+        pytest.param("1", id="number-text"),
+        pytest.param("evt_1\n", id="trailing-newline"),
+        pytest.param(" evt_1", id="leading-space"),
+    ],
+)
+def test_an_id_not_shaped_like_stripes_is_a_payload_error(event_id: str) -> None:
+    """evt_ then letters, digits and underscores: anything else could not be opened again by id."""
+    assert "invalid id" in str(rejected(body_of(with_value("id", event_id))))
+    assert not is_event_id(event_id)
+
+
+@settings(max_examples=300, deadline=None)
+@given(event_id=st.text(max_size=300) | st.from_regex(r"evt_[A-Za-z0-9_]{0,260}", fullmatch=True))
+def test_an_id_is_accepted_exactly_when_it_is_shaped_like_stripes_and_255_characters_at_most(event_id: str) -> None:
+    expected = STRIPE_ID.fullmatch(event_id) is not None and len(event_id) <= 255
+    assert is_event_id(event_id) is expected
+    try:
+        envelope, _ = read_envelope(body_of(with_value("id", event_id)))
+    except PayloadError:
+        assert not expected
+    else:
+        assert expected
+        assert envelope.event_id == event_id
+
+
+def test_the_ids_kamiyo_makes_itself_are_valid() -> None:
+    """kamiyo trigger's events (synthetic.new_id) and doctor's probe event."""
+    assert is_event_id(synthetic.new_id("evt"))
+    assert is_event_id(
+        synthetic.trigger_event("customer.created", email="a@example.com", price_obj=synthetic.price())["id"]
+    )
+    assert is_event_id(PROBE_EVENT_PREFIX + "0123456789abcdef")
+
+
+CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus" / "events"
+
+
+def test_every_real_event_in_the_shared_corpus_has_an_accepted_id() -> None:
+    """116 events recorded from Stripe (read from /work/shared, never copied here)."""
+    if not CORPUS.is_dir():
+        if in_ci():
+            pytest.fail(f"the shared event corpus is missing at {CORPUS}")
+        pytest.skip(f"no shared event corpus at {CORPUS}")
+    files = sorted(CORPUS.glob("*.json"))
+    assert len(files) >= 100
+    for path in files:
+        envelope, _ = read_envelope(path.read_bytes())
+        assert envelope.event_id == json.loads(path.read_bytes())["id"], path.name
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from kamiyo import synthetic
 from kamiyo.errors import SignatureError
-from kamiyo.webhooks.signature import sign, signature_header, verify_signature
+from kamiyo.webhooks.signature import is_probe, probe_header, sign, signature_header, verify_signature
 
 SECRET = "whsec_test_primary_0123456789abcdef"
 OLD_SECRET = "whsec_test_rolled_fedcba9876543210"
@@ -168,6 +168,18 @@ def test_a_signature_newer_than_the_tolerance_is_rejected_as_timestamp() -> None
     assert reject(signature_header(BODY, SECRET, NOW + TOLERANCE + 1)) == "timestamp"
 
 
+@pytest.mark.parametrize(
+    ("offset", "said"),
+    [(-1000, "signed 1000 s ago"), (1000, "signed 1000 s in the future"), (-(TOLERANCE + 1), "signed 301 s ago")],
+)
+def test_the_timestamp_message_says_how_old_or_how_far_in_the_future_the_signature_is(offset: int, said: str) -> None:
+    with pytest.raises(SignatureError) as caught:
+        verify(signature_header(BODY, SECRET, NOW + offset))
+    assert caught.value.reason == "timestamp"
+    assert said in str(caught.value)
+    assert "signed -" not in str(caught.value)  # never a negative age
+
+
 @pytest.mark.parametrize("offset", [-TOLERANCE, TOLERANCE])
 def test_a_signature_exactly_at_the_tolerance_still_passes(offset: int) -> None:
     assert verify(signature_header(BODY, SECRET, NOW + offset)) == NOW + offset
@@ -289,3 +301,49 @@ def test_kamiyo_rejects_what_stripe_python_rejects(case: str) -> None:
         stripe.Webhook.construct_event(body, header, SECRET)
     with pytest.raises(SignatureError):
         verify(header, body=body, now=now)
+
+
+# -- doctor's probe mark -----------------------------------------------------------------------
+
+
+def probe(header: str | None, secrets: tuple[str, ...] = (SECRET,), now: float = NOW) -> bool:
+    return is_probe(header, secrets, tolerance=TOLERANCE, now=now)
+
+
+def test_a_probe_header_made_with_a_configured_secret_marks_a_probe() -> None:
+    assert probe(probe_header(SECRET, NOW))
+    assert probe(probe_header(OLD_SECRET, NOW), secrets=(SECRET, OLD_SECRET))  # while a secret is rolled
+    assert probe(probe_header(SECRET, NOW - TOLERANCE))
+    assert probe(probe_header(SECRET, NOW + TOLERANCE))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param(None, id="absent"),
+        pytest.param("", id="empty"),
+        pytest.param("kamiyo-doctor", id="a-name"),
+        pytest.param(probe_header(WRONG_SECRET, NOW), id="another-secret"),
+        pytest.param(probe_header(SECRET, NOW - TOLERANCE - 1), id="stale"),
+        pytest.param(probe_header(SECRET, NOW + TOLERANCE + 1), id="future"),
+        pytest.param(probe_header(SECRET, NOW).replace(f"t={NOW}", f"t={NOW + 1}"), id="timestamp-changed"),
+        pytest.param(signature_header(b'{"type":"ping"}', SECRET, NOW), id="a-stripe-signature"),
+        pytest.param(f"t={NOW},v1=" + "0" * 64, id="zeros"),
+        pytest.param(f"t={NOW},v1={'é' * 64}", id="non-ascii"),
+        pytest.param(f"t=²,v1={'0' * 64}", id="superscript-timestamp"),
+        pytest.param(f"t={'9' * 5000},v1={'0' * 64}", id="huge-timestamp"),
+        pytest.param("t=,v1=,=,,", id="empty-parts"),
+    ],
+)
+def test_anything_but_a_fresh_probe_header_made_with_a_configured_secret_is_not_a_probe(header: str | None) -> None:
+    assert not probe(header)
+
+
+def test_no_probe_is_recognised_without_a_secret() -> None:
+    assert not probe(probe_header(SECRET, NOW), secrets=())
+
+
+@FUZZ
+@given(header=st.text(max_size=300))
+def test_an_arbitrary_probe_header_is_never_an_error(header: str) -> None:
+    assert probe(header) in (True, False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import orjson
@@ -14,7 +15,8 @@ from kamiyo.telemetry.metrics import WebhookMetrics
 from kamiyo.web.webhook import WebhookEndpoint
 from kamiyo.webhooks.envelope import Envelope
 from kamiyo.webhooks.inbox import inbox_row
-from support import make_settings, signed
+from kamiyo.webhooks.signature import PROBE_HEADER, probe_header
+from support import SECRET, make_settings, signed
 
 
 class _Writer:
@@ -35,13 +37,18 @@ class _Writer:
 
 
 def _call(
-    endpoint: WebhookEndpoint, method: str, headers: dict[str, str], chunks: list[dict[str, Any]]
+    endpoint: WebhookEndpoint,
+    method: str,
+    headers: dict[str, str],
+    chunks: list[dict[str, Any]],
+    raw_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> list[dict[str, Any]]:
     scope = {
         "type": "http",
         "method": method,
         "path": "/api/v1/payments/webhook",
-        "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
+        "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        + (raw_headers or []),
     }
     incoming = list(chunks)
     sent: list[dict[str, Any]] = []
@@ -152,3 +159,86 @@ def test_an_event_of_the_other_stripe_mode_is_answered_200_and_stored_as_ignored
     assert (status, answer) == (200, {"received": True, "id": event["id"], "duplicate": False})
     [row] = writer.stored
     assert (row["status"], row["detail"]) == stored
+
+
+def _customer_delivery() -> tuple[bytes, dict[str, str]]:
+    return signed(synthetic.event("customer.created", synthetic.customer(customer_id="cus_1", email="a@example.com")))
+
+
+@pytest.mark.parametrize(
+    ("declared", "status"),
+    [
+        pytest.param(b"\xb2", 200, id="superscript-two-latin-1"),
+        pytest.param("²".encode(), 200, id="superscript-two-utf-8"),
+        pytest.param("٣".encode(), 200, id="arabic-indic-three"),
+        pytest.param("１２".encode(), 200, id="fullwidth-digits"),
+        pytest.param(b"-1", 200, id="negative"),
+        pytest.param(b" 12", 200, id="space"),
+        pytest.param(b"1e9", 200, id="exponent"),
+        pytest.param(b"", 200, id="empty"),
+        pytest.param(b"9" * 5000, 413, id="5000-digits"),
+        pytest.param(b"9" * 19, 413, id="19-digits"),
+        pytest.param(b"0" * 30 + b"1", 200, id="zero-padded"),
+    ],
+)
+def test_no_content_length_value_makes_the_endpoint_answer_500(declared: bytes, status: int) -> None:
+    """A value that is not plain ASCII digits is ignored (the server frames the body and the running
+    count caps it); too many digits for any body is 413. "²".isdigit() is true and int() refuses it."""
+    endpoint, writer = _endpoint()
+    body, headers = _customer_delivery()
+    chunks = [{"type": "http.request", "body": body, "more_body": False}]
+    answered, _headers, answer = _answer(_call(endpoint, "POST", headers, chunks, [(b"content-length", declared)]))
+    assert answered == status, answer
+    assert len(writer.stored) == (1 if status == 200 else 0)
+
+
+def _unsigned_ping(extra: dict[str, str]) -> tuple[int, WebhookMetrics, _Writer]:
+    metrics = WebhookMetrics()
+    endpoint, writer = _endpoint(metrics)
+    chunks = [{"type": "http.request", "body": b'{"type":"ping"}', "more_body": False}]
+    status, _headers, answer = _answer(_call(endpoint, "POST", extra, chunks))
+    assert answer["reason"] == "missing_signature"
+    return status, metrics, writer
+
+
+def test_a_client_claiming_to_be_doctor_by_user_agent_is_counted_as_a_failed_delivery() -> None:
+    status, metrics, writer = _unsigned_ping({"User-Agent": "kamiyo-doctor/1"})
+    assert status == 400
+    assert writer.rejections == ["missing_signature"]
+    metrics.flush()
+    assert metrics.registry.get_sample_value("webhook_failures_total", {"reason": "missing_signature"}) == 1
+
+
+def test_doctors_ping_marked_with_the_secret_is_answered_but_not_counted() -> None:
+    status, metrics, writer = _unsigned_ping({PROBE_HEADER: probe_header(SECRET, int(time.time()))})
+    assert status == 400
+    assert writer.rejections == []
+    metrics.flush()
+    assert metrics.registry.get_sample_value("webhook_failures_total", {"reason": "missing_signature"}) in (None, 0)
+
+
+@pytest.mark.parametrize(
+    "mark",
+    [
+        pytest.param(lambda: probe_header("whsec_test_someone_else_000000000", int(time.time())), id="other-secret"),
+        pytest.param(lambda: probe_header(SECRET, int(time.time()) - 301), id="stale"),
+    ],
+)
+def test_a_probe_mark_made_without_the_secret_or_too_long_ago_is_counted(mark: Any) -> None:
+    _status, _metrics, writer = _unsigned_ping({PROBE_HEADER: mark()})
+    assert writer.rejections == ["missing_signature"]
+
+
+def test_a_signed_delivery_with_a_probe_mark_is_still_a_delivery() -> None:
+    """The mark only ever spares an unsigned request: a delivery's own failures are always counted."""
+    metrics = WebhookMetrics()
+    endpoint, writer = _endpoint(metrics)
+    body, headers = signed(
+        synthetic.event("customer.created", synthetic.customer(customer_id="cus_1", email="a@example.com")),
+        "whsec_test_someone_else_000000000",
+    )
+    headers[PROBE_HEADER] = probe_header(SECRET, int(time.time()))
+    chunks = [{"type": "http.request", "body": body, "more_body": False}]
+    status, _headers, answer = _answer(_call(endpoint, "POST", headers, chunks))
+    assert (status, answer["reason"]) == (400, "invalid_signature")
+    assert writer.rejections == ["invalid_signature"]

@@ -55,6 +55,7 @@ def serve(settings: Settings, *, host: str | None, port: int | None, no_worker: 
     import uvicorn
 
     from kamiyo.web.app import create_app
+    from kamiyo.web.server import HttpLimits, bounded_protocol, raise_open_file_limit
     from kamiyo.webhooks.inbox_process import DRAIN_SECONDS
 
     engine = make_engine(settings)
@@ -64,6 +65,7 @@ def serve(settings: Settings, *, host: str | None, port: int | None, no_worker: 
         engine.dispose()
     app = create_app(settings, run_worker=False if no_worker else None)
     configure_logging(settings.log_level, background=True)  # a line per delivery, off the event loop
+    raise_open_file_limit(settings.http_max_connections)
     config = uvicorn.Config(
         app,
         host=host or settings.host,
@@ -71,7 +73,10 @@ def serve(settings: Settings, *, host: str | None, port: int | None, no_worker: 
         access_log=False,  # our own line per delivery replaces it
         log_config=None,
         loop="uvloop",
-        http="httptools",
+        # httptools, with every wait and size of a connection bounded (web/server.py).
+        http=bounded_protocol(HttpLimits.from_settings(settings)),
+        ws="none",
+        timeout_keep_alive=settings.http_keepalive_seconds,
         # On SIGTERM: stop accepting, let in-flight requests finish (each delivery is answered
         # within WEBHOOK_STORE_TIMEOUT_SECONDS, less than this), then stop the inbox writer.
         timeout_graceful_shutdown=int(DRAIN_SECONDS),

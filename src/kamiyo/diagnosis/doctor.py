@@ -44,7 +44,7 @@ from kamiyo.telemetry.delivery_stats import (
     read_state,
 )
 from kamiyo.telemetry.inbox_modes import recent_modes
-from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX, PROBE_USER_AGENT
+from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX
 from kamiyo.telemetry.webhook_health import (
     Check,
     ParkedReason,
@@ -56,9 +56,10 @@ from kamiyo.telemetry.webhook_health import (
 )
 from kamiyo.webhooks import writer_health
 from kamiyo.webhooks.inbox import write_probe
-from kamiyo.webhooks.signature import signature_header
+from kamiyo.webhooks.signature import PROBE_HEADER, probe_header, signature_header
 
 WEBHOOK_PATH = "/api/v1/payments/webhook"
+USER_AGENT = "kamiyo-doctor/1"  # names the requests in access logs; proves nothing (see _ping)
 OPTIONS = {
     1: "Option 1: Restart Service",
     2: "Option 2: Update Webhook Secret",
@@ -640,7 +641,7 @@ def http(
 ) -> HttpAnswer:
     """One request; an HTTP error status is an answer, a transport error raises OSError."""
     request = urllib.request.Request(  # noqa: S310 - the URL's scheme is checked by the caller
-        url, data=body, method=method, headers={"User-Agent": f"{PROBE_USER_AGENT}/1", **(headers or {})}
+        url, data=body, method=method, headers={"User-Agent": USER_AGENT, **(headers or {})}
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
@@ -805,12 +806,17 @@ class Doctor:
         return None
 
     def _ping(self) -> Finding:
+        headers = {"Content-Type": "application/json"}
+        if self.settings.webhook_secrets:
+            # Marks the ping as doctor's, so the service leaves it out of its failure counts; only
+            # a holder of the webhook secret can make this header.
+            headers[PROBE_HEADER] = probe_header(self.settings.webhook_secrets[0], int(time.time()))
         try:
             answer = http(
                 "POST",
                 self.url + WEBHOOK_PATH,
                 body=b'{"type":"ping"}',
-                headers={"Content-Type": "application/json"},
+                headers=headers,
                 timeout=self.http_timeout,
             )
         except OSError as exc:

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 from sqlalchemy import Engine
@@ -47,7 +48,7 @@ from kamiyo.operations.audit import default_actor, record_action
 from kamiyo.processing.handlers import HANDLED_TYPES
 from kamiyo.reconcile import runs
 from kamiyo.reconcile.gateway import EventQuery, Page, StripeGateway
-from kamiyo.webhooks.envelope import read_envelope
+from kamiyo.webhooks.envelope import is_event_id, read_envelope
 from kamiyo.webhooks.inbox import inbox_row, insert_new_events
 
 log = logging.getLogger("kamiyo.reconcile")
@@ -129,8 +130,9 @@ def backfill_events(
             new = _store(engine, page, statement_timeout, mode)
             summary.new += len(new)
             summary.stored.extend(new[: max(0, AUDIT_EVENTS - len(summary.stored))])
-            if page.data:
-                summary.newest = str(page.data[0]["id"])
+            newest = _first_id(page.data)
+            if newest is not None:
+                summary.newest = newest
     except KeyboardInterrupt:
         status = runs.INTERRUPTED
         raise
@@ -191,7 +193,7 @@ def _undelivered_pages(gateway: StripeGateway, start: GapStart, now: float) -> I
 def _cursor_before(gateway: StripeGateway, moment: int) -> str | None:
     """The newest event created before ``moment``: the cursor that starts the list at ``moment``."""
     page = gateway.list_events(EventQuery(created_lt=moment), limit=1)
-    return str(page.data[0]["id"]) if page.data else None
+    return _first_id(page.data)
 
 
 def _oldest_first(gateway: StripeGateway, query: EventQuery, cursor: str) -> Iterator[Page]:
@@ -201,9 +203,10 @@ def _oldest_first(gateway: StripeGateway, query: EventQuery, cursor: str) -> Ite
         if not page.data:
             return
         yield Page(list(reversed(page.data)), page.has_more, page.read_at)
-        if not page.has_more:
+        newest = _first_id(page.data)
+        if not page.has_more or newest is None:
             return
-        cursor = str(page.data[0]["id"])
+        cursor = newest
 
 
 def _newest_first(gateway: StripeGateway, query: EventQuery) -> Iterator[Page]:
@@ -212,9 +215,21 @@ def _newest_first(gateway: StripeGateway, query: EventQuery) -> Iterator[Page]:
         page = gateway.list_events(query, starting_after=cursor)
         if page.data:
             yield page
-        if not page.has_more or not page.data:
+        oldest = _first_id(reversed(page.data))
+        if not page.has_more or oldest is None:
             return
-        cursor = str(page.data[-1]["id"])
+        cursor = oldest
+
+
+def _first_id(events: Iterable[Any]) -> str | None:
+    """The id of the first of ``events`` whose id looks like Stripe's. A page is walked from the
+    event at its edge, so a cursor skips an event with a malformed id (it was never stored: the
+    events beside it are read again and skipped as duplicates) instead of failing the run."""
+    for event in events:
+        event_id = event.get("id") if isinstance(event, dict) else None
+        if is_event_id(event_id):
+            return str(event_id)
+    return None
 
 
 def _store(engine: Engine, page: Page, statement_timeout: float, mode: str | None) -> list[str]:
@@ -225,7 +240,8 @@ def _store(engine: Engine, page: Page, statement_timeout: float, mode: str | Non
         try:
             envelope, _ = read_envelope(body)
         except PayloadError as exc:
-            log.warning("backfill skipped an event the API returned: %s", exc)
+            event_id = event.get("id") if isinstance(event, dict) else None
+            log.warning("backfill skipped an event the API returned id=%.80r: %s", event_id, exc)
             continue
         status = "pending" if envelope.type in HANDLED_TYPES else "ignored"
         other_mode = other_mode_detail(envelope.livemode, mode)

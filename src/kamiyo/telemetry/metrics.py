@@ -60,9 +60,9 @@ FAILURE_REASONS = (
 # Why a verified delivery could not be stored (the inbox writer, webhooks/inbox_process.py).
 STORE_FAILURE_REASONS = ("timeout", "overloaded", "writer_down", "database")
 # `kamiyo doctor` probes the live endpoint. Its requests are not Stripe deliveries, so they are
-# left out of every delivery count: its unsigned ping carries this User-Agent, its signed
-# synthetic event this id prefix.
-PROBE_USER_AGENT = "kamiyo-doctor"
+# left out of every delivery count: its unsigned ping carries a header only a holder of the webhook
+# secret can make (``webhooks.signature.probe_header``), its signed synthetic event this id prefix
+# (a valid event id, and only a holder of the secret can sign one).
 PROBE_EVENT_PREFIX = "evt_kamiyo_probe_"
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

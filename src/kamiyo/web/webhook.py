@@ -19,10 +19,10 @@ from kamiyo.config import Settings
 from kamiyo.domain.modes import ignored_livemode, other_mode_detail
 from kamiyo.errors import PayloadTooLarge, WebhookRejected
 from kamiyo.processing.handlers import HANDLED_TYPES
-from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX, PROBE_USER_AGENT, WebhookMetrics
+from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX, WebhookMetrics
 from kamiyo.webhooks.envelope import read_envelope
 from kamiyo.webhooks.inbox import Inbox
-from kamiyo.webhooks.signature import verify_signature
+from kamiyo.webhooks.signature import PROBE_HEADER, is_probe, verify_signature
 
 log = logging.getLogger("kamiyo.webhook")
 WEBHOOK_PATH = "/api/v1/payments/webhook"
@@ -33,6 +33,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _JSON = (b"content-type", b"application/json")
+_WANTED = (b"stripe-signature", b"content-length", PROBE_HEADER.encode())  # the headers read below
+_MAX_DIGITS = 18  # a Content-Length longer than this is larger than any body we take
 _ALLOW = (b"allow", b"POST")
 
 
@@ -62,7 +64,10 @@ class WebhookEndpoint:
         try:
             status, body = await self._deliver(scope, receive, started)
         except ClientGone:
-            log.warning("webhook rejected reason=disconnected: the client left before its body arrived")
+            log.warning(
+                "webhook rejected reason=disconnected: the connection closed before the whole body arrived "
+                "(the client left, or HTTP_BODY_TIMEOUT_SECONDS passed)"
+            )
             return
         except Exception as exc:
             log.exception("webhook failed reason=internal: %s", exc.__class__.__name__)
@@ -87,8 +92,11 @@ class WebhookEndpoint:
                 log.warning("webhook rejected reason=invalid_signature: Webhook validation failed: %s", exc)
             else:
                 log.warning("webhook rejected reason=%s: %s", exc.reason, exc)
-            # doctor's unsigned ping is not a delivery: it stays out of the failure counts.
-            if exc.reason != "missing_signature" or not headers.get("user-agent", "").startswith(PROBE_USER_AGENT):
+            # doctor's unsigned ping is not a delivery: it stays out of the failure counts. Only an
+            # unsigned request can be one, so a delivery never pays for this check.
+            if exc.reason != "missing_signature" or not is_probe(
+                headers.get(PROBE_HEADER), self._secrets, tolerance=self._tolerance, now=time.time()
+            ):
                 self._count_rejection(exc.reason, started)
             return exc.status_code, {"error": str(exc), "reason": exc.reason}
 
@@ -123,14 +131,26 @@ def _headers(scope: Scope) -> dict[str, str]:
     A repeated header keeps its first value."""
     wanted: dict[str, str] = {}
     for name, value in scope["headers"]:
-        if name in (b"stripe-signature", b"content-length", b"user-agent"):
+        if name in _WANTED:
             wanted.setdefault(name.decode("latin-1"), value.decode("latin-1"))
     return wanted
 
 
+def _declared_length(value: str | None) -> int | None:
+    """A Content-Length as a number, or None when it is not one (the server frames the body
+    anyway, and the running count below still caps it). Only ASCII digits count ("²".isdigit()
+    is true, and int() refuses it); more digits than any body can have mean "too large"."""
+    if value is None or not (value.isascii() and value.isdigit()):
+        return None
+    digits = value.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
+
+
 async def _read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {declared} bytes is over the {limit}-byte limit")
+    length = _declared_length(declared)
+    if length is not None and length > limit:
+        shown = f"{length}" if length < 10**_MAX_DIGITS else f"over {10**_MAX_DIGITS - 1}"
+        raise PayloadTooLarge(f"body of {shown} bytes is over the {limit}-byte limit")
     chunks: list[bytes] = []
     size = 0
     while True:

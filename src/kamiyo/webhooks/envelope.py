@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, NamedTuple
 
 import orjson
 
 from kamiyo.errors import PayloadError
+
+# What Stripe's event ids look like: ``evt_``, then letters, digits and underscores, 255 characters
+# in all. Anything else could not be looked up again by id (``evt_a/b/../c`` in a URL, say), and a
+# control character in one would reach every place that prints it.
+_EVENT_ID = re.compile(r"evt_[A-Za-z0-9_]{1,251}")
+
+
+def is_event_id(value: object) -> bool:
+    """True when ``value`` is shaped like a Stripe event id."""
+    return isinstance(value, str) and _EVENT_ID.fullmatch(value) is not None
 
 
 class Envelope(NamedTuple):
@@ -29,9 +40,12 @@ def read_envelope(body: bytes) -> tuple[Envelope, dict[str, Any]]:
     if not isinstance(event, dict):
         raise PayloadError("body is not a JSON Stripe event: expected an object")
     event_id, event_type, created = event.get("id"), event.get("type"), event.get("created")
+    if not isinstance(event_id, str) or _EVENT_ID.fullmatch(event_id) is None:
+        raise PayloadError(
+            "body is not a JSON Stripe event: missing or invalid id (expected evt_ and letters, digits or "
+            "underscores, 255 characters at most)"
+        )
     # NUL is refused here: PostgreSQL text cannot hold it, and the insert would fail as a 5xx.
-    if not isinstance(event_id, str) or not 0 < len(event_id) <= 255 or "\x00" in event_id:
-        raise PayloadError("body is not a JSON Stripe event: missing or invalid id")
     if not isinstance(event_type, str) or not 0 < len(event_type) <= 255 or "\x00" in event_type:
         raise PayloadError("body is not a JSON Stripe event: missing or invalid type")
     # orjson reads integers up to 2**64 - 1; the column (and SQLite) hold at most 2**63 - 1.

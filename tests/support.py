@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -53,6 +55,21 @@ def throwaway_postgres() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def sqlite_write_locked(path: str | Path) -> Iterator[sqlite3.Connection]:
+    """SQLite's write lock held by a connection of its own, as another process (an operator's open
+    ``sqlite3``) holds it, until the block ends (rolled back). Taking it waits for the service's
+    own writes of the moment (its idle probe, say) to end."""
+    other = sqlite3.connect(path, isolation_level=None, timeout=10)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        yield other
+    finally:
+        if other.in_transaction:
+            other.execute("ROLLBACK")
+        other.close()
 
 
 def make_settings(database_url: str, **overrides: Any) -> Settings:

@@ -16,8 +16,6 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ import pytest
 
 from e2e.harness import WEBHOOK_PATH, KamiyoServer, ServerFactory, wait_until
 from kamiyo import synthetic
-from support import signed
+from support import signed, sqlite_write_locked
 
 pytestmark = pytest.mark.slow
 
@@ -103,19 +101,6 @@ def _doctor_verdict(server: KamiyoServer) -> str | None:
     return (report.get("verdict") or {}).get("cause")
 
 
-@contextmanager
-def _sqlite_locked(server: KamiyoServer) -> Iterator[None]:
-    """Another process's transaction holding SQLite's write lock (an operator's open ``sqlite3``)."""
-    path = server.database_url.removeprefix("sqlite:///")
-    other = sqlite3.connect(path, isolation_level=None, timeout=10)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-        yield
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
-
-
 @pytest.mark.timeout(180)
 def test_database_locked_deliveries_get_503_within_the_bound_health_fails_and_all_recovers(
     servers: ServerFactory,
@@ -123,7 +108,7 @@ def test_database_locked_deliveries_get_503_within_the_bound_health_fails_and_al
     server = _bounded(servers)
     deliveries = Deliveries(server)
     assert deliveries.post()[0] == 200
-    with _sqlite_locked(server):
+    with sqlite_write_locked(server.database_url.removeprefix("sqlite:///")):
         answers = [deliveries.post() for _ in range(3)]
         assert [status for status, _ in answers] == [503] * 3
         assert max(took for _, took in answers) < BOUND + 1.5

@@ -6,7 +6,6 @@ serve's writer process is covered by test_inbox_process.py and tests/e2e/test_fa
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ from kamiyo.db.engine import make_engine
 from kamiyo.db.migrate import upgrade
 from kamiyo.telemetry.metrics import WebhookMetrics
 from kamiyo.web.app import WEBHOOK_PATH, create_app
-from support import make_settings
+from support import make_settings, sqlite_write_locked
 
 
 def _eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -48,17 +47,12 @@ def test_health_fails_while_the_database_is_locked_and_says_so_and_recovers(tmp_
             healthy = http.get("/health")
             assert (healthy.status_code, healthy.json()) == (200, {"status": "ok", "database": "ok", "writer": "ok"})
             assert _writer_up(http) == 1.0
-            other = sqlite3.connect(tmp_path / "kamiyo.db", isolation_level=None, timeout=0)
-            other.execute("BEGIN IMMEDIATE")
-            try:
+            with sqlite_write_locked(tmp_path / "kamiyo.db"):
                 _eventually(lambda: http.get("/health").status_code == 503)
                 assert http.get("/health").json()["writer"] == "locked"
                 checks = {c["name"]: c for c in http.get(WEBHOOK_PATH + "/health").json()["checks"]}
                 assert checks["writer"]["status"] == "fail"  # the public report: name and state only
                 assert _writer_up(http) == 0.0
-            finally:
-                other.execute("ROLLBACK")
-                other.close()
             _eventually(lambda: http.get("/health").status_code == 200)
             assert _writer_up(http) == 1.0
     finally:

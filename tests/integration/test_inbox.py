@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,7 @@ from kamiyo.db.migrate import upgrade
 from kamiyo.db.models import events_table
 from kamiyo.webhooks.inbox import InboxUnavailable, InboxWriter, insert_new_events, write_probe
 from kamiyo.webhooks.writer_health import FULL_STATE, LOCKED_STATE
-from support import event_row, make_settings, stored_emails
+from support import event_row, make_settings, sqlite_write_locked, stored_emails
 
 
 def test_insert_new_events_reports_only_new_ids_and_keeps_the_first_copy(engine: Engine) -> None:
@@ -174,18 +171,6 @@ def _sqlite_engine(tmp_path: Path) -> Engine:
     return engine
 
 
-@contextmanager
-def _locked(engine: Engine) -> Iterator[None]:
-    """SQLite's write lock held by another connection, as another process (``sqlite3``) holds it."""
-    other = sqlite3.connect(engine.url.database or "", isolation_level=None, timeout=0)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-        yield
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
-
-
 def _eventually(probe: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not probe():
@@ -201,7 +186,7 @@ def test_with_the_database_locked_a_batch_fails_whole_at_once_and_no_row_is_retr
     ids = [f"evt_locked_{n}" for n in range(4)]
 
     async def scenario(writer: InboxWriter) -> tuple[list[Any], float, bool]:
-        with _locked(engine):
+        with sqlite_write_locked(engine.url.database or ""):
             tasks = [asyncio.ensure_future(writer.store(event_row(i))) for i in ids]
             await asyncio.sleep(0)  # all four queued: the writer takes them as one batch
             started = time.monotonic()
@@ -247,7 +232,7 @@ def test_the_writer_reports_a_locked_database_and_backs_off_then_reports_it_writ
     writer.start()
     try:
         assert writer.health().ok
-        with _locked(engine):
+        with sqlite_write_locked(engine.url.database or ""):
             _eventually(lambda: writer.activity().failure == "locked")
             assert writer.health().state == LOCKED_STATE
             assert "locked" in writer.activity().failure_detail
@@ -305,7 +290,7 @@ def test_a_writer_in_the_servers_process_answers_within_its_bound_and_refuses_be
     engine = _sqlite_engine(tmp_path)
 
     async def scenario(writer: InboxWriter) -> tuple[list[Any], float]:
-        with _locked(engine):
+        with sqlite_write_locked(engine.url.database or ""):
             writer.start()
             started = time.monotonic()
             taken = asyncio.ensure_future(writer.store(event_row("evt_bound_taken")))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -27,7 +26,7 @@ from kamiyo.db.models import delivery_stats_table, events_table
 from kamiyo.telemetry.metrics import ProcessedTally
 from kamiyo.webhooks.inbox_process import InboxProcess, InboxUnavailable
 from kamiyo.webhooks.writer_health import DEAD, LOCKED_STATE, OK, STALLED
-from support import event_delivery, make_settings, stored_emails
+from support import event_delivery, make_settings, sqlite_write_locked, stored_emails
 
 Scenario = Callable[[InboxProcess], Awaitable[Any]]
 
@@ -359,18 +358,13 @@ def test_with_sqlite_locked_by_another_process_deliveries_fail_within_the_bound_
 
     async def scenario(writer: InboxProcess) -> dict[str, Any]:
         seen: dict[str, Any] = {}
-        other = sqlite3.connect(tmp_path / "kamiyo.db", isolation_level=None, timeout=0)
-        other.execute("BEGIN IMMEDIATE")
-        try:
+        with sqlite_write_locked(tmp_path / "kamiyo.db"):
             started = time.monotonic()
             with pytest.raises(InboxUnavailable):
                 await asyncio.wait_for(_store(writer, "evt_while_locked"), timeout=20)
             seen["answered_after"] = time.monotonic() - started
             await _until(lambda: writer.health().state == LOCKED_STATE, timeout=5)
             seen["detail"] = writer.health().detail
-        finally:
-            other.execute("ROLLBACK")
-            other.close()
         await _until(lambda: writer.health().ok, timeout=10)
         seen["stored_after"] = await _store(writer, "evt_after_unlock")
         return seen

@@ -5,11 +5,8 @@ SQLite-only by nature: PostgreSQL has no single write lock, and its engine no lo
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from kamiyo.db.engine import WRITE_WAIT_OPTION, make_engine, sqlite_write_lock
 from kamiyo.db.errors import is_database_fault
 from kamiyo.db.faults import LOCKED, fault_kind
-from support import make_settings
+from support import make_settings, sqlite_write_locked
 
 
 def _engine_without_busy_wait(path: Path) -> Engine:
@@ -27,18 +24,6 @@ def _engine_without_busy_wait(path: Path) -> Engine:
     handler at all: one that finds the database locked fails at once and is counted
     (``busy_attempts``) before it is tried again."""
     return make_engine(make_settings(database_url=f"sqlite:///{path}"), busy_slice=0)
-
-
-@contextmanager
-def _locked_by_another_process(path: Path) -> Iterator[None]:
-    """SQLite's write lock held by a connection of its own, as another process (``sqlite3``) holds it."""
-    other = sqlite3.connect(path, isolation_level=None, timeout=0)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-        yield
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
 
 
 def _table(engine: Engine) -> None:
@@ -126,7 +111,7 @@ def test_a_write_waits_for_another_process_only_as_long_as_it_may_and_then_fails
     engine = make_engine(make_settings(database_url=f"sqlite:///{path}"))
     _table(engine)
     try:
-        with _locked_by_another_process(path), engine.connect() as connection:
+        with sqlite_write_locked(path), engine.connect() as connection:
             connection.execution_options(**{WRITE_WAIT_OPTION: 0.5})
             started = time.monotonic()
             with pytest.raises(OperationalError) as failed:
@@ -167,7 +152,7 @@ def test_a_thread_waiting_for_another_process_does_not_hold_up_a_thread_with_a_s
             writer_failed.append(time.monotonic())
 
     try:
-        with _locked_by_another_process(path):
+        with sqlite_write_locked(path):
             first = threading.Thread(target=worker, daemon=True)
             first.start()
             time.sleep(0.3)  # the worker is in its wait

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from kamiyo.db.migrate import upgrade
 from kamiyo.db.models import users_table
 from kamiyo.processing import handlers
 from kamiyo.processing.worker import FAULT_BACKOFF_MAX, Worker, fault_backoff
-from support import make_settings
+from support import make_settings, sqlite_write_locked
 
 pytestmark = pytest.mark.timeout(120)
 # The shared database of PostgreSQL only, for the faults only PostgreSQL produces.
@@ -183,16 +182,11 @@ def test_a_locked_sqlite_database_is_no_events_attempt(tmp_path: Path) -> None:
     events = _events()
     harness.deliver(*events)
     worker = Worker(engine, settings)
-    other = sqlite3.connect(path, isolation_level=None, timeout=0)
-    try:
-        other.execute("BEGIN IMMEDIATE")
+    with sqlite_write_locked(path):
         for _ in range(3):
             with pytest.raises(OperationalError) as caught:
                 worker.run_once()
             assert is_database_fault(caught.value)
-        other.execute("COMMIT")
-    finally:
-        other.close()
     assert _attempts(harness, events) == [("pending", 0, None)] * 4
     assert worker.run_once() == 4
     assert [status for status, _n, _e in _attempts(harness, events)] == ["applied"] * 4

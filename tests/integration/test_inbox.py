@@ -12,7 +12,7 @@ from sqlalchemy import Engine, event, func, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from kamiyo.db.engine import make_engine
-from kamiyo.db.faults import fault_kind
+from kamiyo.db.errors import fault_kind
 from kamiyo.db.migrate import upgrade
 from kamiyo.db.models import events_table
 from kamiyo.webhooks.inbox import InboxUnavailable, InboxWriter, insert_new_events, write_probe

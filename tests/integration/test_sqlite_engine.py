@@ -14,8 +14,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from kamiyo.db.engine import WRITE_WAIT_OPTION, make_engine, sqlite_write_lock
-from kamiyo.db.errors import is_database_fault
-from kamiyo.db.faults import LOCKED, fault_kind
+from kamiyo.db.errors import LOCKED, fault_kind, is_database_fault
 from support import make_settings, sqlite_write_locked
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from kamiyo.db.faults import FULL, LOCKED, UNAVAILABLE, fault_kind
+from kamiyo.db.errors import FULL, LOCKED, UNAVAILABLE, fault_kind
 from kamiyo.webhooks.writer_health import (
     DEAD,
     FAILING,

@@ -30,8 +30,7 @@ from sqlalchemy import Engine, delete, func, select, text
 from kamiyo import synthetic
 from kamiyo.config import Settings
 from kamiyo.db.engine import WRITE_WAIT_OPTION
-from kamiyo.db.errors import describe, is_database_fault
-from kamiyo.db.faults import FULL, LOCKED, fault_kind
+from kamiyo.db.errors import FULL, LOCKED, describe, fault_kind, is_database_fault
 from kamiyo.db.models import customers_table, events_table, subscriptions_table
 from kamiyo.diagnosis.stripe_view import RUNBOOK_EVENTS, StripeWebhookView
 from kamiyo.domain.modes import LIVE
@@ -349,7 +348,7 @@ def diagnose_writer(service_writer: str | None, local_write: str | None) -> Find
     """Can the service store a delivery? ``service_writer``: the state the running service gives
     its inbox writer (``/health``'s ``writer``; None when it could not be asked).
     ``local_write``: how doctor's own write to the database went: None (it committed), a fault
-    kind of ``kamiyo.db.faults``, or ``"skipped"`` (no database to write to)."""
+    kind of ``kamiyo.db.errors``, or ``"skipped"`` (no database to write to)."""
     step = "Storing deliveries"
     if service_writer == writer_health.DEAD:
         return Finding(

@@ -31,8 +31,7 @@ from sqlalchemy import Connection, Dialect, Engine, delete
 
 from kamiyo.db.driver import driver_connection, sqlalchemy_errors
 from kamiyo.db.engine import WRITE_WAIT_OPTION, sqlite_write_lock
-from kamiyo.db.errors import describe, is_database_fault
-from kamiyo.db.faults import FULL, fault_kind
+from kamiyo.db.errors import FULL, describe, fault_kind, is_database_fault
 from kamiyo.db.models import events_table
 from kamiyo.telemetry.delivery_stats import DeliveryKey, add_delivery_counts, minute_of
 from kamiyo.webhooks.envelope import Envelope

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from kamiyo.db.faults import FULL, LOCKED
+from kamiyo.db.errors import FULL, LOCKED
 
 # The writer's states, from the worst: no writer, a writer that does not answer, a database
 # that does not let it write, and a writer that stores.
@@ -36,7 +36,7 @@ class WriterActivity(NamedTuple):
     alive: bool = True
     busy_for: float = 0.0  # seconds on the current batch or probe; 0 while waiting for work
     lock_wait_for: float = 0.0  # of which, seconds SQLite's write lock was held by another process
-    failure: str | None = None  # the fault kind (kamiyo.db.faults) that failed the last write; None after a success
+    failure: str | None = None  # the fault kind (kamiyo.db.errors) that failed the last write; None after a success
     failure_detail: str = ""  # that error in one line (kamiyo.db.errors.describe)
 
 

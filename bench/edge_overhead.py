@@ -127,7 +127,9 @@ def in_process(workdir: Path, runs: int = 25) -> dict[str, Any]:
         offset += length
 
     class Writer:
-        async def store_event(self, envelope: Any, body: bytes, *, status: str, counted: bool = True) -> bool:
+        async def store_event(
+            self, envelope: Any, body: bytes, *, status: str, counted: bool = True, detail: str | None = None
+        ) -> bool:
             return True
 
         def count_rejection(self, reason: str, event_type: str = "") -> None:

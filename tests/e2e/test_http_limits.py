@@ -227,6 +227,29 @@ def test_a_head_over_the_size_limit_is_answered_431_and_closed(server: KamiyoSer
     assert how in ("eof", "reset")
 
 
+@pytest.mark.parametrize("size", [12 * 1024, 60 * 1024])
+def test_a_head_over_the_size_limit_that_arrives_whole_in_one_write_is_answered_431_too(
+    server: KamiyoServer, size: int
+) -> None:
+    """A head may arrive complete in one read of the socket, never seen incomplete: it is measured."""
+    with connections(server, 1) as (sock,):
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: kamiyo\r\nX-Big: " + b"a" * size + b"\r\n\r\n")
+        data, how = read_until_closed(sock)
+    status, headers, body = split_answer(data)
+    assert (status, headers["connection"]) == (431, "close")
+    assert orjson.loads(body)["reason"] == "headers_too_large"
+    assert how in ("eof", "reset")
+
+
+def test_a_head_just_under_the_size_limit_is_answered(server: KamiyoServer) -> None:
+    with connections(server, 1) as (sock,):
+        sock.sendall(
+            b"GET /health HTTP/1.1\r\nHost: kamiyo\r\nConnection: close\r\nX-Big: " + b"a" * 7000 + b"\r\n\r\n"
+        )
+        data, _how = read_until_closed(sock)
+    assert split_answer(data)[0] == 200
+
+
 def test_requests_pipelined_far_ahead_of_their_answers_close_the_connection(server: KamiyoServer) -> None:
     with connections(server, 1) as (sock,):
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: kamiyo\r\n\r\n" * (MAX_PIPELINED * 4))

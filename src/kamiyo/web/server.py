@@ -177,9 +177,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._body_deadline: float | None = None
         self._send_deadline: float | None = None
         # Bytes received outside a request body since the last complete head: a head in the
-        # making, or requests sent ahead of their answers. Counted a whole read at a time, so a
-        # head can exceed the limit by at most one read before it is refused.
+        # making, or requests sent ahead of their answers. Counted a whole read at a time; a head
+        # that completes within a read large enough to hold more than the limit is measured
+        # itself (``on_headers_complete``).
         self._head_bytes = 0
+        self._read_bytes = 0  # the size of the read being parsed
         self._held = False  # the latest request's keep-alive is held back until its body is whole
         self._keep_alive = True  # what that request asked for
         self._stopping = False
@@ -208,6 +210,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # Everything a read can change is looked at once it has been parsed: one step per read,
         # not one per parser callback.
         self._idle_turn = None
+        self._read_bytes = len(data)
         before = self.cycle
         in_body = before is not None and before.more_body and not before.response_complete
         _Base.data_received(self, data)
@@ -234,6 +237,23 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)
             if self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
                 self._head_too_large()
+
+    def on_headers_complete(self) -> None:
+        # Only when this read and what came before it could hold a head over the limit is the head
+        # measured: its request line and headers, as received. One over the limit gets the 431 app
+        # instead of ours, and its answer closes the connection.
+        if (
+            self._head_bytes + self._read_bytes > self.max_header_bytes
+            and _head_size(self.url, self.headers) > self.max_header_bytes
+        ):
+            self.cuts.cut("header_too_large", f"a request head over {self.max_header_bytes} bytes")
+            app, self.app = self.app, _HeadTooLarge(self.max_header_bytes)
+            try:
+                _Base.on_headers_complete(self)
+            finally:
+                self.app = app
+            return
+        _Base.on_headers_complete(self)
 
     def on_response_complete(self) -> None:
         if self.pipeline:
@@ -351,6 +371,27 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
 
 _RETRY = b"retry-after: 1"
+
+
+def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    """A head's size as received, near enough: its request line and each ``name: value`` line."""
+    return len(url) + 16 + sum(len(name) + len(value) + 4 for name, value in headers)
+
+
+class _HeadTooLarge:
+    """The app a request whose head is over the limit gets: 431, and the connection closes."""
+
+    def __init__(self, limit: int) -> None:
+        self._body = orjson.dumps({"error": f"request head over {limit} bytes", "reason": "headers_too_large"})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(self._body)),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": 431, "headers": headers})
+        await send({"type": "http.response.body", "body": self._body})
 
 
 def _turn(entry: tuple[int, BoundedHttpToolsProtocol]) -> int:

@@ -136,7 +136,10 @@ class WebhookEvent(Base):
     # Unix seconds (float) before which the worker leaves it alone: the retry backoff.
     available_at: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)
+    # What applying it did: ``outcome`` as data (domain/outcomes.py, written by the apply engine),
+    # ``detail`` the sentence made from it (rows from before the outcome column have only that).
     detail: Mapped[str | None] = mapped_column(Text)
+    outcome: Mapped[dict[str, object] | None] = mapped_column(JSON)
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # When `kamiyo replay` last queued it again (for incident reports); None if never replayed.
     replayed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -14,15 +14,12 @@ or ``admin_queries.py`` (deliveries, chart) in the thread pool, answer JSON in w
 string has been through the scrubber (``kamiyo.scrub``). Every list has a default and a maximum
 size. The API is described by ``ENDPOINTS``, from which both the routes and the OpenAPI schema
 are built, so the two cannot drift apart; the schema states every bound, and what it calls
-valid the API accepts. The page is one HTML document with its CSS and JS inline (allowed by hash
-in its Content-Security-Policy): no CDN, no other asset.
+valid the API accepts. The console and sign-in pages (HTML, inline CSS and JS, their
+Content-Security-Policy) are assembled in ``admin_page.py``.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import html
 import logging
 import re
 import time
@@ -30,8 +27,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
-from pathlib import Path
-from string import Template
 from typing import Any
 
 import orjson
@@ -75,6 +70,7 @@ from kamiyo.web.admin_input import (
     read_form,
     read_json_object,
 )
+from kamiyo.web.admin_page import console_page, login_page
 from kamiyo.web.admin_queries import (
     MARKS,
     MAX_LIMIT,
@@ -92,7 +88,6 @@ log = logging.getLogger("kamiyo.admin")
 
 ADMIN_PREFIX = "/admin"
 API_PREFIX = "/admin/api"
-_STATIC = Path(__file__).with_name("admin_static")
 _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _COMMON_HEADERS = {
     "Cache-Control": "no-store",
@@ -684,52 +679,6 @@ def openapi_schema() -> dict[str, Any]:
     }
 
 
-# -- the page -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Document:
-    template: Template
-    fixed: dict[str, str]  # the inline CSS and JS: ours, inserted as they are
-    csp: str
-
-
-def _csp_hash(source: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
-
-
-@cache
-def _documents() -> dict[str, _Document]:
-    """The console and sign-in pages, CSS and JS inline, each allowed by its hash alone."""
-    css = (_STATIC / "console.css").read_text(encoding="utf-8")
-    js = (_STATIC / "console.js").read_text(encoding="utf-8")
-    base = "default-src 'none'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
-    return {
-        "console": _Document(
-            Template((_STATIC / "console.html").read_text(encoding="utf-8")),
-            {"css": css, "js": js},
-            f"{base}; style-src {_csp_hash(css)}; script-src {_csp_hash(js)}; connect-src 'self'",
-        ),
-        "login": _Document(
-            Template((_STATIC / "login.html").read_text(encoding="utf-8")),
-            {"css": css},
-            f"{base}; style-src {_csp_hash(css)}",
-        ),
-    }
-
-
-def _page(name: str, status: int = 200, headers: Mapping[str, str] | None = None, **values: str) -> Response:
-    """A page; ``values`` (an operator's name, an error) are HTML-escaped."""
-    document = _documents()[name]
-    body = document.template.substitute(document.fixed, **{k: html.escape(v) for k, v in values.items()})
-    return Response(
-        body,
-        status_code=status,
-        media_type="text/html; charset=utf-8",
-        headers={"Content-Security-Policy": document.csp, **(headers or {})},
-    )
-
-
 # -- authentication at the door -------------------------------------------------------------
 
 
@@ -789,7 +738,7 @@ def admin_routes(settings: Settings, state: Mapping[str, Any]) -> list[BaseRoute
         error = {"bad_token": "That token is not right.", "expired_session": "Your session expired."}.get(reason, "")
         if status == 403:
             error = "That form was not sent by this console (CSRF check failed)."
-        return _page("login", status, {**_COMMON_HEADERS, **challenge}, error=error)
+        return login_page(status, {**_COMMON_HEADERS, **challenge}, error=error)
 
     def throttled(request: Request, wait: int) -> Response:
         log.warning(
@@ -803,7 +752,7 @@ def admin_routes(settings: Settings, state: Mapping[str, Any]) -> list[BaseRoute
         message = f"too many wrong admin tokens from this address: try again in {wait} s"
         if is_api(request):
             return _json(429, {"error": message}, headers)
-        return _page("login", 429, headers, error=message)
+        return login_page(429, headers, error=message)
 
     def too_large(exc: BodyTooLarge) -> Response:
         # Closing the connection stops the client's upload: nothing more of it is read.
@@ -874,7 +823,7 @@ def admin_routes(settings: Settings, state: Mapping[str, Any]) -> list[BaseRoute
 
     async def page(_ctx: _Context, _request: Request, op: Operator) -> Response:
         shown = op.name if op.claimed is None else f"{op.name} (as {op.claimed})"
-        return _page("console", csrf=op.csrf or "", actor=shown)
+        return console_page(csrf=op.csrf or "", actor=shown)
 
     async def logout(_ctx: _Context, _request: Request, op: Operator) -> Response:
         if op.session_hash is not None:
@@ -896,7 +845,7 @@ def admin_routes(settings: Settings, state: Mapping[str, Any]) -> list[BaseRoute
         try:
             form = await read_form(request, form_cap)
         except BadRequest as exc:
-            return _page("login", 400, _COMMON_HEADERS, error=str(exc))
+            return login_page(400, _COMMON_HEADERS, error=str(exc))
         candidate = form.get("token", "")
         if not candidate:
             return refuse(request, "missing")

@@ -23,7 +23,7 @@ from kamiyo.config import Settings
 from kamiyo.db.engine import make_engine
 from kamiyo.db.migrate import upgrade
 from kamiyo.db.models import delivery_stats_table, events_table
-from kamiyo.telemetry.metrics import ProcessedTally
+from kamiyo.telemetry.metrics import WebhookMetrics
 from kamiyo.webhooks.inbox_process import InboxProcess, InboxUnavailable
 from kamiyo.webhooks.writer_health import DEAD, LOCKED_STATE, OK, STALLED
 from support import event_delivery, make_settings, sqlite_write_locked, stored_emails
@@ -147,19 +147,29 @@ def test_the_worker_in_the_child_applies_what_it_stores_and_reports_each_batch(
     settings: Settings, engine: Engine
 ) -> None:
     """What ``kamiyo serve`` runs by default: stored events are applied in the child, and the
-    server gets the counts of what was applied."""
-    tallies: list[ProcessedTally] = []
+    server's metrics count what was applied.
+
+    The server's side now takes the metrics themselves (``metrics=``) instead of a callback per
+    message, so the counts are read from the server's registry rather than from the tallies."""
+    metrics = WebhookMetrics()
     ids = [f"evt_applied_{n}" for n in range(20)]
 
     async def scenario(writer: InboxProcess) -> tuple[bool | None, dict[str, str]]:
         assert all(await asyncio.gather(*(_store(writer, event_id) for event_id in ids)))
-        return writer.worker_alive(), await _until_applied(engine, *ids)
+        statuses = await _until_applied(engine, *ids)
+        # The batch's Processed message follows its commit: give it a moment to arrive.
+        await _until(lambda: _sample(metrics, "webhook_events_applied_total", type="customer.updated") == len(ids))
+        return writer.worker_alive(), statuses
 
-    alive, statuses = _run(settings, scenario, worker=settings, on_processed=tallies.append)
+    alive, statuses = _run(settings, scenario, worker=True, metrics=metrics)
     assert alive is True
     assert statuses == dict.fromkeys(ids, "applied")
-    assert sum(tally.applied.get("customer.updated", 0) for tally in tallies) == len(ids)
-    assert sum(sum(tally.lag_buckets) for tally in tallies) == len(ids)
+    assert _sample(metrics, "webhook_events_applied_total", type="customer.updated") == len(ids)
+    assert _sample(metrics, "webhook_event_apply_lag_seconds_count") == len(ids)
+
+
+def _sample(metrics: WebhookMetrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def test_without_a_worker_the_child_applies_nothing(settings: Settings, engine: Engine) -> None:
@@ -192,7 +202,7 @@ def test_a_dead_child_takes_its_worker_along_and_the_next_child_starts_another(
         assert (await _until_applied(engine, "evt_after_restart"))["evt_after_restart"] == "applied"
         return seen
 
-    assert _run(settings, scenario, worker=settings) == [True, False, True]
+    assert _run(settings, scenario, worker=True) == [True, False, True]
 
 
 def test_a_worker_thread_told_to_stop_says_nothing_of_a_death_and_one_whose_loop_fails_says_it_stopped(
@@ -200,26 +210,30 @@ def test_a_worker_thread_told_to_stop_says_nothing_of_a_death_and_one_whose_loop
 ) -> None:
     """The child's side of ``worker_alive``: a requested stop sends no death and no "stopped"; a
     thread whose restart loop itself fails reports the unexpected end (a worker that dies is
-    restarted: tests/integration/test_worker_restarts.py)."""
-    from kamiyo.processing.restarts import RestartingWorker
-    from kamiyo.webhooks.inbox_process import _WorkerThread
+    restarted: tests/integration/test_worker_restarts.py).
 
-    sent: list[tuple[Any, ...]] = []
-    stopped = _WorkerThread(engine, settings, threading.Event(), sent.append)
-    stopped.stop()
-    assert [m for m in sent if m[0] != "worker_started"] == []
+    The thread is now ``processing.in_process.relayed_worker`` (it was ``_WorkerThread`` in this
+    module) and its messages are typed: the test compares their types."""
+    from kamiyo.processing.in_process import relayed_worker
+    from kamiyo.processing.restarts import RestartingWorker
+    from kamiyo.webhooks.messages import WorkerStarted, WorkerStopped
+
+    sent: list[Any] = []
+    stopped = relayed_worker(engine, settings, threading.Event(), sent.append)
+    stopped.stop(timeout=10)
+    assert [m for m in sent if not isinstance(m, WorkerStarted)] == []
 
     def broken(_self: RestartingWorker, _stop: threading.Event, _wake: threading.Event | None = None) -> None:
         raise RuntimeError("the restart loop ended")
 
     monkeypatch.setattr(RestartingWorker, "run", broken)
     sent.clear()
-    failed = _WorkerThread(engine, settings, threading.Event(), sent.append)
+    failed = relayed_worker(engine, settings, threading.Event(), sent.append)
     deadline = time.monotonic() + 10
     while not sent and time.monotonic() < deadline:
         time.sleep(0.01)
-    failed.stop()
-    assert sent == [("worker_stopped",)]
+    failed.stop(timeout=10)
+    assert [type(m) for m in sent] == [WorkerStopped]
 
 
 # -- a writer process that stalls, dies, is sent SIGTERM, or finds the database locked ----------
@@ -273,7 +287,7 @@ def test_a_stopped_writer_process_gets_each_delivery_answered_within_the_bound_a
         seen["stored_after_resume"] = await _store(writer, "evt_after_resume")
         return seen
 
-    seen = _run(bounded, scenario, worker=bounded)
+    seen = _run(bounded, scenario, worker=True)
     assert 0.9 < seen["answered_after"] < 2.0
     assert seen["stalled_after"] < 5.0
     assert seen["worker_alive"] is False

@@ -1,5 +1,5 @@
 """A worker that dies is restarted, with a bounded pause, counted, logged, and shown by the webhook
-health and ``kamiyo doctor``: in ``kamiyo serve``'s inbox process (``_WorkerThread``) and in the
+health and ``kamiyo doctor``: in ``kamiyo serve``'s inbox process (``relayed_worker``) and in the
 server's own thread when it runs without that process (an engine given by a test).
 
 On SQLite and on PostgreSQL. A death is injected by making ``Worker.run`` raise (its own loop
@@ -26,12 +26,14 @@ from integration.test_worker import customer_event, sub_event
 from kamiyo.config import Settings
 from kamiyo.db.models import events_table
 from kamiyo.diagnosis.doctor import FAIL, WARN, Doctor, diagnose_worker_restarts, restarts_from_metrics
+from kamiyo.processing.in_process import relayed_worker
 from kamiyo.processing.restarts import RestartingWorker, RestartRecord, WorkerDeath
 from kamiyo.processing.worker import Worker
 from kamiyo.telemetry.metrics import WebhookMetrics
 from kamiyo.telemetry.webhook_health import OK, run_checks
 from kamiyo.web.app import WEBHOOK_PATH, create_app
-from kamiyo.webhooks.inbox_process import InboxProcess, _WorkerThread
+from kamiyo.webhooks.inbox_process import InboxProcess
+from kamiyo.webhooks.messages import WorkerDied, WorkerStarted
 from support import signed
 
 pytestmark = pytest.mark.timeout(120)
@@ -129,23 +131,28 @@ def test_the_worker_thread_of_the_inbox_process_restarts_its_worker_and_tells_th
     settings: Settings, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The child's side: a worker that dies is restarted and applies what is stored; the server
-    is told of each start and of the death, never that the thread stopped."""
+    is told of each start and of the death, never that the thread stopped.
+
+    The thread is now ``processing.in_process.relayed_worker`` (it was ``_WorkerThread`` in
+    webhooks/inbox_process.py) and its messages are typed: the test compares their types."""
+    from kamiyo.webhooks.messages import Processed
+
     _dies_once(monkeypatch)
     events = [customer_event("ann@example.com"), sub_event("active")]
     from integration.conftest import Harness
 
     Harness(engine, settings).deliver(*events)
-    sent: list[tuple[Any, ...]] = []
+    sent: list[Any] = []
     monkeypatch.setattr("kamiyo.processing.restarts.RESTART_PAUSE", 0.05)
-    thread = _WorkerThread(engine, settings, threading.Event(), sent.append)
+    thread = relayed_worker(engine, settings, threading.Event(), sent.append)
     try:
         applied = _wait(lambda: _statuses(engine, *(e["id"] for e in events)) == ["applied"] * 2)
     finally:
-        thread.stop()
+        thread.stop(timeout=30)
     assert applied
-    kinds = [message[0] for message in sent if message[0] != "processed"]
-    assert kinds == ["worker_started", "worker_died", "worker_started"]
-    death = next(message[1] for message in sent if message[0] == "worker_died")
+    kinds = [type(message) for message in sent if not isinstance(message, Processed)]
+    assert kinds == [WorkerStarted, WorkerDied, WorkerStarted]
+    death = next(message.death for message in sent if isinstance(message, WorkerDied))
     assert isinstance(death, WorkerDeath)
     assert death.error.startswith("RuntimeError: the loop broke")
 
@@ -153,24 +160,29 @@ def test_the_worker_thread_of_the_inbox_process_restarts_its_worker_and_tells_th
 def test_the_server_counts_each_death_its_child_reports_and_knows_the_worker_is_down_until_it_restarts(
     settings: Settings, engine: Engine
 ) -> None:
-    deaths: list[WorkerDeath] = []
+    """The messages are now typed (``WorkerDied``, ``WorkerStarted``) and the server's side takes
+    the metrics themselves: the death is read from its counter and its record."""
+    metrics = WebhookMetrics()
 
     async def scenario() -> list[bool | None]:
-        writer = InboxProcess(settings, worker=settings, on_worker_death=deaths.append)
+        writer = InboxProcess(settings, worker=True, metrics=metrics)
         await writer.start()
         try:
             seen = [writer.worker_alive()]
-            writer._answered(("worker_died", WorkerDeath("RuntimeError: boom", time.time(), 1.0)))
+            writer._received(WorkerDied(WorkerDeath("RuntimeError: boom", time.time(), 1.0)))
             seen.append(writer.worker_alive())
             assert writer.worker_restarts.count == 1
-            writer._answered(("worker_started",))
+            last = writer.worker_restarts.last
+            assert last is not None
+            assert last.error == "RuntimeError: boom"
+            writer._received(WorkerStarted())
             seen.append(writer.worker_alive())
             return seen
         finally:
             await writer.stop()
 
     assert asyncio.run(scenario()) == [True, False, True]
-    assert [d.error for d in deaths] == ["RuntimeError: boom"]
+    assert metrics.registry.get_sample_value("webhook_worker_restarts_total") == 1.0
 
 
 @contextlib.contextmanager

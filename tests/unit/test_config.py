@@ -172,10 +172,11 @@ def test_webhook_health_limits_are_read_from_the_environment() -> None:
 
 
 def test_the_in_process_worker_takes_smaller_batches_than_a_worker_process() -> None:
-    from kamiyo.web.app import IN_PROCESS_BATCH, _in_process
+    """(The rule moved with the in-process worker from web/app.py to processing/in_process.py.)"""
+    from kamiyo.processing.in_process import IN_PROCESS_BATCH, in_process_settings
 
-    assert _in_process(load({})).worker_batch_size == IN_PROCESS_BATCH < load({}).worker_batch_size
-    assert _in_process(load({"WORKER_BATCH_SIZE": "10"})).worker_batch_size == 10
+    assert in_process_settings(load({})).worker_batch_size == IN_PROCESS_BATCH < load({}).worker_batch_size
+    assert in_process_settings(load({"WORKER_BATCH_SIZE": "10"})).worker_batch_size == 10
 
 
 # -- Stripe's mode, retention and replay bounds --------------------------------------------------

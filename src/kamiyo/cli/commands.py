@@ -122,10 +122,7 @@ def worker(settings: Settings) -> int:
     signal.signal(signal.SIGINT, _stop)
     # A worker that dies is started again (after a growing pause), counted for the alert.
     metrics = process_metrics() if settings.metrics_enabled else None
-    RestartingWorker(
-        lambda: worker_module.Worker(engine, settings),
-        on_death=metrics.worker_restarted if metrics is not None else None,
-    ).run(stop)
+    RestartingWorker(lambda: worker_module.Worker(engine, settings, metrics=metrics), metrics=metrics).run(stop)
     engine.dispose()
     return 0
 

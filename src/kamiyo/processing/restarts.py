@@ -7,11 +7,12 @@ fresh ``Worker`` each time, after a pause that doubles with each death in a row 
 does not spin; a worker that ran ``HEALTHY_SECONDS`` before dying starts the doubling over.
 
 Each death is logged (the error as ``kamiyo.db.errors.describe`` tells it, without SQL or its
-parameters, and the stack without the exception's text) and reported as a ``WorkerDeath``:
-``kamiyo serve`` counts it (``webhook_worker_restarts_total``), keeps the count and the last one
-in a ``RestartRecord`` for the webhook health's worker check and ``kamiyo doctor``. Where the
-worker runs in the inbox process, the ``WorkerDeath`` travels to the server in a message
-(webhooks/inbox_process.py).
+parameters, and the stack without the exception's text) and reported as a ``WorkerDeath`` to the
+worker's metrics (``worker_restarted``: ``webhook_worker_restarts_total``) and to ``on_death``.
+``kamiyo serve`` keeps the count and the last death in a ``RestartRecord`` for the webhook
+health's worker check and ``kamiyo doctor``. In its inbox process the metrics are a relay
+(``processing/in_process.py``): the death reaches the server in a ``WorkerDied`` message, and
+the server counts it and records it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from kamiyo.db.errors import describe
 
 if TYPE_CHECKING:
     from kamiyo.processing.worker import Worker
+    from kamiyo.telemetry.metrics import WorkerMetrics
 
 log = logging.getLogger("kamiyo.worker")
 RESTART_PAUSE = 1.0
@@ -47,8 +49,8 @@ class WorkerDeath(NamedTuple):
 
 
 class RestartRecord:
-    """How many times this process's in-process worker died, and the last death: what the health
-    check and the doctor show. Written by one thread, read by any."""
+    """How many times ``kamiyo serve``'s in-process worker died, and the last death: what the
+    health check and the doctor show. Written by one thread, read by any."""
 
     def __init__(self) -> None:
         self._state: tuple[int, WorkerDeath | None] = (0, None)
@@ -71,13 +73,14 @@ class RestartRecord:
 
 class RestartingWorker:
     """Runs a worker made by ``make_worker`` until ``stop`` is set, making a new one whenever
-    the last ended by an error. ``on_start`` is called as each worker starts, ``on_death`` with
-    each ``WorkerDeath``; neither may raise."""
+    the last ended by an error. Each ``WorkerDeath`` is counted by ``metrics.worker_restarted``,
+    then given to ``on_death``; ``on_start`` is called as each worker starts. None may raise."""
 
     def __init__(
         self,
         make_worker: Callable[[], Worker],
         *,
+        metrics: WorkerMetrics | None = None,
         on_start: Callable[[], None] | None = None,
         on_death: Callable[[WorkerDeath], None] | None = None,
         pause: float = RESTART_PAUSE,
@@ -85,6 +88,7 @@ class RestartingWorker:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._make_worker = make_worker
+        self._metrics = metrics
         self._on_start = on_start
         self._on_death = on_death
         self._pause = pause
@@ -122,6 +126,8 @@ class RestartingWorker:
                     pause,
                     exc_info=(WorkerDied, told, exc.__traceback__),
                 )
+                if self._metrics is not None:
+                    self._metrics.worker_restarted(death)
                 if self._on_death is not None:
                     self._on_death(death)
                 if stop.wait(pause):

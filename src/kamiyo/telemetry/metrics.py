@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -41,6 +41,9 @@ from kamiyo.processing.retention import retention_status
 from kamiyo.scrub import clean
 from kamiyo.telemetry.delivery_stats import read_state
 from kamiyo.telemetry.inbox_modes import recent_modes
+
+if TYPE_CHECKING:
+    from kamiyo.processing.restarts import WorkerDeath
 
 log = logging.getLogger("kamiyo.metrics")
 # The `_created` series double every counter's output and no alert or dashboard reads them.
@@ -80,10 +83,20 @@ def multiprocess_dir() -> str | None:
 
 
 class ProcessedCounter(Protocol):
-    """What the worker counts its committed batches with: ``WebhookMetrics``, or a relay to the
-    process that serves ``GET /metrics`` (inbox_process.py)."""
+    """What a ``Worker`` counts its committed batches with: the part of ``WorkerMetrics`` it calls."""
 
-    def events_processed(self, outcomes: Iterable[tuple[str, str, int, float]], committed_at: float) -> None: ...
+    def events_processed(self, outcomes: Iterable[tuple[str, str, int, float]], committed_at: float) -> None:
+        """Count ``(status, type, created, apply seconds)`` of each event of a batch committed at ``committed_at``."""
+
+
+class WorkerMetrics(ProcessedCounter, Protocol):
+    """The worker's metrics, called where things happen: after a batch commits (``Worker``), when
+    a worker dies (``RestartingWorker``). ``WebhookMetrics`` counts them in this process; in
+    ``kamiyo serve``'s inbox process ``processing.in_process.WorkerRelay`` sends them to the
+    server, which counts them. The caller never knows which."""
+
+    def worker_restarted(self, death: WorkerDeath) -> None:
+        """A worker ended by an error and is started again after ``death.restart_in`` seconds."""
 
 
 class WebhookMetrics:
@@ -176,9 +189,8 @@ class WebhookMetrics:
         """A verified event answered 2xx; ``ignored`` when it was new and of a type nothing handles.
 
         Queued here and counted by ``flush``, in bulk: within a second, and before every scrape.
-        Counting each delivery as it was answered (three locked increments and a histogram search)
-        cost the event loop about 7% of ingest (bench/metrics_overhead.py); a queued tuple costs
-        a tenth of that."""
+        The event loop appends one tuple per delivery instead of three locked increments and a
+        histogram search (docs/PERFORMANCE.md, "Metrics overhead")."""
         self._received_queue.append((event_type, seconds, ignored))
         if self._flusher is None:
             self._start_flusher()
@@ -240,7 +252,7 @@ class WebhookMetrics:
 
     # -- the worker: called after a batch committed, so nothing rolled back is counted ---------
 
-    def worker_restarted(self, *_death: object) -> None:
+    def worker_restarted(self, death: WorkerDeath) -> None:
         """A worker died and is being restarted (its ``WorkerDeath``, processing/restarts.py)."""
         self.worker_restarts.inc()
 
@@ -253,7 +265,7 @@ class WebhookMetrics:
         self.count_processed(ProcessedTally.of(outcomes, committed_at))
 
     def count_processed(self, tally: ProcessedTally) -> None:
-        """Add a batch's tally: made here, or by a worker in another process (inbox_process.py)."""
+        """Add a batch's tally: made here, or by a worker in the inbox process (its ``Processed`` message)."""
         for counter, by_type in (
             (self.applied, tally.applied),
             (self.ignored, tally.ignored),

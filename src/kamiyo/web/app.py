@@ -7,13 +7,11 @@ at import time. Error classes become status codes here and nowhere else.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -27,8 +25,8 @@ from starlette.routing import Route
 
 from kamiyo.config import Settings
 from kamiyo.db.engine import make_engine
-from kamiyo.processing.restarts import RestartingWorker, RestartRecord, WorkerDeath
-from kamiyo.processing.worker import Worker
+from kamiyo.processing.in_process import WorkerThread
+from kamiyo.processing.restarts import RestartRecord
 from kamiyo.telemetry.metrics import (
     CONTENT_TYPE,
     StateCollector,
@@ -70,26 +68,18 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         db = engine or make_engine(settings)
-        wake = threading.Event()
-        stop = threading.Event()
         writer: InboxWriter | InboxProcess
-        worker_thread = None
+        worker: WorkerThread | None = None
         worker_alive: Callable[[], bool | None]
         if engine is None and not _in_memory(settings):
             # The service itself (kamiyo serve): the writer, and the worker beside it, in a process
             # of their own, off this GIL.
-            writer = InboxProcess(
-                settings,
-                count_deliveries=metrics is not None,
-                worker=_in_process(settings) if with_worker else None,
-                on_processed=metrics.count_processed if metrics is not None else None,
-                on_worker_death=metrics.worker_restarted if metrics is not None else None,
-                on_store_failure=metrics.store_failed if metrics is not None else None,
-            )
+            writer = InboxProcess(settings, count_deliveries=metrics is not None, worker=with_worker, metrics=metrics)
             await writer.start()
             worker_alive = writer.worker_alive
             restarts = writer.worker_restarts
         else:  # an engine given by a test, or one in-memory SQLite database: the same process
+            wake = threading.Event()
             writer = InboxWriter(
                 db,
                 on_commit=wake.set,
@@ -100,19 +90,9 @@ def create_app(
             )
             writer.start()
             restarts = RestartRecord()
-
-            def died(death: WorkerDeath) -> None:
-                restarts.add(death)
-                if metrics is not None:
-                    metrics.worker_restarted(death)
-
             if with_worker:
-                restarting = RestartingWorker(lambda: Worker(db, _in_process(settings), metrics=metrics), on_death=died)
-                worker_thread = threading.Thread(
-                    target=restarting.run, args=(stop, wake), name="kamiyo-worker", daemon=True
-                )
-                worker_thread.start()
-                worker_alive = functools.partial(_running, worker_thread, restarting)
+                worker = WorkerThread(db, settings, wake, metrics=metrics, on_death=restarts.add)
+                worker_alive = worker.alive
             else:
                 worker_alive = _no_worker
         state.update(
@@ -131,7 +111,7 @@ def create_app(
                 "webhook secret not configured: STRIPE_WEBHOOK_SECRET is empty; deliveries get 503 until it is set"
             )
         # Everything built at start lives as long as the process: keep it out of the cyclic
-        # collector's scans, which otherwise run on the request path (measured in bench/).
+        # collector's scans, which otherwise run on the request path.
         gc.freeze()
         try:
             yield
@@ -140,10 +120,8 @@ def create_app(
                 await writer.stop()
             else:
                 writer.stop()
-            if worker_thread is not None:
-                stop.set()
-                wake.set()
-                worker_thread.join(timeout=30)
+            if worker is not None:
+                worker.stop(timeout=30)
             if metrics is not None:
                 metrics.flush()  # the last deliveries' counts, for whoever reads the shared directory
             if engine is None:
@@ -247,11 +225,6 @@ def _stripe_probe(settings: Settings) -> StripeProbe | None:
     return cached_probe(lambda: f"Stripe API reachable ({len(view.webhook_endpoints())} webhook endpoint(s))")
 
 
-def _running(thread: threading.Thread, restarting: RestartingWorker) -> bool:
-    """The worker thread of this process applies events (it is not between a death and a restart)."""
-    return thread.is_alive() and not restarting.paused
-
-
 def _no_worker() -> None:
     return None
 
@@ -264,12 +237,3 @@ def _in_memory(settings: Settings) -> bool:
 def _ping(engine: Engine) -> None:
     with engine.connect().execution_options(readonly=True) as connection:
         connection.execute(text("SELECT 1"))
-
-
-IN_PROCESS_BATCH = 50
-
-
-def _in_process(settings: Settings) -> Settings:
-    """The in-process worker shares SQLite's one write lock with the inbox writer: a smaller batch
-    holds it for less time, so deliveries wait less for their commit (measured in bench/)."""
-    return replace(settings, worker_batch_size=min(settings.worker_batch_size, IN_PROCESS_BATCH))

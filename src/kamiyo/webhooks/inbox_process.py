@@ -1,11 +1,9 @@
 """The inbox writer in a process of its own: what ``kamiyo serve`` runs.
 
-In one process, the inbox writer thread and the event loop share one GIL. Each batch's Python
-work (binding parameters, the transaction, answering the requests) stops the loop, and each time
-the writer returns from SQLite (the insert, the commit's fsync) it waits for the loop to let go
-of the GIL again; the requests of a batch wait through all of it. In a child process the writer
-has an interpreter of its own, and the loop only pickles each row into a socket and reads the
-answers back (measured in bench/: docs/PERFORMANCE.md).
+The writer's batches (binding parameters, the transaction, answering the requests) run on an
+interpreter of their own, off the event loop's GIL; the loop only pickles each delivery into a
+socket and reads the answers back (docs/PERFORMANCE.md). ``InboxProcess`` is the server's side,
+``serve`` the child's; what they say to each other is in ``webhooks/messages.py``.
 
 The child runs the same ``InboxWriter``: the same batches, transaction and delivery counts. A 2xx
 still means committed, since a request waits for the child's answer, which is sent after the
@@ -28,24 +26,13 @@ of the unit; the child has a session of its own, so a signal to the terminal's p
 does not reach it). The child then keeps serving the server, which lets its in-flight
 deliveries finish, until the server says stop or goes away, at most TERM_GRACE seconds.
 
-The in-process worker of ``kamiyo serve`` (WORKER_IN_PROCESS) runs in the child too, as a thread
-beside the writer. In the server's process it shared the event loop's GIL: every batch it
-applied held up the requests in flight (side by side here: more requests a second and a lower
-p99 in every pair, docs/PERFORMANCE.md). The writer wakes it after each commit of a new event,
-without a round trip through the server, and both share one engine: on SQLite they queue on its
-write lock, not in SQLite's busy handler. It counts its batches into the server's metrics
-(``ProcessedTally``), and the server knows whether it runs (``worker_alive``, for the health
-check). A worker that ends by an error is started again after a pause (processing/restarts.py),
-and the server counts each death (``worker_restarts``, ``on_worker_death``). A child that dies
-takes its worker with it; the next child starts a new one.
-
-Messages are lists of tuples, pickled, each framed by its length. Server to child:
-``("start", settings, count_deliveries, worker_settings)``, ``("event", number, envelope, body,
-status, counted, received_at, detail)`` (the row is made in the child: a tuple and bytes pickle in
-a fifth of the row's time), ``("count", reason, event_type)``, ``("ping",)``, ``("stop",)``.
-Child to server: ``("ready",)``, ``("done", numbers, outcomes)``, ``("failed", numbers, error)``,
-``("pong", activity)``, ``("processed", tally)``, ``("worker_started",)``, ``("worker_died",
-WorkerDeath)``, ``("worker_stopped",)``.
+With a worker (WORKER_IN_PROCESS), the child also runs ``kamiyo serve``'s worker, a thread beside
+the writer (``processing/in_process.py``), off the event loop's GIL too. The writer wakes it after
+each commit of a new event, without a round trip through the server, and both share one engine.
+Its metrics and deaths reach the server as messages; the server counts them
+(``WebhookMetrics``), records each death (``worker_restarts``) and knows whether it runs
+(``worker_alive``), for the health check. A child that dies takes its worker with it; the next
+child starts a new one.
 """
 
 from __future__ import annotations
@@ -54,26 +41,40 @@ import asyncio
 import collections
 import contextlib
 import logging
-import pickle
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import Any, cast
-
-from sqlalchemy import Engine
+from typing import TYPE_CHECKING, Any, cast
 
 from kamiyo.config import Settings
-from kamiyo.processing.restarts import RestartingWorker, RestartRecord, WorkerDeath
-from kamiyo.telemetry.metrics import ProcessedTally
+from kamiyo.processing.in_process import WorkerThread, relayed_worker
+from kamiyo.processing.restarts import RestartRecord
 from kamiyo.webhooks.envelope import Envelope
 from kamiyo.webhooks.inbox import InboxUnavailable, InboxWriter, Pending, inbox_row
+from kamiyo.webhooks.messages import (
+    CountRejection,
+    Event,
+    Frames,
+    Ping,
+    Pong,
+    Processed,
+    Ready,
+    Start,
+    Stop,
+    Stored,
+    StoreFailed,
+    ToInbox,
+    ToServer,
+    WorkerDied,
+    WorkerStarted,
+    WorkerStopped,
+    frame,
+)
 from kamiyo.webhooks.writer_health import (
     PING_SECONDS,
     PONG_SECONDS,
@@ -83,10 +84,12 @@ from kamiyo.webhooks.writer_health import (
     judge,
 )
 
+if TYPE_CHECKING:
+    from kamiyo.telemetry.metrics import WebhookMetrics
+
 __all__ = ["InboxProcess", "InboxUnavailable"]
 
 log = logging.getLogger("kamiyo.inbox")
-_LENGTH = struct.Struct("!I")
 START_TIMEOUT = 60.0
 RESTART_PAUSE = 1.0  # between a child's death and the next start, so a crash loop does not spin
 SWEEP_SECONDS = 0.25  # how often the waiting deliveries are swept: a 503 comes at most this late
@@ -102,33 +105,6 @@ STOP_TIMEOUT = 10.0
 TERM_GRACE = DRAIN_SECONDS + 3.0
 
 
-def _frame(message: list[tuple[Any, ...]]) -> bytes:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LENGTH.pack(len(data)) + data
-
-
-class _Frames:
-    """Cuts a byte stream back into the messages ``_frame`` made."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> list[list[tuple[Any, ...]]]:
-        self._buffer += data
-        messages = []
-        start = 0
-        while len(self._buffer) - start >= _LENGTH.size:
-            (size,) = _LENGTH.unpack_from(self._buffer, start)
-            end = start + _LENGTH.size + size
-            if len(self._buffer) < end:
-                break
-            # Only ever from the other end of our own socketpair, never from the network.
-            messages.append(pickle.loads(memoryview(self._buffer)[start + _LENGTH.size : end]))  # noqa: S301
-            start = end
-        del self._buffer[:start]
-        return messages
-
-
 # -- the server's side -------------------------------------------------------------------------
 
 
@@ -136,10 +112,10 @@ class InboxProcess:
     """``InboxWriter``'s ``store_event`` and ``count_rejection``, served by a child process.
 
     Used from one event loop: ``await start()``, then ``store_event`` from its requests, ``await stop()``.
-    With ``worker`` (the worker's settings) the child also runs a worker; ``on_processed`` gets
-    the tally of each batch it commits, ``on_worker_death`` each death of that worker (it is
-    restarted), also kept in ``worker_restarts``. ``on_store_failure`` hears each delivery that
-    could not be stored, with why: ``timeout``, ``overloaded``, ``writer_down`` or ``database``.
+    With ``worker`` the child also runs ``kamiyo serve``'s worker; each death of it (it is
+    restarted) is kept in ``worker_restarts``. ``metrics`` counts what the child's worker did
+    (its batches, its deaths) and each delivery that could not be stored, with why:
+    ``timeout``, ``overloaded``, ``writer_down`` or ``database``.
     """
 
     def __init__(
@@ -147,21 +123,17 @@ class InboxProcess:
         settings: Settings,
         *,
         count_deliveries: bool = True,
-        worker: Settings | None = None,
-        on_processed: Callable[[ProcessedTally], None] | None = None,
-        on_worker_death: Callable[[WorkerDeath], None] | None = None,
-        on_store_failure: Callable[[str], None] | None = None,
+        worker: bool = False,
+        metrics: WebhookMetrics | None = None,
     ) -> None:
         self._settings = settings
         self._count_deliveries = count_deliveries
-        self._worker_settings = worker
-        self._on_processed = on_processed
-        self._on_worker_death = on_worker_death
+        self._with_worker = worker
+        self._metrics = metrics
         self.worker_restarts = RestartRecord()  # deaths of the children's workers, each one restarted
-        self._on_store_failure = on_store_failure
         self._timeout = settings.webhook_store_timeout
         self._max_waiting = settings.webhook_store_max_waiting
-        self._worker_running = False  # the current child's worker thread, from "ready" to "worker_stopped"
+        self._worker_running = False  # the current child's worker thread, from Ready to WorkerStopped
         self._next = 0  # the next delivery's number
         self._waiting: dict[int, asyncio.Future[bool]] = {}  # in the order sent: by number
         # (time.monotonic(), the next delivery's number then), one per sweep over the last bound.
@@ -188,7 +160,7 @@ class InboxProcess:
 
     def worker_alive(self) -> bool | None:
         """Whether the child's worker is running; None when the child runs none."""
-        if self._worker_settings is None:
+        if not self._with_worker:
             return None
         return self._worker_running and self.pid is not None and not self._unresponsive
 
@@ -220,7 +192,7 @@ class InboxProcess:
             )
         ready: asyncio.Future[None] = loop.create_future()
         _transport, self._link = await loop.create_unix_connection(lambda: _Link(self, ready), sock=ours)
-        self._link.send(("start", self._settings, self._count_deliveries, self._worker_settings))
+        self._link.send(Start(self._settings, self._count_deliveries, self._with_worker))
         try:
             await asyncio.wait_for(ready, timeout=START_TIMEOUT)
         except BaseException:
@@ -251,13 +223,13 @@ class InboxProcess:
         self._next = number + 1
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting[number] = future
-        link.send(("event", number, envelope, body, status, counted, time.time(), detail))
+        link.send(Event(number, envelope, body, status, counted, time.time(), detail))
         return await future
 
     def count_rejection(self, reason: str, event_type: str = "") -> None:
         """Count a rejected delivery (in the child's next batch); returns at once."""
         if self._count_deliveries and self._link is not None and self._ready and not self._unresponsive:
-            self._link.send(("count", reason, event_type))
+            self._link.send(CountRejection(reason, event_type))
 
     async def stop(self) -> None:
         """Let the child finish what it was sent, then wait for it to exit."""
@@ -265,7 +237,7 @@ class InboxProcess:
         if self._restart is not None:
             self._restart.cancel()
         if self._link is not None:
-            self._link.send(("stop",))
+            self._link.send(Stop())
         if self._process is not None:
             await asyncio.get_running_loop().run_in_executor(None, _end, self._process)
         if self._sweeper is not None:
@@ -285,7 +257,7 @@ class InboxProcess:
             if self._link is not None and self._ready and not self._stopping:
                 if now - self._pinged_at >= PING_SECONDS:
                     self._pinged_at = now
-                    self._link.send(("ping",))
+                    self._link.send(Ping())
                 unresponsive = now - self._pong_at - PING_SECONDS > PONG_SECONDS
                 if unresponsive and not self._unresponsive:
                     log.error(
@@ -314,48 +286,44 @@ class InboxProcess:
         log.error("%d delivery(ies) got no answer from the inbox writer within %g s: 503", len(expired), self._timeout)
 
     def _store_failed(self, reason: str) -> None:
-        if self._on_store_failure is not None:
-            self._on_store_failure(reason)
+        if self._metrics is not None:
+            self._metrics.store_failed(reason)
 
-    def _answered(self, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "done":
-            _kind, numbers, outcomes = message
-            for number, new in zip(numbers, outcomes, strict=True):
-                future = self._waiting.pop(number, None)
-                if future is not None and not future.done():
-                    future.set_result(new)
-            self._timed_out = 0
-        elif kind == "pong":
-            self._activity = message[1]
-            self._pong_at = time.monotonic()
-            if self._activity is not None and not self._activity.busy_for and self._activity.failure is None:
-                self._timed_out = 0  # it has caught up and writes: what timed out is over
-            if self._unresponsive:
-                self._unresponsive = False
-                log.info("inbox writer process %s answers again", self.pid)
-        elif kind == "failed":
-            _kind, numbers, error = message
-            for number in numbers:
-                future = self._waiting.pop(number, None)
-                if future is not None and not future.done():
-                    future.set_exception(InboxUnavailable(error))
-                    self._store_failed("database")
-        elif kind == "ready":
-            self._worker_running = self._worker_settings is not None
-        elif kind == "processed":
-            if self._on_processed is not None:
-                self._on_processed(message[1])
-        elif kind == "worker_started":
-            self._worker_running = self._worker_settings is not None
-        elif kind == "worker_died":
-            self._worker_running = False
-            death: WorkerDeath = message[1]
-            self.worker_restarts.add(death)
-            if self._on_worker_death is not None:
-                self._on_worker_death(death)
-        elif kind == "worker_stopped":
-            self._worker_running = False
+    def _received(self, message: ToServer) -> None:
+        """What the child said; ``Stored`` first: one comes per batch of deliveries."""
+        match message:
+            case Stored(numbers, new):
+                for number, is_new in zip(numbers, new, strict=True):
+                    future = self._waiting.pop(number, None)
+                    if future is not None and not future.done():
+                        future.set_result(is_new)
+                self._timed_out = 0
+            case Pong(activity):
+                self._activity = activity
+                self._pong_at = time.monotonic()
+                if activity is not None and not activity.busy_for and activity.failure is None:
+                    self._timed_out = 0  # it has caught up and writes: what timed out is over
+                if self._unresponsive:
+                    self._unresponsive = False
+                    log.info("inbox writer process %s answers again", self.pid)
+            case StoreFailed(numbers, error):
+                for number in numbers:
+                    future = self._waiting.pop(number, None)
+                    if future is not None and not future.done():
+                        future.set_exception(InboxUnavailable(error))
+                        self._store_failed("database")
+            case Processed(tally):
+                if self._metrics is not None:
+                    self._metrics.count_processed(tally)
+            case Ready() | WorkerStarted():
+                self._worker_running = self._with_worker
+            case WorkerDied(death):
+                self._worker_running = False
+                self.worker_restarts.add(death)
+                if self._metrics is not None:
+                    self._metrics.worker_restarted(death)
+            case WorkerStopped():
+                self._worker_running = False
 
     def _lost(self, link: _Link) -> None:
         if link is not self._link:
@@ -391,37 +359,37 @@ class InboxProcess:
 
 
 class _Link(asyncio.Protocol):
-    """The socket to one child. What the loop sends in one turn goes out as one message."""
+    """The socket to one child. What the loop sends in one turn goes out as one frame."""
 
     def __init__(self, owner: InboxProcess, ready: asyncio.Future[None]) -> None:
         self._owner = owner
         self._ready = ready
-        self._frames = _Frames()
-        self._outbox: list[tuple[Any, ...]] = []
+        self._frames = Frames()
+        self._outbox: list[ToInbox] = []
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not asyncio's class
 
-    def send(self, item: tuple[Any, ...]) -> None:
+    def send(self, message: ToInbox) -> None:
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._outbox.append(item)
+        self._outbox.append(message)
 
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
 
     def _flush(self) -> None:
-        items, self._outbox = self._outbox, []
+        messages, self._outbox = self._outbox, []
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(_frame(items))
+            self._transport.write(frame(messages))
 
     def data_received(self, data: bytes) -> None:
-        for message in self._frames.feed(data):
-            for item in message:
-                self._owner._answered(item)
-                if item[0] == "ready" and not self._ready.done():
+        for messages in self._frames.feed(data):
+            for message in messages:
+                self._owner._received(cast(ToServer, message))
+                if isinstance(message, Ready) and not self._ready.done():
                     self._ready.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -461,20 +429,22 @@ def serve(connection: socket.socket) -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
 
-    def send(*items: tuple[Any, ...]) -> None:
+    def send(message: ToServer) -> None:
+        """One message to the server, from any thread of the child (the writer's, the worker's, this one)."""
         with lock, contextlib.suppress(OSError):  # the server is gone: nobody is left to answer
-            connection.sendall(_frame(list(items)))
+            connection.sendall(frame((message,)))
 
     def resolve(batch: list[Pending], outcomes: list[bool] | None, error: BaseException | None) -> None:
         numbers = [item.waiter for item in batch]
         if error is None:
-            send(("done", numbers, outcomes))
+            assert outcomes is not None
+            send(Stored(numbers, outcomes))
         else:
-            send(("failed", numbers, f"{error.__class__.__name__} storing the event; retry later"))
+            send(StoreFailed(numbers, f"{error.__class__.__name__} storing the event; retry later"))
 
-    frames = _Frames()
+    frames = Frames()
     writer: InboxWriter | None = None
-    worker: _WorkerThread | None = None
+    worker: WorkerThread | None = None
     engine = None
     readable = select.poll()
     readable.register(connection, select.POLLIN)
@@ -491,89 +461,45 @@ def serve(connection: socket.socket) -> None:
             data = connection.recv(1 << 16)
             if not data:
                 return  # the server is gone; the finally below stores what it sent
-            for message in frames.feed(data):
-                for item in message:
-                    kind = item[0]
-                    if kind == "event":
-                        assert writer is not None
-                        _kind, number, envelope, body, status, counted, received, detail = item
-                        at = datetime.fromtimestamp(received, UTC)
-                        row = inbox_row(envelope, body, status=status, received_at=at, detail=detail)
-                        writer.submit(row, number, counted=counted)
-                    elif kind == "ping":
-                        send(("pong", writer.activity() if writer is not None else None))
-                    elif kind == "count":
-                        assert writer is not None
-                        writer.count_rejection(item[1], item[2])
-                    elif kind == "start":
-                        settings: Settings = item[1]
-                        worker_settings: Settings | None = item[3]
-                        configure_logging(settings.log_level, background=True)
-                        engine = make_engine(settings)
-                        wake = threading.Event()
-                        writer = InboxWriter(
-                            engine,
-                            count_deliveries=item[2],
-                            resolve=resolve,
-                            on_commit=wake.set if worker_settings is not None else None,
-                            write_wait=settings.webhook_store_timeout * WRITE_WAIT_SHARE,
-                        )
-                        writer.start()
-                        if worker_settings is not None:
-                            worker = _WorkerThread(engine, worker_settings, wake, send)
-                        send(("ready",))
-                    elif kind == "stop":
-                        return
+            for messages in frames.feed(data):
+                for message in messages:
+                    match message:
+                        case Event():  # first: one per delivery
+                            assert writer is not None
+                            number, envelope, body, status, counted, received_at, detail = message
+                            at = datetime.fromtimestamp(received_at, UTC)
+                            row = inbox_row(envelope, body, status=status, received_at=at, detail=detail)
+                            writer.submit(row, number, counted=counted)
+                        case Ping():
+                            send(Pong(writer.activity() if writer is not None else None))
+                        case CountRejection(reason, event_type):
+                            assert writer is not None
+                            writer.count_rejection(reason, event_type)
+                        case Start(settings, count_deliveries, run_worker):
+                            configure_logging(settings.log_level, background=True)
+                            engine = make_engine(settings)
+                            wake = threading.Event()
+                            writer = InboxWriter(
+                                engine,
+                                count_deliveries=count_deliveries,
+                                resolve=resolve,
+                                on_commit=wake.set if run_worker else None,
+                                write_wait=settings.webhook_store_timeout * WRITE_WAIT_SHARE,
+                            )
+                            writer.start()
+                            if run_worker:
+                                worker = relayed_worker(engine, settings, wake, send)
+                            send(Ready())
+                        case Stop():
+                            return
     finally:
         if writer is not None:
             writer.stop()  # first: what the server sent is stored, and answered while it listens
         if worker is not None:
-            worker.stop()
+            worker.stop(STOP_TIMEOUT)
         if engine is not None:
             engine.dispose()
         connection.close()
-
-
-class _WorkerThread:
-    """The in-process worker, in the child: applies events beside the writer until ``stop``.
-
-    A worker that ends by an error is restarted (``RestartingWorker``); the server hears of each
-    start and death. Should the thread itself end by an error, the server hears that too."""
-
-    def __init__(
-        self, engine: Engine, settings: Settings, wake: threading.Event, send: Callable[[tuple[Any, ...]], None]
-    ) -> None:
-        from kamiyo.processing.worker import Worker  # the stripe library and the handlers: only when needed
-
-        self._send = send
-        self._stop = threading.Event()
-        self._wake = wake
-        metrics = self if settings.metrics_enabled else None
-        self._restarting = RestartingWorker(
-            lambda: Worker(engine, settings, metrics=metrics),
-            on_start=lambda: send(("worker_started",)),
-            on_death=lambda death: send(("worker_died", death)),
-        )
-        self._thread = threading.Thread(target=self._run, name="kamiyo-worker", daemon=True)
-        self._thread.start()
-
-    def events_processed(self, outcomes: Iterable[tuple[str, str, int, float]], committed_at: float) -> None:
-        """The worker's metrics of a committed batch, summed here and counted by the server."""
-        self._send(("processed", ProcessedTally.of(outcomes, committed_at)))
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=STOP_TIMEOUT)
-
-    def _run(self) -> None:
-        try:
-            self._restarting.run(self._stop, self._wake)
-        except Exception:
-            log.exception("in-process worker stopped by an error; events are stored but not applied")
-        finally:
-            if not self._stop.is_set():
-                self._send(("worker_stopped",))
 
 
 def main(argv: list[str]) -> int:

@@ -66,12 +66,12 @@ class Settings:
     worker_poll_seconds: float = 0.25
     retry_base_seconds: float = 2.0
     sqlite_synchronous: str = "FULL"
-    # Delivery telemetry: Prometheus counters and the per-minute delivery stats (issue 4).
+    # Delivery telemetry: Prometheus counters and the per-minute delivery stats.
     metrics_enabled: bool = True
     # Stripe's API (a restricted or secret key); None turns every API feature off.
     stripe_secret_key: str | None = None
     stripe_api_base: str = DEFAULT_STRIPE_API_BASE
-    # Reconcile (issue 3): requests/s to Stripe's API, API-verified events, scheduled backfill (0 = off).
+    # Reconcile: requests/s to Stripe's API, API-verified events, scheduled backfill (0 = off).
     stripe_rate_limit: float = DEFAULT_STRIPE_RATE_LIMIT
     stripe_verify_events: bool = False
     backfill_interval_seconds: int = 0

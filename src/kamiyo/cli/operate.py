@@ -1,4 +1,4 @@
-"""What ``kamiyo doctor`` and ``kamiyo incident-report`` do (issue 4). Imported lazily by main."""
+"""What ``kamiyo doctor`` and ``kamiyo incident-report`` do. Imported lazily by main."""
 
 from __future__ import annotations
 

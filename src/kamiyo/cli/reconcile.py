@@ -91,7 +91,7 @@ def run_sync(
     gateway = gateway or _gateway(settings)
     engine = make_engine(settings)
     # What is loaded by now lives as long as the command: the collector need not walk it again on
-    # every collection while the pages' objects come and go (about a tenth of a sync's CPU).
+    # every collection while the pages' objects come and go.
     gc.freeze()
     try:
         _require_current_schema(engine)

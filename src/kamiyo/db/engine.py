@@ -150,8 +150,8 @@ def make_engine(settings: Settings, *, busy_slice: float = BUSY_SLICE, **kwargs:
         # Statement journals in memory: a multi-row statement inside a transaction (the inbox
         # writer's batch insert, the worker's batch updates) journals every page it changes, and
         # past 64 KiB SQLite spills that journal to a temporary file created, written and deleted
-        # per statement: 8 write calls per stored event instead of 5 (bench/: writer CPU per
-        # event 54 -> 40 us). The journal is only ever needed to undo a failed statement.
+        # per statement, three more write calls per stored event (docs/PERFORMANCE.md). The
+        # journal is only ever needed to undo a failed statement.
         cursor.execute("PRAGMA temp_store=MEMORY")
         cursor.close()
         record.info["kamiyo_busy_ms"] = wait_ms
@@ -171,8 +171,8 @@ def make_engine(settings: Settings, *, busy_slice: float = BUSY_SLICE, **kwargs:
 
     # SQLAlchemy calls these before it asks the driver to commit or roll back. The lock must
     # cover the COMMIT (its fsync, and a checkpoint when one is due) and the ROLLBACK: the next
-    # writer would otherwise find SQLite still locked and sleep in the busy handler (measured: a
-    # delivery's batch waited 79 ms once). So the transaction of a write ends here, on the
+    # writer would otherwise find SQLite still locked and sleep in the busy handler, and a
+    # delivery's batch with it. So the transaction of a write ends here, on the
     # driver, and the driver's own commit or rollback then finds nothing left to do.
     def _ending(sql: str) -> Callable[[Any], None]:
         def end(connection: Any) -> None:

@@ -101,8 +101,8 @@ class Subscription(Base):
 
 # The lookup indexes of the inbox (by type, by object) hold the events the worker has taken up,
 # not the pending ones. Every delivery inserts a row while the endpoint waits; a row in those two
-# indexes costs the inbox writer two more random B-tree pages per event, half its work per event
-# (bench/: 36 -> 20 us of writer CPU per event on SQLite). The worker adds each row to them when
+# indexes would cost the inbox writer two more random B-tree pages per event, about as much as
+# the rest of its work per event (docs/PERFORMANCE.md). The worker adds each row to them when
 # it sets the row's outcome. A query of the pending events by type or object finds them through
 # the claim index instead (``status = 'pending'``): the backlog, not the whole inbox.
 # A literal, not a bound parameter, so that both SQLite and PostgreSQL can prove a query's

@@ -1,4 +1,4 @@
-"""Reconcile with Stripe's API, the source of truth that webhooks only hint at (issue 3).
+"""Reconcile with Stripe's API, the source of truth that webhooks only hint at.
 
 - ``gateway.py``: the one narrow interface to Stripe's API (the official ``stripe`` library)
 - ``ratelimit.py``: the request budget shared by every caller (``STRIPE_RATE_LIMIT``)

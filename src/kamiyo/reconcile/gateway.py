@@ -126,8 +126,7 @@ class StripeApiGateway:
     The library's own retries are off (``max_network_retries=0``): it would retry a 5xx but never
     a plain 429, so every retry is decided here, by one policy, inside the rate budget.
     Answers are plain JSON dicts, never the library's typed ``StripeObject``s: building those
-    costs about 0.8 ms per subscription, which alone would cap a sync near 1,200/s (see
-    ``_request``).
+    would cost more than everything else a sync does per subscription (see ``_request``).
     """
 
     def __init__(
@@ -286,9 +285,9 @@ class StripeApiGateway:
         """One GET through the library: its HTTP client, authentication, API version and errors.
 
         The success body is parsed with orjson rather than by the library's ``StripeResponse``
-        (``json.loads`` into ``OrderedDict``s): 0.5 ms instead of 4 ms for a page of 100, a third
-        of a sync's time. Errors still go through the library's own interpretation, so they are
-        its typed exceptions. Without the requestor (another library version): ``raw_request``.
+        (``json.loads`` into ``OrderedDict``s), several times faster. Errors still go through the
+        library's own interpretation, so they are its typed exceptions. Without the requestor
+        (another library version): ``raw_request``.
         """
         requestor = getattr(self._client, "_requestor", None)
         if requestor is None or not hasattr(requestor, "request_raw") or not hasattr(requestor, "_interpret_response"):

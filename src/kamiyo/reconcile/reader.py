@@ -119,8 +119,8 @@ class ThreadReader:
 class ProcessReader:
     """Read a full sync's pages in a child process (see the module docstring).
 
-    A child is a new interpreter that imports ``stripe`` before its first request: 0.3 to 1 s,
-    a third of a 10,000-subscription sync. Until it says it is ready, this process reads the
+    A child is a new interpreter that imports ``stripe`` before its first request, which takes
+    long next to a sync's first pages. Until it says it is ready, this process reads the
     first pages itself (the writer would otherwise wait for them); it then hands the child the
     cursor after the last page it read, and the child reads the rest. Should the child never
     become ready, this process reads the whole list.

@@ -1,4 +1,4 @@
-"""What the service tells operators about itself (issue 4).
+"""What the service tells operators about itself.
 
 ``metrics.py`` holds the Prometheus instruments that the webhook route and the worker count on,
 and the collector that derives the state gauges from the database at scrape time.

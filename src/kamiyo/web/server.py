@@ -145,7 +145,7 @@ class _CutLog:
 
 
 # The methods called for every request name their base explicitly: cheaper than super(), and on
-# the webhook's path every step counts (bench/edge_overhead.py).
+# the webhook's path every step counts.
 _Base = HttpToolsProtocol
 
 

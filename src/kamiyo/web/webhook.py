@@ -1,8 +1,9 @@
 """POST /api/v1/payments/webhook as a plain ASGI app: read the raw bytes, verify, store, answer.
 
 It is the hot path, so it speaks ASGI directly instead of going through Starlette's request,
-routing and middleware objects (about a third of the event loop's time per delivery, measured
-in bench/). The app (web/app.py) hands it every request for this path, whatever the method.
+routing and middleware objects, which would cost the event loop more than the endpoint's own
+work (docs/PERFORMANCE.md). The app (web/app.py) hands it every request for this path, whatever
+the method.
 Error classes become status codes here and nowhere else.
 """
 

@@ -118,8 +118,8 @@ def insert_new_events(connection: Connection, rows: list[dict[str, Any]]) -> set
 
     One multi-row ``INSERT ... ON CONFLICT (stripe_event_id) DO NOTHING RETURNING`` per chunk of
     rows, rendered once per dialect and row count and sent to the driver as it is: the inbox
-    writer's cost per row is then the driver's, not that of SQLAlchemy's per-row compilation
-    (measured in bench/). Values pass through the columns' own type conversions, so a row reads
+    writer's cost per row is then the driver's, not that of SQLAlchemy's per-row compilation.
+    Values pass through the columns' own type conversions, so a row reads
     back exactly as one inserted through SQLAlchemy.
     """
     new: set[str] = set()
@@ -161,7 +161,7 @@ class _RawInsert:
         key = preparer.quote("stripe_event_id")
         # PostgreSQL: numbered parameters, sent as they are through psycopg's RawCursor. With %s
         # markers psycopg would rewrite the statement for every batch (it caches that only for
-        # statements of at most 50 parameters): a fifth of the writer's time in a profile.
+        # statements of at most 50 parameters).
         self._numbered = dialect.name == "postgresql"
         self._width = len(columns)
         self._tail = f" ON CONFLICT ({key}) DO NOTHING RETURNING {key}"
@@ -187,7 +187,7 @@ class _RawInsert:
         with sqlalchemy_errors(connection, sql, None):
             driver = driver_connection(connection)
             if not self._numbered:
-                # The sqlite3 cursor itself: SQLAlchemy's result objects cost the writer 4 us per row.
+                # The sqlite3 cursor itself: no SQLAlchemy result object to build per row.
                 return [row[0] for row in driver.execute(sql, parameters)]
             import psycopg
 
@@ -256,9 +256,9 @@ class InboxWriter:
     With ``count_deliveries`` it also keeps ``webhook_delivery_stats``. The counts of stored
     deliveries and of rejections (``count_rejection``) gather in memory and are written at most
     every ``stats_seconds``, in the transaction of a batch of inserts (or, when no delivery comes,
-    one of their own): an upsert in every batch cost ingest about a sixth of its throughput
-    (bench/metrics_overhead.py). A count is added only once the rows it counts are committed; a
-    crash loses at most the last ``stats_seconds`` of counts, never an event.
+    one of their own), not in every batch: an upsert per batch costs ingest throughput
+    (docs/PERFORMANCE.md, "Metrics overhead"). A count is added only once the rows it counts are
+    committed; a crash loses at most the last ``stats_seconds`` of counts, never an event.
 
     ``write_wait`` bounds each transaction's wait for SQLite's write lock (the engine's default
     otherwise). ``store_timeout`` and ``max_waiting`` bound ``store`` itself, for a writer that

@@ -13,9 +13,10 @@ batch, ``Pong`` per ping; from its worker ``WorkerStarted``, ``Processed`` per c
 
 Framing: what one side sends within one turn of its loop goes as one frame, a list of messages
 pickled and prefixed with its length (``frame``); ``Frames`` cuts a byte stream back into them.
-Pickle, because only the two ends of our own socketpair ever read it, and because the per-delivery
-message must cost the event loop as little as possible: a NamedTuple is a tuple, and pickles as
-its fields and a reference to its class (written once per frame).
+Pickle, because only the two ends of our own socketpair ever read it. Each message travels as a
+plain tuple, its type's number first, and is made again on arrival: the per-delivery message must
+cost the event loop as little as possible, and a NamedTuple pickled as itself costs a Python call
+per message and its class's look-up per frame (docs/PERFORMANCE.md).
 
 A NamedTuple is still a tuple: two messages of different types with equal fields compare equal.
 Dispatch on the type (``match``, ``isinstance``), never on equality.
@@ -26,7 +27,7 @@ from __future__ import annotations
 import pickle
 import struct
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast, get_args
 
 if TYPE_CHECKING:
     from kamiyo.config import Settings
@@ -131,9 +132,15 @@ ToServer = Ready | Stored | StoreFailed | Pong | WorkerStarted | Processed | Wor
 Message = ToInbox | ToServer
 
 
+# Every message type, numbered for the wire by its place here.
+_TYPES: tuple[type[Message], ...] = (*get_args(ToInbox), *get_args(ToServer))
+_NUMBERS: dict[type[Message], int] = {kind: number for number, kind in enumerate(_TYPES)}
+
+
 def frame(messages: Sequence[Message]) -> bytes:
-    """One frame: the messages pickled, prefixed with their length."""
-    data = pickle.dumps(list(messages), protocol=pickle.HIGHEST_PROTOCOL)
+    """One frame: the messages as (type's number, *fields) tuples, pickled, prefixed with their length."""
+    numbers = _NUMBERS
+    data = pickle.dumps([(numbers[type(message)], *message) for message in messages], protocol=pickle.HIGHEST_PROTOCOL)
     return _LENGTH.pack(len(data)) + data
 
 
@@ -148,13 +155,16 @@ class Frames:
         self._buffer += data
         frames: list[list[Message]] = []
         start = 0
+        new, types = tuple.__new__, _TYPES
         while len(self._buffer) - start >= _LENGTH.size:
             (size,) = _LENGTH.unpack_from(self._buffer, start)
             end = start + _LENGTH.size + size
             if len(self._buffer) < end:
                 break
             # Only ever from the other end of our own socketpair, never from the network.
-            frames.append(pickle.loads(memoryview(self._buffer)[start + _LENGTH.size : end]))  # noqa: S301
+            items = pickle.loads(memoryview(self._buffer)[start + _LENGTH.size : end])  # noqa: S301
+            # tuple.__new__ makes the NamedTuple from its fields as its own constructor would.
+            frames.append([cast(Message, new(types[item[0]], item[1:])) for item in items])
             start = end
         del self._buffer[:start]
         return frames

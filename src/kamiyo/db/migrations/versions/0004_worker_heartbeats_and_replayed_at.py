@@ -1,4 +1,4 @@
-"""worker heartbeats and replayed_at (issue 4: webhook health, doctor, incident report)
+"""worker heartbeats and replayed_at (webhook health, doctor, incident report)
 
 Revision ID: 0004
 Revises: 0002

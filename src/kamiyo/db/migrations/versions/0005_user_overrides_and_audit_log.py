@@ -1,4 +1,4 @@
-"""user overrides and the append-only audit log (issue 5: operate it safely)
+"""user overrides and the append-only audit log (operate it safely)
 
 Revision ID: 0005
 Revises: 0004

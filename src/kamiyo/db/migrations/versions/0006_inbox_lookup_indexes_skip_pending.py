@@ -1,12 +1,12 @@
-"""the inbox's type and object indexes leave out pending events (issue 2: ingest throughput)
+"""the inbox's type and object indexes leave out pending events (ingest throughput)
 
 Revision ID: 0006
 Revises: 0005
 Create Date: 2026-11-27 09:55:00.000000
 
 The inbox writer inserts every delivery while the endpoint waits; each row it also put in these
-two indexes cost two more random B-tree pages (models.py, NOT_PENDING). Now the worker adds the
-row when it sets the outcome. On a large PostgreSQL inbox, creating the indexes locks
+two indexes would cost two more random B-tree pages (models.py, NOT_PENDING), so they are
+partial and the worker adds the row when it sets the outcome. On a large PostgreSQL inbox, creating the indexes locks
 ``webhook_events`` against writes while it runs: deliveries then wait or get 503, and Stripe
 retries them.
 """

@@ -201,7 +201,7 @@ class _App(Starlette):
     Routing and the middleware stack cost the event loop more than the endpoint's own work, on
     the one path that takes the load; every other request, and any webhook request whose path
     differs (a trailing slash, a root path), goes through Starlette and reaches the same endpoint
-    or its answer as before.
+    (or Starlette's own answer) that way.
     """
 
     def __init__(self, webhook: WebhookEndpoint, **kwargs: Any) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from kamiyo import synthetic
+from kamiyo.domain.entitlement import ENTITLED_STATUSES
 from kamiyo.domain.subscriptions import object_id, read_subscription, version_for
 from kamiyo.domain.tiers import parse_price_tiers
 from kamiyo.errors import UnmappedPrice
@@ -168,6 +169,45 @@ def test_every_unmapped_price_is_named_when_no_item_maps() -> None:
 def test_a_subscription_without_items_raises_unmapped_price() -> None:
     event = sub_event()
     event["data"]["object"]["items"]["data"] = []
+    with pytest.raises(UnmappedPrice, match="no priced items"):
+        read(event)
+
+
+# Every status Stripe documents for a subscription, less those that entitle.
+STRIPE_STATUSES = {"incomplete", "incomplete_expired", "trialing", "active", "past_due", "canceled", "unpaid", "paused"}
+NON_ENTITLING = sorted(STRIPE_STATUSES - ENTITLED_STATUSES)
+
+
+@pytest.mark.parametrize("status", NON_ENTITLING)
+def test_a_non_entitling_subscription_with_an_unmapped_price_reads_as_free(status: str) -> None:
+    """Its tier grants nothing, so an unknown price must not park it."""
+    snap = read(sub_event("customer.subscription.deleted", status=status, price_obj=synthetic.price("price_mystery")))
+    assert (snap.status, snap.tier, snap.price_ids) == (status, "free", ("price_mystery",))
+
+
+@pytest.mark.parametrize("status", NON_ENTITLING)
+def test_a_non_entitling_subscription_without_items_reads_as_free(status: str) -> None:
+    event = sub_event("customer.subscription.deleted", status=status)
+    del event["data"]["object"]["items"]
+    snap = read(event)
+    assert (snap.status, snap.tier, snap.price_ids) == (status, "free", ())
+
+
+def test_a_non_entitling_subscription_with_a_mapped_price_keeps_its_tier() -> None:
+    snap = read(sub_event("customer.subscription.deleted", status="canceled"))
+    assert (snap.status, snap.tier) == ("canceled", "pro")
+
+
+@pytest.mark.parametrize("status", sorted(ENTITLED_STATUSES))
+def test_an_entitling_subscription_with_an_unmapped_price_still_raises_unmapped_price(status: str) -> None:
+    with pytest.raises(UnmappedPrice, match="price_mystery"):
+        read(sub_event(status=status, price_obj=synthetic.price("price_mystery")))
+
+
+@pytest.mark.parametrize("status", sorted(ENTITLED_STATUSES))
+def test_an_entitling_subscription_without_items_still_raises_unmapped_price(status: str) -> None:
+    event = sub_event(status=status)
+    del event["data"]["object"]["items"]
     with pytest.raises(UnmappedPrice, match="no priced items"):
         read(event)
 

@@ -21,7 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-from kamiyo.domain.tiers import TierMap
+from kamiyo.domain.entitlement import ENTITLED_STATUSES
+from kamiyo.domain.tiers import FREE, TierMap
 from kamiyo.errors import UnmappedPrice
 
 TERMINAL_STATUSES = frozenset({"canceled", "incomplete_expired"})
@@ -90,8 +91,12 @@ def read_subscription(
 ) -> SubscriptionSnapshot:
     """Turn a subscription object (any API version) into a snapshot.
 
-    Raises UnmappedPrice, naming the price, when no item's price maps to a tier. Raises
-    ValueError when the object lacks what every version has (id, customer, status).
+    A subscription whose status entitles (``ENTITLED_STATUSES``) takes the best tier of its items'
+    prices, and raises UnmappedPrice, naming the prices, when it has no item or none maps to a
+    tier. One that does not entitle (canceled, unpaid, ...) grants nothing whatever its prices, so
+    without a mapped price (or without items, as a minimal ``customer.subscription.deleted`` may
+    come) it reads as ``free`` instead. Raises ValueError when the object lacks what every version
+    has (id, customer, status).
     """
     sub_id = object_id(obj.get("id"))
     customer_id = object_id(obj.get("customer"))
@@ -101,18 +106,23 @@ def read_subscription(
 
     items = _items(obj)
     prices = [_price_of(item) for item in items]
-    if not prices:
-        raise UnmappedPrice(f"subscription {sub_id} has no priced items to map to a tier")
     # An item whose price names no tier (seats, metered add-ons) grants nothing; the best
-    # mapped item decides. Only when no item maps is the tier unknown.
+    # mapped item decides. Only when no item maps is the tier unknown, and only an entitling
+    # subscription needs it: parking the others would hold back a cancellation for a tier that
+    # entitlement never reads.
     mapped = [tier for tier in map(tiers.tier_for_price, prices) if tier is not None]
-    if not mapped:
+    if mapped:
+        best_tier = max(mapped, key=tiers.rank)
+    elif status not in ENTITLED_STATUSES:
+        best_tier = FREE
+    elif not prices:
+        raise UnmappedPrice(f"subscription {sub_id} has no priced items to map to a tier")
+    else:
         names = ", ".join(_price_label(price) for price in prices)
         raise UnmappedPrice(
             f"price {names} of {sub_id} maps to no tier: add it to STRIPE_PRICE_TIERS "
             "or set metadata.tier on the price, then replay this event"
         )
-    best_tier = max(mapped, key=tiers.rank)
 
     return SubscriptionSnapshot(
         id=sub_id,

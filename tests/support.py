@@ -91,8 +91,13 @@ def signed(
 ) -> tuple[bytes, dict[str, str]]:
     """The body and headers of a delivery of ``event``, signed as Stripe signs it."""
     body = orjson.dumps(event)
+    return body, signed_headers(body, secret, timestamp=timestamp)
+
+
+def signed_headers(body: bytes, secret: str = SECRET, *, timestamp: int | None = None) -> dict[str, str]:
+    """The headers of a delivery of these exact bytes, signed as Stripe signs them."""
     header = signature_header(body, secret, int(time.time()) if timestamp is None else timestamp)
-    return body, {"Stripe-Signature": header, "Content-Type": "application/json; charset=utf-8"}
+    return {"Stripe-Signature": header, "Content-Type": "application/json; charset=utf-8"}
 
 
 def event_delivery(event_id: str, *, email: str = "ann@example.com") -> tuple[Any, bytes]:

@@ -89,12 +89,14 @@ def test_a_replay_that_still_fails_records_the_error_and_stays_parked(ops: Harne
 def test_each_event_in_a_dry_run_sees_what_the_ones_before_it_would_do(ops: Harness) -> None:
     """Two parked events of one customer: the second's "before" is the first's "after", not the stored state."""
     customer, first = _parked(ops, "chain")
-    second = customer.subscription("canceled", price=GOLD, at=int(str(first["created"])) + 50)
+    # past_due still entitles, so its unmapped price parks it too (a canceled one would apply as free).
+    second = customer.subscription("past_due", price=GOLD, at=int(str(first["created"])) + 50)
     ops.apply(second)
+    assert ops.event(str(second["id"]))["status"] == "failed"
     results = replay_events(ops.engine, failed=True, dry_run=True, actor="erin", reason=None, settings=_fixed(ops))
     assert [(r.event_id, [(c.before, c.after) for c in r.changes]) for r in results] == [
         (first["id"], [(StateView("free", None), StateView("enterprise", "active"))]),
-        (second["id"], [(StateView("enterprise", "active"), StateView("free", "canceled"))]),
+        (second["id"], [(StateView("enterprise", "active"), StateView("enterprise", "past_due"))]),
     ]
     assert ops.tier_status(customer.email) == ("free", None)
 

@@ -366,6 +366,19 @@ def test_unmapped_price_parks_the_event_naming_the_price_then_applies_after_conf
     assert harness.tier_status("ann@example.com") == ("enterprise", "active")
 
 
+def test_a_cancellation_whose_price_maps_to_no_tier_applies_and_ends_the_users_tier(harness: Any) -> None:
+    """A price no longer in STRIPE_PRICE_TIERS does not hold back the end of its subscription: stored as free."""
+    harness.apply(customer_event("ann@example.com"), sub_event("active"))
+    assert harness.tier_status("ann@example.com") == ("pro", "active")
+    ended = sub_event("canceled", at=T + 10)
+    harness.deliver(ended)
+    harness.drain(with_tiers(harness.settings, "price_basic=basic"))
+    row = harness.event(ended["id"])
+    assert (row["status"], row["last_error"]) == ("applied", None)
+    assert (harness.subscription("sub_1")["status"], harness.subscription("sub_1")["tier"]) == ("canceled", "free")
+    assert harness.tier_status("ann@example.com") == ("free", "canceled")
+
+
 def test_replay_failed_requeues_every_parked_event_and_nothing_else(harness: Any) -> None:
     """``replay(failed=True)`` makes exactly the failed events pending; after the fix they all apply."""
     applied = customer_event("ann@example.com")

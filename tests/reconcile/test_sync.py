@@ -218,6 +218,21 @@ def test_a_subscription_whose_price_maps_to_no_tier_is_skipped_and_reported(
     assert db.subscription("sub_00001") is None
 
 
+def test_a_canceled_subscription_whose_price_maps_to_no_tier_is_stored_as_free(
+    db: Db, account: FakeStripe, gateway: StripeApiGateway
+) -> None:
+    """It entitles to nothing, so its tier does not matter: no problem to report, the user's status follows it."""
+    paying_customer(account, 1, status="canceled", price="price_retired")
+
+    summary = sync(db, gateway)
+
+    assert (summary.seen, summary.stored, summary.skipped, summary.problems) == (1, 1, 0, [])
+    stored = db.subscription("sub_00001")
+    assert stored is not None
+    assert (stored["status"], stored["tier"]) == ("canceled", "free")
+    assert db.state("user1@example.com") == ("free", "canceled")
+
+
 def test_a_sync_scoped_to_a_customer_or_an_email_touches_only_those(
     db: Db, account: FakeStripe, gateway: StripeApiGateway
 ) -> None:

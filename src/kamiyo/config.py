@@ -21,6 +21,7 @@ from sqlalchemy.exc import ArgumentError
 from kamiyo.domain.modes import LIVE, MODES, key_mode
 from kamiyo.domain.tiers import TierMap, parse_price_tiers
 from kamiyo.errors import ConfigError
+from kamiyo.logs import LOG_FORMATS
 
 DEFAULT_DATABASE_URL = "sqlite:///data/kamiyo.db"
 DEFAULT_STRIPE_API_BASE = "https://api.stripe.com"
@@ -58,6 +59,7 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 8000
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": one object per line (kamiyo/logs.py)
     max_body_bytes: int = 1024 * 1024
     signature_tolerance: int = 300
     worker_in_process: bool = True
@@ -149,6 +151,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: Path | Non
         host=values.get("HOST", "0.0.0.0") or "0.0.0.0",
         port=_int(values, "PORT", 8000, low=1, high=65535),
         log_level=_choice(values, "LOG_LEVEL", "INFO", _LOG_LEVELS),
+        log_format=_choice(values, "LOG_FORMAT", "text", LOG_FORMATS, upper=False),
         max_body_bytes=_int(values, "WEBHOOK_MAX_BODY_BYTES", 1024 * 1024, low=1024, high=64 * 1024 * 1024),
         signature_tolerance=_int(values, "WEBHOOK_TOLERANCE_SECONDS", 300, low=1, high=86400),
         worker_in_process=_bool(values, "WORKER_IN_PROCESS", True),
@@ -395,8 +398,9 @@ def _bool(values: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}: expected true or false, got {raw!r}")
 
 
-def _choice(values: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
-    raw = values.get(name, "").strip().upper()
+def _choice(values: Mapping[str, str], name: str, default: str, choices: tuple[str, ...], *, upper: bool = True) -> str:
+    raw = values.get(name, "").strip()
+    raw = raw.upper() if upper else raw.lower()
     if not raw:
         return default
     if raw not in choices:

@@ -30,7 +30,7 @@ def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
     monkeypatch.setenv("DATABASE_URL", url)
     monkeypatch.setenv("STRIPE_WEBHOOK_SECRET", SECRET)
     monkeypatch.setenv("STRIPE_PRICE_TIERS", PRICE_TIERS)
-    monkeypatch.setattr("kamiyo.logs.configure_logging", lambda _level: None)  # keep pytest's log capture
+    monkeypatch.setattr("kamiyo.logs.configure_logging", lambda *_a, **_k: None)  # keep pytest's log capture
     settings = make_settings(url)
     engine = make_engine(settings)
     upgrade(engine)

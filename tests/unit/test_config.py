@@ -23,11 +23,17 @@ def test_an_empty_environment_gives_the_defaults() -> None:
     assert settings.webhook_secrets == ()
     assert settings.database_url == DEFAULT_DATABASE_URL
     assert (settings.host, settings.port, settings.log_level) == ("0.0.0.0", 8000, "INFO")
+    assert settings.log_format == "text"
     assert settings.max_body_bytes == 1024 * 1024
     assert settings.signature_tolerance == 300
     assert settings.worker_in_process is True
     assert dict(settings.price_tiers.ranks) == {FREE: 0}
     assert dict(settings.price_tiers.by_key) == {}
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("json", "json"), (" JSON ", "json"), ("text", "text"), ("", "text")])
+def test_log_format_is_text_or_json(raw: str, expected: str) -> None:
+    assert load({"LOG_FORMAT": raw}).log_format == expected
 
 
 def test_a_missing_env_file_is_not_an_error(tmp_path: Path) -> None:
@@ -106,6 +112,8 @@ def test_a_sqlite_url_is_kept() -> None:
         ("DATABASE_URL", "not a url"),
         ("DATABASE_URL", "postgresql://kamiyo:pw@db:notaport/kamiyo"),
         ("LOG_LEVEL", "verbose"),
+        ("LOG_FORMAT", "yaml"),
+        ("LOG_FORMAT", "TEXT,json"),
         ("WEBHOOK_MAX_BODY_BYTES", "1"),
         ("WEBHOOK_TOLERANCE_SECONDS", "-5"),
         ("WORKER_IN_PROCESS", "maybe"),

@@ -1,15 +1,24 @@
-"""The server's background log writer: every line, in order, written before the process ends."""
+"""The log: the server's background writer (every line, in order, written before the process
+ends), the text line, and LOG_FORMAT=json's one object per line."""
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
+from typing import Any, cast
 
-from kamiyo.logs import BackgroundHandler, configure_logging
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kamiyo.logs import BackgroundHandler, JsonFormatter, configure_logging, current_log_format, record_fields
+from kamiyo.scrub import clean
 
 
 class _Stream(io.StringIO):
@@ -169,3 +178,226 @@ def test_a_line_reads_time_level_logger_message_and_the_time_follows_the_record(
         f"{stamp(1_800_000_000)} INFO kamiyo.webhook webhook accepted",
         f"{stamp(1_800_000_061)} INFO kamiyo.webhook webhook accepted",
     ]
+
+
+# -- LOG_FORMAT=json ---------------------------------------------------------------------------
+
+JSON = JsonFormatter()
+PIPE_BUF = 4096
+# Characters that end a line (for str.splitlines or a log shipper) or drive a terminal.
+RAW = ("\n", "\r", "\x00", "\x1b", "\x7f", "\x85", "\u2028", "\u2029")
+
+
+def _json(message: str, *args: Any, name: str = "kamiyo.webhook", exc_info: Any = None) -> dict[str, Any]:
+    line = _json_line(message, *args, name=name, exc_info=exc_info)
+    return cast(dict[str, Any], json.loads(line))
+
+
+def _json_line(message: str, *args: Any, name: str = "kamiyo.webhook", exc_info: Any = None) -> str:
+    record = logging.LogRecord(name, logging.WARNING, __file__, 1, message, args or None, exc_info)
+    record.created = 1_800_000_000.25
+    line = JSON.format(record)
+    assert len(line.encode()) + 1 <= PIPE_BUF
+    assert len(line.splitlines()) == 1
+    for char in RAW:
+        assert char not in line
+    return line
+
+
+def test_a_json_line_holds_time_level_logger_message_and_the_fields_given_as_a_mapping() -> None:
+    line = _json(
+        "webhook %(outcome)s event=%(event)s type=%(type)s",
+        {"outcome": "accepted", "event": "evt_1", "type": "customer.subscription.updated"},
+    )
+    assert line == {
+        "time": "2027-01-15T08:00:00.250Z",
+        "level": "WARNING",
+        "logger": "kamiyo.webhook",
+        "message": "webhook accepted event=evt_1 type=customer.subscription.updated",
+        "outcome": "accepted",
+        "event": "evt_1",
+        "type": "customer.subscription.updated",
+    }
+
+
+def test_positional_arguments_are_fields_where_the_format_names_them() -> None:
+    line = _json(
+        "user state changed user_id=%s email=%s tier=%s->%s status=%s->%s 100%% of %d",
+        7,
+        "a@x.io",
+        "free",
+        "pro",
+        None,
+        "active",
+        3,
+    )
+    assert line["message"] == "user state changed user_id=7 email=a@x.io tier=free->pro status=None->active 100% of 3"
+    fields = {k: v for k, v in line.items() if k not in ("time", "level", "logger", "message")}
+    assert fields == {
+        "user_id": 7,
+        "email": "a@x.io",
+        "tier_from": "free",
+        "tier_to": "pro",
+        "status_from": None,
+        "status_to": "active",
+    }
+
+
+def test_field_values_keep_their_json_type_and_anything_else_is_text() -> None:
+    line = _json(
+        "worker n=%d ratio=%.1f ok=%s big=%d when=%s",
+        2,
+        0.5,
+        True,
+        2**70,
+        datetime(2026, 1, 2, tzinfo=UTC),
+    )
+    assert (line["n"], line["ratio"], line["ok"]) == (2, 0.5, True)
+    assert line["big"] == str(2**70)
+    assert line["when"] == "2026-01-02 00:00:00+00:00"
+
+
+def test_a_format_whose_conversions_do_not_match_the_arguments_gives_no_fields() -> None:
+    record = logging.LogRecord("kamiyo.x", logging.INFO, __file__, 1, "a=%s b=%s", ("1",), None)
+    assert record_fields(record) == {}
+
+
+def test_a_field_named_like_a_key_of_the_line_does_not_replace_it() -> None:
+    line = _json("event %(message)s at %(time)s", {"message": "hello", "time": "soon"})
+    assert (line["message"], line["message_"], line["time_"]) == ("event hello at soon", "hello", "soon")
+    assert line["time"] == "2027-01-15T08:00:00.250Z"
+
+
+def test_secrets_are_scrubbed_from_the_message_the_fields_and_a_traceback() -> None:
+    secret = "whsec_" + "a1" * 16
+    try:
+        raise ValueError(f"bad key sk_live_{'9' * 24}")
+    except ValueError:
+        exc_info = sys.exc_info()
+    line = _json_line(
+        "webhook rejected reason=%(reason)s: %(error)s",
+        {"reason": "invalid_signature", "error": f"secret {secret} Authorization: Bearer abcdefgh"},
+        exc_info=exc_info,
+    )
+    assert secret not in line
+    assert "sk_live_9" not in line
+    assert "abcdefgh" not in line
+    decoded = json.loads(line)
+    assert decoded["error"] == "secret [redacted] Authorization: Bearer [redacted]"
+    assert "ValueError: bad key [redacted]" in decoded["exception"]
+    assert decoded["exception"].startswith("Traceback (most recent call last):\n")
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "customer.created\n2030-01-01T00:00:00Z INFO kamiyo.webhook forged",
+        "a\r\nb",
+        "a\u2028b\u2029c\x85d",
+        "\x1b[2K\x1b[1Gred",
+        "nul\x00del\x7f",
+        '"},{"level":"CRITICAL',
+        "\ud800 lone surrogate",
+    ],
+)
+def test_control_characters_and_quotes_are_escaped_as_in_text_and_the_line_stays_one_valid_object(
+    hostile: str,
+) -> None:
+    line = _json("webhook accepted event=%s type=%s", "evt_1", hostile)
+    assert line["type"] == clean(hostile)
+    assert line["message"] == "webhook accepted event=evt_1 type=" + clean(hostile)
+    assert line["level"] == "WARNING"
+
+
+def test_printable_unicode_stays_readable() -> None:
+    line = _json_line("user created email=%s", "zoë@例え.jp 😀")
+    assert "zoë@例え.jp 😀" in line
+    assert json.loads(line)["email"] == "zoë@例え.jp 😀"
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        ("x" * 10_000, "short"),
+        ("short", "y" * 10_000),
+        ("é" * 3000, "😀" * 3000),
+        ("\x1b" * 2000, '"' * 3000),
+        ("x" * 2000, "y" * 2000),
+    ],
+)
+def test_a_long_line_is_cut_to_pipe_buf_as_valid_json_and_says_so(message: str, error: str) -> None:
+    line = _json_line("%(message)s error=%(error)s", {"message": message, "error": error})
+    decoded = json.loads(line)
+    assert decoded["truncated"] is True
+    assert len(line.encode()) > PIPE_BUF // 2  # cut to fit, not emptied
+    assert decoded["time"] == "2027-01-15T08:00:00.250Z"
+    assert decoded["level"] == "WARNING"
+    for key in ("message", "error"):
+        value = decoded[key]
+        if value.endswith("…"):
+            assert clean(f"{message} error={error}" if key == "message" else error).startswith(value[:-1])
+
+
+def test_a_short_field_beside_a_long_one_is_kept_whole() -> None:
+    decoded = _json("webhook event=%(event)s error=%(error)s", {"event": "evt_keep", "error": "z" * 9000})
+    assert decoded["event"] == "evt_keep"
+    assert decoded["error"].endswith("…")
+
+
+def test_a_line_of_too_many_fields_keeps_the_records_own_keys() -> None:
+    decoded = _json("many %(k0)s", {f"k{n}": "v" * 60 for n in range(300)})
+    assert set(decoded) == {"time", "level", "logger", "message", "truncated"}
+
+
+def test_a_line_without_anything_long_is_not_marked_truncated() -> None:
+    assert "truncated" not in _json("webhook accepted event=%s", "e" * 1900)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=3000), st.text(max_size=3000), st.dictionaries(st.text(max_size=20), st.text(max_size=300)))
+def test_any_line_is_one_valid_json_object_within_pipe_buf(message: str, error: str, extra: dict[str, str]) -> None:
+    fields = {**extra, "error": error}
+    record = logging.LogRecord("kamiyo.x", logging.ERROR, __file__, 1, "%(error)s", (fields,), None)
+    record.msg = "m " + message.replace("%", "%%") + " %(error)s"
+    line = JSON.format(record)
+    assert len(line.encode()) + 1 <= PIPE_BUF
+    assert len(line.splitlines()) == 1
+    decoded = json.loads(line)
+    assert (decoded["level"], decoded["logger"]) == ("ERROR", "kamiyo.x")
+    if "truncated" not in decoded:
+        assert decoded["message"] == clean("m " + message + " " + error)
+        assert decoded["error"] == clean(error)
+
+
+def test_configure_logging_json_formats_every_logger_uvicorns_included() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    try:
+        configure_logging("INFO", log_format="json")
+        root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
+        assert current_log_format() == "json"
+        logging.getLogger("uvicorn.error").info("Started server process [%d]", 42)
+        logging.getLogger("kamiyo.webhook").info("webhook accepted event=%s", "evt_1")
+    finally:
+        configure_logging("INFO")
+        root.handlers[:] = saved
+        root.setLevel(level)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert (first["logger"], first["message"]) == ("uvicorn.error", "Started server process [42]")
+    assert (second["logger"], second["event"]) == ("kamiyo.webhook", "evt_1")
+
+
+def test_the_default_format_is_text() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    try:
+        configure_logging("INFO")
+        root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
+        logging.getLogger("kamiyo.webhook").info("webhook %(outcome)s event=%(event)s", {"outcome": "x", "event": "e"})
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)
+    assert current_log_format() == "text"
+    assert stream.getvalue().endswith(" INFO kamiyo.webhook webhook x event=e\n")

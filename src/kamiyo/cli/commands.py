@@ -64,7 +64,8 @@ def serve(settings: Settings, *, host: str | None, port: int | None, no_worker: 
     finally:
         engine.dispose()
     app = create_app(settings, run_worker=False if no_worker else None)
-    configure_logging(settings.log_level, background=True)  # a line per delivery, off the event loop
+    # A line per delivery, off the event loop.
+    configure_logging(settings.log_level, background=True, log_format=settings.log_format)
     raise_open_file_limit(settings.http_max_connections)
     config = uvicorn.Config(
         app,
@@ -110,7 +111,7 @@ def _server_class() -> type:
 
 def worker(settings: Settings) -> int:
     # A line per event applied: written by a thread of its own, a burst per write (as serve does).
-    configure_logging(settings.log_level, background=True)
+    configure_logging(settings.log_level, background=True, log_format=settings.log_format)
     engine = make_engine(settings)
     _require_current_schema(engine)
     stop = threading.Event()

@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from kamiyo.logs import configure_logging
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, log_format=settings.log_format)
     try:
         return _dispatch(args, settings)
     except KamiyoError as exc:

@@ -28,6 +28,7 @@ from kamiyo.domain.links import normalize_email
 from kamiyo.domain.subscriptions import SubscriptionSnapshot, read_subscription
 from kamiyo.domain.tiers import TierMap
 from kamiyo.errors import ApplyError, KamiyoError
+from kamiyo.logs import current_log_format
 from kamiyo.reconcile.gateway import GatewayConfig, Page, StripeApiGateway, StripeGateway, read_version_created
 
 log = logging.getLogger("kamiyo.reconcile")
@@ -144,6 +145,7 @@ class ProcessReader:
                 self._ready,
                 self._stop,
                 logging.getLogger().level,
+                current_log_format(),
             ),
             name="kamiyo-sync-read",
             daemon=True,
@@ -220,12 +222,13 @@ def _read_in_child(
     ready: Any,
     stop: Any,
     log_level: int,
+    log_format: str,
 ) -> None:
     """The child process: once ready, take the cursor from ``start``, then list, read and hand
     over pages until the list ends or ``stop`` is set."""
     from kamiyo.logs import configure_logging
 
-    configure_logging(logging.getLevelName(log_level) if log_level else "WARNING")
+    configure_logging(logging.getLevelName(log_level) if log_level else "WARNING", log_format=log_format)
 
     def put(item: Any) -> bool:
         while not stop.is_set():

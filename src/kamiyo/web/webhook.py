@@ -66,19 +66,25 @@ class WebhookEndpoint:
             status, body = await self._deliver(scope, receive, started)
         except ClientGone:
             log.warning(
-                "webhook rejected reason=disconnected: the connection closed before the whole body arrived "
-                "(the client left, or HTTP_BODY_TIMEOUT_SECONDS passed)"
+                "webhook rejected reason=%(reason)s: the connection closed before the whole body arrived "
+                "(the client left, or HTTP_BODY_TIMEOUT_SECONDS passed)",
+                {"reason": "disconnected"},
             )
             return
         except Exception as exc:
-            log.exception("webhook failed reason=internal: %s", exc.__class__.__name__)
+            log.exception(
+                "webhook failed reason=%(reason)s: %(error)s", {"reason": "internal", "error": exc.__class__.__name__}
+            )
             self._count_rejection("internal", started)
             status, body = 500, {"error": "internal error; retry later", "reason": "internal"}
         await _answer(send, status, body)
 
     async def _deliver(self, scope: Scope, receive: Receive, started: float) -> tuple[int, dict[str, Any]]:
         if not self._secrets:
-            log.error("webhook rejected reason=not_configured: STRIPE_WEBHOOK_SECRET is not set (Stripe will retry)")
+            log.error(
+                "webhook rejected reason=%(reason)s: STRIPE_WEBHOOK_SECRET is not set (Stripe will retry)",
+                {"reason": "not_configured"},
+            )
             self._count_rejection("not_configured", started)
             return 503, {"error": "webhook secret not configured", "reason": "not_configured"}
         headers = _headers(scope)
@@ -90,9 +96,12 @@ class WebhookEndpoint:
             envelope, _event = read_envelope(body)
         except WebhookRejected as exc:
             if exc.reason == "invalid_signature":
-                log.warning("webhook rejected reason=invalid_signature: Webhook validation failed: %s", exc)
+                log.warning(
+                    "webhook rejected reason=%(reason)s: Webhook validation failed: %(error)s",
+                    {"reason": exc.reason, "error": str(exc)},
+                )
             else:
-                log.warning("webhook rejected reason=%s: %s", exc.reason, exc)
+                log.warning("webhook rejected reason=%(reason)s: %(error)s", {"reason": exc.reason, "error": str(exc)})
             # doctor's unsigned ping is not a delivery: it stays out of the failure counts. Only an
             # unsigned request can be one, so a delivery never pays for this check.
             if exc.reason != "missing_signature" or not is_probe(
@@ -111,7 +120,8 @@ class WebhookEndpoint:
             new = await self._writer().store_event(envelope, body, status=status, counted=counted, detail=detail)
         except Exception as exc:  # noqa: BLE001 - storage down: Stripe must retry, so not 2xx
             log.error(
-                "webhook not stored event=%s type=%s: %s", envelope.event_id, envelope.type, exc.__class__.__name__
+                "webhook not stored event=%(event)s type=%(type)s: %(error)s",
+                {"event": envelope.event_id, "type": envelope.type, "error": exc.__class__.__name__},
             )
             self._count_rejection("internal", started, envelope.type)
             return 503, {"error": "event could not be stored; retry later", "reason": "internal"}

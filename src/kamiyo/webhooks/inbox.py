@@ -462,7 +462,8 @@ class InboxWriter:
         for item, new in zip(batch, outcomes, strict=True):
             row = item.row
             delivery_log.info(
-                "webhook %s event=%s type=%s", "accepted" if new else "duplicate", row["stripe_event_id"], row["type"]
+                "webhook %(outcome)s event=%(event)s type=%(type)s",
+                {"outcome": "accepted" if new else "duplicate", "event": row["stripe_event_id"], "type": row["type"]},
             )
         return False
 

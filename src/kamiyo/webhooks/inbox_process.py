@@ -476,7 +476,7 @@ def serve(connection: socket.socket) -> None:
                             assert writer is not None
                             writer.count_rejection(reason, event_type)
                         case Start(settings, count_deliveries, run_worker):
-                            configure_logging(settings.log_level, background=True)
+                            configure_logging(settings.log_level, background=True, log_format=settings.log_format)
                             engine = make_engine(settings)
                             wake = threading.Event()
                             writer = InboxWriter(

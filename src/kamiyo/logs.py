@@ -87,8 +87,10 @@ class JsonFormatter(logging.Formatter):
             "message": clean(record.getMessage()),
         }
         for key, value in record_fields(record).items():
-            name = clean(str(key))
-            line[name + "_" if name in _RESERVED else name] = _value(value)
+            name = _keys.get(key)
+            if name is None:
+                name = _key(key)
+            line[name] = _value(value)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
@@ -99,6 +101,18 @@ class JsonFormatter(logging.Formatter):
 
 
 _RESERVED = frozenset({"time", "level", "logger", "message", "exception", "stack", "truncated"})
+_keys: dict[Any, str] = {}
+
+
+def _key(key: Any) -> str:
+    """A field's key in the line: cleaned, and ``key_`` when the line's own keys have it."""
+    name = clean(str(key))
+    name = name + "_" if name in _RESERVED else name
+    if len(_keys) < 10_000:
+        _keys[key] = name
+    return name
+
+
 # One %-conversion of a format string: its mapping key, and its type (``%`` for a literal ``%%``).
 _CONVERSION = re.compile(r"%(?:\(([^)]*)\))?[-#0 +]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[hlL]?([diouxXeEfFgGcrsa%])")
 _KEYED = re.compile(r"(\w+)=$")
@@ -108,7 +122,7 @@ _names: dict[str, tuple[str | None, ...]] = {}
 def record_fields(record: logging.LogRecord) -> Mapping[str, Any]:
     """The fields of a record: its mapping argument, or the positional arguments the format names."""
     args = record.args
-    if isinstance(args, Mapping):
+    if isinstance(args, dict) or isinstance(args, Mapping):  # noqa: SIM101 - a dict without the ABC's check
         return args
     if not args or not isinstance(record.msg, str):
         return {}
@@ -144,6 +158,8 @@ def _positional_names(message: str) -> tuple[str | None, ...]:
 
 def _value(value: Any) -> Any:
     """A field's value as JSON: numbers, booleans and null as they are, anything else as cleaned text."""
+    if type(value) is str:
+        return clean(value)
     if value is None or isinstance(value, bool | float):
         return value
     if isinstance(value, int) and -(2**63) <= value < 2**64:

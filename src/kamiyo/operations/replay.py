@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -120,6 +120,7 @@ def replay_events(
     settings: Settings | None = None,
     limit: int | None = None,
     claimed_by: str | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[ReplayResult]:
     """Apply the selected events again (oldest first); with ``dry_run``, only show what would change.
 
@@ -128,6 +129,7 @@ def replay_events(
     settings' replay limits) received after the event ``after``. ``settings`` (default: from the
     environment) supplies the tier configuration, as the worker's does. ``claimed_by``: a name
     the actor gave without proving it, recorded beside the actor in each audit entry.
+    ``progress``, if given, is called with the number of events replayed so far after each chunk.
     """
     conditions = _selection(event_id, failed, event_type, since)
     if event_id is not None and after is not None:
@@ -149,6 +151,8 @@ def replay_events(
             _require(event_id, ids)
             for chunk in _chunks(ids):
                 _replay_chunk(connection, run, chunk)
+                if progress is not None:
+                    progress(len(run.results))
         return run.results
     with engine.connect().execution_options(readonly=True) as connection:
         ids = selected(connection)
@@ -157,6 +161,8 @@ def replay_events(
         for chunk in _chunks(ids):
             with connection.begin():
                 _replay_chunk(connection, run, chunk)
+            if progress is not None:
+                progress(len(run.results))
     return run.results
 
 

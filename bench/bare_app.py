@@ -65,7 +65,7 @@ def main() -> None:
 
         defaults = Settings()
         http, keep_alive = bounded_protocol(HttpLimits.from_settings(defaults)), defaults.http_keepalive_seconds
-    # The same options as kamiyo.cli.commands.serve().
+    # The same options as kamiyo.cli.serve.serve.
     uvicorn.run(
         app,
         host=args.host,

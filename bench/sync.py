@@ -52,7 +52,7 @@ def serve(count: int) -> None:
 
 def measure(url: str, database_url: str) -> dict[str, Any]:
     """Child: one sync, exactly as `kamiyo sync` runs it (output discarded); its figures as JSON on stdout."""
-    from kamiyo.cli.reconcile import run_sync
+    from kamiyo.cli.sync import run_sync
     from kamiyo.config import Settings
     from kamiyo.db.engine import make_engine
     from kamiyo.db.migrate import upgrade

@@ -38,7 +38,7 @@ def sync_all_subscriptions(
     A setting, API or database failure prints one line naming it and exits with status 1
     (this runs from ``python -c``, where a traceback would only hide the message).
     """
-    from kamiyo.cli.reconcile import run_sync
+    from kamiyo.cli.sync import run_sync
     from kamiyo.config import load_settings
     from kamiyo.errors import KamiyoError
     from kamiyo.logs import configure_logging

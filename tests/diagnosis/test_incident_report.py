@@ -195,7 +195,7 @@ def test_markdown_and_json_carry_the_same_numbers(engine: Engine) -> None:
 
 
 def test_the_cli_prints_the_report_for_a_relative_range(engine: Engine, settings: Settings, capsys: Any) -> None:
-    from kamiyo.cli import operate
+    from kamiyo.cli import doctor as operate
 
     with engine.begin() as connection:
         add_delivery_counts(
@@ -207,7 +207,7 @@ def test_the_cli_prints_the_report_for_a_relative_range(engine: Engine, settings
 
 
 def test_the_cli_refuses_a_missing_sqlite_database_instead_of_creating_one(settings: Settings, tmp_path: Any) -> None:
-    from kamiyo.cli import operate
+    from kamiyo.cli import doctor as operate
 
     missing = replace(settings, database_url=f"sqlite:///{tmp_path / 'nope.db'}")
     with pytest.raises(KamiyoError, match="does not exist"):

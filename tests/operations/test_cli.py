@@ -13,11 +13,11 @@ from sqlalchemy import text
 from integration.conftest import Harness
 from kamiyo import synthetic
 from kamiyo.cli.main import main
-from kamiyo.cli.operators import expiry_time
 from kamiyo.db.engine import make_engine
 from kamiyo.db.migrate import upgrade
 from kamiyo.errors import KamiyoError
 from kamiyo.operations.audit import default_actor
+from kamiyo.operations.inputs import expiry_time
 from operations.conftest import BASIC, Customer
 from support import PRICE_TIERS, SECRET, make_settings
 

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from kamiyo import synthetic
-from kamiyo.cli import operators
-from kamiyo.cli import reconcile as reconcile_cli
+from kamiyo.cli import sync as reconcile_cli
+from kamiyo.cli.audit import print_audit
 from kamiyo.errors import StripeApiError
 from kamiyo.operations.audit import default_actor
 from kamiyo.reconcile import backfill as backfill_module
@@ -159,7 +159,7 @@ def test_kamiyo_sync_records_the_os_user_with_by_as_a_claim_and_kamiyo_audit_lis
     code = reconcile_cli.sync(
         db.settings, by="dave", reason="INC-7", gateway=InMemoryGateway(account), out=out, err=err, yes=True
     )
-    operators.audit(db.settings, since="1h", target="all subscriptions", limit=1, as_json=False)
+    print_audit(db.settings, since="1h", target="all subscriptions", limit=1, as_json=False)
 
     assert code == 0
     listed = capsys.readouterr().out
@@ -270,7 +270,7 @@ def test_kamiyo_backfill_records_the_os_user_with_by_as_a_claim_and_kamiyo_audit
     code = reconcile_cli.backfill(
         db.settings, since="2h", by="frank", reason="INC-9", gateway=InMemoryGateway(account), out=out, err=err
     )
-    operators.audit(db.settings, since="1h", target="undelivered events", limit=1, as_json=False)
+    print_audit(db.settings, since="1h", target="undelivered events", limit=1, as_json=False)
 
     assert code == 0
     assert "applied: the worker handled 3 event(s)" in out.getvalue()  # with the delivered one, pending

@@ -17,7 +17,7 @@ import pytest
 from api.payments.stripe_client import RUNBOOK_REASON
 
 from kamiyo import synthetic
-from kamiyo.cli.reconcile import _SyncPrinter
+from kamiyo.cli.sync import SyncPrinter
 from kamiyo.config import Settings
 from kamiyo.db.engine import make_engine
 from kamiyo.db.migrate import upgrade
@@ -193,7 +193,7 @@ def test_the_first_kamiyo_backfill_needs_no_since_and_says_it_read_30_days(
 def test_kamiyo_sync_that_writes_needs_yes_in_a_pipe_and_asks_on_a_terminal(
     database: str, account: FakeStripe, stripe_api: StripeApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kamiyo.cli import reconcile
+    from kamiyo.cli import sync as reconcile
     from kamiyo.cli.confirm import NotConfirmed
     from kamiyo.config import load_settings
 
@@ -228,25 +228,45 @@ def test_resume_cannot_be_combined_with_a_scope(database: str, stripe_api: Strip
     assert "not allowed with argument" in result.stderr
 
 
-def test_on_a_terminal_the_progress_is_a_bar_redrawn_in_place_and_cleared_for_drift_lines() -> None:
+def test_on_a_terminal_the_progress_is_richs_bar_and_drift_lines_print_above_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
             return True
 
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
     out, err = io.StringIO(), Terminal()
-    printer = _SyncPrinter(out, err, dry_run=False)
-    summary = SyncSummary(run_id=1, dry_run=False, scope=None, seen=100, changed=0, seconds=0.5)
-
-    printer.on_page(summary)
-    printer.on_page(SyncSummary(run_id=1, dry_run=False, scope=None, seen=200, changed=3, seconds=1.0))
-    printer.on_problem("sub_1: no tier")
-    printer.clear()
+    with SyncPrinter(out, err, dry_run=False) as printer:
+        printer.on_page(SyncSummary(run_id=1, dry_run=False, scope=None, seen=100, changed=0, seconds=0.5))
+        printer.on_page(SyncSummary(run_id=1, dry_run=False, scope=None, seen=200, changed=3, seconds=1.0))
+        printer.progress._bar.refresh()  # type: ignore[union-attr]  # draw now, not at rich's next tick
+        printer.on_problem("sub_1: no tier")
 
     drawn = err.getvalue()
-    assert drawn.count("\r\x1b[2Ksync [") == 2
+    assert "\x1b[" in drawn  # drawn in place by rich, on the terminal
     assert "200 subscriptions, 3 users changed, 200/s" in drawn
-    assert drawn.endswith("\r\x1b[2K")  # cleared before the drift line, and at the end
-    assert out.getvalue() == "skipped  sub_1: no tier\n"
+    assert "━" in drawn  # the bar
+    assert out.getvalue() == "skipped  sub_1: no tier\n"  # the report stays on stdout (not a terminal)
+
+
+def test_in_a_pipe_or_with_no_color_the_progress_is_plain_lines_without_escape_codes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for err, no_color in ((io.StringIO(), None), (Terminal(), "1")):
+        if no_color:
+            monkeypatch.setenv("NO_COLOR", no_color)
+        out = io.StringIO()
+        with SyncPrinter(out, err, dry_run=True) as printer:
+            printer.on_page(SyncSummary(run_id=1, dry_run=True, scope=None, seen=100, changed=2, seconds=0.5))
+            printer.on_page(SyncSummary(run_id=1, dry_run=True, scope=None, seen=200, changed=3, seconds=1.0))
+        # The first page at once, the next only after five seconds.
+        assert err.getvalue() == "sync: 100 subscriptions, 2 users to change, 200/s\n"
 
 
 def test_settings_for_the_api_are_read_and_checked_by_name() -> None:

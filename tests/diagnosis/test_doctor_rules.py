@@ -8,10 +8,12 @@ from kamiyo.diagnosis.doctor import (
     WARN,
     Diagnosis,
     Finding,
+    diagnose_drift,
     diagnose_failures,
     diagnose_ping,
     diagnose_secret,
 )
+from kamiyo.operations.users import DriftView, StateView
 from kamiyo.telemetry.delivery_stats import DeliveryRow
 from kamiyo.telemetry.webhook_health import fingerprint
 
@@ -116,3 +118,38 @@ def test_a_stalled_writer_outranks_a_worker_that_is_down_in_the_verdict() -> Non
     )
     assert diagnosis.verdict is not None
     assert diagnosis.verdict.cause == "writer_stalled"
+
+
+def _drifted(n: int) -> list[DriftView]:
+    return [
+        DriftView(f"user{i}@example.com", StateView("pro", "active"), StateView("free", None), None)
+        for i in range(1, n + 1)
+    ]
+
+
+def test_no_unexplained_drift_is_ok() -> None:
+    assert diagnose_drift([]).status == OK
+
+
+def test_unexplained_drift_fails_naming_the_first_three_users_and_both_ways_out() -> None:
+    finding = diagnose_drift(_drifted(5))
+    assert (finding.status, finding.cause, finding.option) == (FAIL, "drift", 5)
+    assert "user1@example.com (stored pro/active, expected free/-)" in finding.found
+    assert "user3@example.com" in finding.found
+    assert "user4@example.com" not in finding.found
+    assert finding.found.endswith(" and 2 more")
+    assert '`kamiyo users set-tier user1@example.com pro --reason "..."`' in finding.todo
+    assert "`kamiyo sync --email user1@example.com`" in finding.todo
+
+
+def test_drift_is_the_verdict_only_when_nothing_more_basic_fails() -> None:
+    drift = diagnose_drift(_drifted(1))
+    down = Finding("End to end", FAIL, "worker not running", option=1, cause="worker_down")
+    assert Diagnosis("http://x", [drift, down]).verdict == down
+    assert Diagnosis("http://x", [drift]).verdict == drift
+
+
+def test_an_email_that_would_drive_the_terminal_is_shown_escaped() -> None:
+    [item] = _drifted(1)
+    finding = diagnose_drift([DriftView("evil\x1b[2J@example.com", item.stored, item.expected, None)])
+    assert "\x1b" not in finding.found + finding.todo

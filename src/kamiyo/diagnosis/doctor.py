@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ from kamiyo.db.errors import FULL, LOCKED, describe, fault_kind, is_database_fau
 from kamiyo.db.models import customers_table, events_table, subscriptions_table
 from kamiyo.diagnosis.stripe_view import RUNBOOK_EVENTS, StripeWebhookView
 from kamiyo.domain.modes import LIVE
+from kamiyo.operations.users import DriftView, unexplained_drift
 from kamiyo.processing.retention import retention_status
 from kamiyo.scrub import clean
 from kamiyo.telemetry.delivery_stats import (
@@ -95,7 +96,9 @@ _PRIORITY = {
     "clock_skew": 60,
     "parked": 70,
     "probe_failed": 80,
+    "drift": 90,
 }
+DRIFT_NAMED = 3  # users a drift finding names; `kamiyo users drift` lists them all
 
 
 @dataclass(frozen=True)
@@ -553,6 +556,38 @@ def diagnose_housekeeping(checks: list[Check]) -> list[Finding]:
     ]
 
 
+def diagnose_drift(unexplained: Sequence[DriftView]) -> Finding:
+    """Users whose stored tier or status no subscription, override or audit entry explains, as
+    ``kamiyo users drift`` finds them: the trail of the runbook's Option 5 done by hand in SQL (an
+    ``UPDATE users`` nobody recorded). A failure, because the next webhook or sync for such a user
+    undoes the edit silently; it names the first users and the two commands that resolve it."""
+    step = "Drift"
+    if not unexplained:
+        return Finding(step, OK, "every user's stored tier is what subscriptions, overrides and the audit log explain")
+    named = ", ".join(
+        f"{clean(d.email)} (stored {_state(d.stored.tier, d.stored.status)}, "
+        f"expected {_state(d.expected.tier, d.expected.status)})"
+        for d in unexplained[:DRIFT_NAMED]
+    )
+    more = f" and {len(unexplained) - DRIFT_NAMED} more" if len(unexplained) > DRIFT_NAMED else ""
+    first = unexplained[0]
+    email, tier = clean(first.email), clean(first.stored.tier)
+    return Finding(
+        step,
+        FAIL,
+        f"{len(unexplained)} user(s) with a tier or status nothing explains (edited by hand in SQL, the runbook's "
+        f"Option 5 without a record?): {named}{more}",
+        f'to keep it, audited: `kamiyo users set-tier {email} {tier} --reason "..."`; to return to Stripe\'s '
+        f"state: `kamiyo sync --email {email}`; `kamiyo users drift` lists every user",
+        option=5,
+        cause="drift",
+    )
+
+
+def _state(tier: str, status: str | None) -> str:
+    return clean(f"{tier}/{status or '-'}")
+
+
 def diagnose_stripe(
     endpoints: list[Any] | None, undelivered: Any | None, *, configured: bool, error: str = ""
 ) -> list[Finding]:
@@ -761,6 +796,9 @@ class Doctor:
                 add(finding)
             for finding in self._housekeeping():
                 add(finding)
+            drift = self._drift()
+            if drift is not None:
+                add(drift)
         else:
             add(Finding("Processing", SKIPPED, f"no database to read ({db_error or 'not configured'})"))
         # The public health names each check's state only; its details (the worker's restarts and
@@ -994,6 +1032,14 @@ class Doctor:
         except Exception:  # noqa: BLE001 - the database went away during the run: Processing said so
             return []
         return diagnose_housekeeping(checks)
+
+    def _drift(self) -> Finding | None:
+        assert self.engine is not None
+        try:
+            with self.engine.connect().execution_options(readonly=True) as connection:
+                return diagnose_drift(unexplained_drift(connection, tiers=self.settings.price_tiers))
+        except Exception:  # noqa: BLE001 - the database went away during the run: Processing said so
+            return None
 
     def _unlinked(self) -> int:
         assert self.engine is not None

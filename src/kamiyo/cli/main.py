@@ -8,8 +8,8 @@ cli/invocation.py.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
+from typing import Any
 
 import click
 
@@ -21,7 +21,41 @@ from kamiyo.cli.invocation import INTERRUPTED, PROBLEM, USAGE, ArgumentProblem, 
 from kamiyo.errors import KamiyoError
 
 
+class _Kamiyo(click.Group):
+    """The root group: turns what a command returns or raises into the process's exit code
+    (cli/invocation.py), the same under ``main`` and under Click's test runner."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            code = super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except ArgumentProblem as exc:
+            code = _fail(f"{exc.command}: error: {exc}", USAGE)
+        except ConfigurationProblem as exc:
+            code = _fail(f"kamiyo: configuration error: {exc}", USAGE)
+        except NotConfirmed as exc:
+            code = _fail(f"kamiyo: {exc}", exc.exit_code)
+        except KamiyoError as exc:
+            code = _fail(f"kamiyo: {exc}", PROBLEM)
+        except KeyboardInterrupt:
+            code = _fail("", INTERRUPTED)
+        except Exception as exc:
+            from kamiyo.db.errors import describe, is_database_fault
+
+            if not is_database_fault(exc):
+                raise
+            code = _fail(f"kamiyo: the database failed: {describe(exc)}", PROBLEM)
+        raise click.exceptions.Exit(int(code or 0))
+
+
+def _fail(message: str, code: int) -> int:
+    click.echo(message, err=True)
+    return code
+
+
 @click.group(
+    cls=_Kamiyo,
     help="Stripe webhooks in, subscription tiers out. Settings come from the environment and .env.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -65,25 +99,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         raise SystemExit(exc.exit_code) from None
-    except (click.Abort, KeyboardInterrupt):
+    except click.Abort:
         return INTERRUPTED
-    except ArgumentProblem as exc:
-        print(f"{exc.command}: error: {exc}", file=sys.stderr)
-        return USAGE
-    except ConfigurationProblem as exc:
-        print(f"kamiyo: configuration error: {exc}", file=sys.stderr)
-        return USAGE
-    except NotConfirmed as exc:
-        print(f"kamiyo: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KamiyoError as exc:
-        print(f"kamiyo: {exc}", file=sys.stderr)
-        return PROBLEM
-    except Exception as exc:
-        from kamiyo.db.errors import describe, is_database_fault
-
-        if not is_database_fault(exc):
-            raise
-        print(f"kamiyo: the database failed: {describe(exc)}", file=sys.stderr)
-        return PROBLEM
     return int(code or 0)

@@ -11,8 +11,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 from api.payments.stripe_client import RUNBOOK_REASON
 
@@ -25,7 +27,7 @@ from kamiyo.operations.audit import default_actor
 from kamiyo.reconcile.sync import SyncSummary
 from reconcile.harness import paying_customer
 from stripe_api import API_KEY, FakeStripe, StripeApiServer
-from support import PRICE_TIERS, SECRET, make_settings
+from support import PRICE_TIERS, SECRET, make_settings, throwaway_postgres
 
 REPO = Path(__file__).resolve().parents[2]
 RUNBOOK_LINE = "from api.payments.stripe_client import sync_all_subscriptions; sync_all_subscriptions()"
@@ -132,6 +134,44 @@ def test_kamiyo_sync_dry_run_in_a_pipe_prints_plain_progress_and_the_drift_it_wo
     assert users(database) == {}
     audit = run([*KAMIYO, "audit"], environment(database, stripe_api), tmp_path)
     assert audit.stdout.strip() == "no manual actions recorded"  # a dry run writes nothing, not even that
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_database(request: pytest.FixtureRequest, database: str) -> Iterator[str]:
+    """The SQLite file of ``database``, or a fresh migrated PostgreSQL database."""
+    if request.param == "sqlite":
+        yield database
+        return
+    with throwaway_postgres() as url:
+        engine = make_engine(make_settings(url))
+        upgrade(engine)
+        engine.dispose()
+        yield url
+
+
+def test_kamiyo_sync_dry_run_json_prints_one_document_with_counts_changes_and_skips(
+    any_database: str, account: FakeStripe, stripe_api: StripeApiServer, tmp_path: Path
+) -> None:
+    paying_customer(account, 1)
+    paying_customer(account, 2, price="price_nobody_mapped")
+
+    result = run([*KAMIYO, "sync", "--dry-run", "--json"], environment(any_database, stripe_api), tmp_path)
+
+    assert result.returncode == 1, result.stderr  # a subscription could not be applied
+    report = orjson.loads(result.stdout)
+    assert (report["dry_run"], report["status"], report["error"]) == (True, "done", None)
+    assert report["counts"] == {"seen": 2, "stored": 1, "kept": 0, "linked": 1, "changed": 1, "skipped": 1}
+    assert report["changes"] == [
+        {
+            "email": "user1@example.com",
+            "before": {"tier": "free", "status": None},
+            "after": {"tier": "pro", "status": "active"},
+            "reasons": ["sub_00001 was missing here; Stripe has it active (pro)", "customer cus_00001 linked by email"],
+        }
+    ]
+    [skipped] = report["skipped"]
+    assert skipped.startswith("sub_00002: price price_nobody_mapped of sub_00002 maps to no tier")
+    assert users(any_database) == {}
 
 
 def test_kamiyo_sync_exits_1_when_a_subscription_could_not_be_applied(

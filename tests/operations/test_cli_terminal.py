@@ -316,3 +316,19 @@ def test_the_installed_script_completes_commands_and_options_as_bash_asks(tmp_pa
     assert set(complete("kamiyo users ")) == {"set-tier", "clear-override", "show", "drift"}
     assert "--dry-run" in complete("kamiyo replay --")
     assert complete("kamiyo events list --status ") == ["pending", "applied", "ignored", "failed"]
+
+
+def test_help_needs_neither_the_database_libraries_nor_rich(tmp_path: Path) -> None:
+    """Each command imports what it uses when it runs: `kamiyo --help` and completion stay quick."""
+    probe = (
+        "import sys\n"
+        "from kamiyo.cli.main import main\n"
+        "assert main(['--help']) == 0\n"
+        "assert main(['users', 'drift', '--help']) == 0\n"
+        "print(sorted(m for m in ('sqlalchemy', 'alembic', 'rich', 'stripe', 'kamiyo.config') if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"

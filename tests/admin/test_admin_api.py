@@ -11,7 +11,7 @@ import orjson
 import pytest
 from starlette.routing import Route
 
-from admin.app_client import ADMIN_TOKEN, AppClient, Console
+from admin.app_client import ADMIN_TOKEN, BEARER, AppClient, Console
 from admin.events import (
     PAYMENT_SECRET,
     UNMAPPED_PRICE,
@@ -214,23 +214,44 @@ def test_a_dry_run_replay_shows_the_outcome_and_changes_nothing(console: Console
 
 
 @pytest.mark.parametrize(
-    ("body", "message"),
+    ("body", "field", "message"),
     [
-        ({"event_id": "evt_x"}, "reason is required"),
-        ({"event_id": "evt_x", "reason": "  "}, "reason is required"),
-        ({"reason": "why"}, "needs an event id"),
-        ({"event_id": "evt_x", "failed": True, "reason": "why"}, "on its own"),
-        ({"event_id": 5, "reason": "why"}, "must be a string"),
-        ({"failed": "yes", "reason": "why"}, "true or false"),
-        ({"since": "yesterday-ish", "reason": "why"}, "since must be"),
+        ({"event_id": "evt_x"}, "reason", "reason is required"),
+        ({"event_id": "evt_x", "reason": "  "}, "reason", "reason must be words (not only spaces)"),
+        ({"reason": "why"}, "event_id", "needs an event id"),
+        ({"event_id": "evt_x", "failed": True, "reason": "why"}, "event_id", "on its own"),
+        ({"event_id": 5, "reason": "why"}, "event_id", "event_id must be a string"),
+        ({"event_id": None, "dry_run": True}, "event_id", "event_id must be left out, not null"),
+        ({"failed": "yes", "reason": "why"}, "failed", "true or false"),
+        ({"since": "yesterday-ish", "reason": "why"}, "since", "since must be"),
+        ({"failed": True, "dry_run": True, "limit": 0}, "limit", "limit must be at least 1"),
+        ({"failed": True, "dry_run": True, "surprise": 1}, "surprise", "surprise is not a field of this body"),
     ],
 )
-def test_a_replay_request_that_is_incomplete_or_ambiguous_is_refused_with_400(
-    console: Console, body: dict, message: str
+def test_a_replay_request_that_is_incomplete_or_ambiguous_is_refused_with_400_naming_the_field(
+    console: Console, body: dict, field: str, message: str
 ) -> None:
     response = console.post("/admin/api/replay", body)
     assert response.status_code == 400
+    answer = response.json()
+    assert message in answer["error"]
+    assert answer["field"] == field
+    assert answer["error"] == f"{field} {answer['reason']}"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [(b"{not json", "body is not JSON"), (b"[1, 2]", "body must be a JSON object"), (b'"evt_1"', "JSON object")],
+)
+def test_a_replay_body_that_is_not_a_json_object_is_a_400_naming_no_field(
+    console: Console, body: bytes, message: str
+) -> None:
+    response = console.client.post(
+        "/admin/api/replay", content=body, headers={**BEARER, "Content-Type": "application/json"}
+    )
+    assert response.status_code == 400
     assert message in response.json()["error"]
+    assert response.json()["field"] is None
 
 
 def test_a_replay_of_an_event_the_inbox_does_not_hold_is_a_404(console: Console) -> None:

@@ -278,6 +278,10 @@ class ErrorAnswer(BaseModel):
 
 
 class HealthCheck(BaseModel):
+    """One check, with the figures it is made of (each check has its own)."""
+
+    model_config = ConfigDict(extra="allow")
+
     name: str
     status: str
     detail: str

@@ -24,7 +24,6 @@ ERROR_TEXT = {
     400: "a malformed or out-of-bounds input: `field` names it, `reason` says what is wrong",
     403: "a cookie-authenticated change without the page's CSRF token",
     404: "not found",
-    409: "the request conflicts with the inbox's state (the message says how)",
     413: "request body over its cap (the connection is closed)",
 }
 # Errors every operation may answer, besides its own.

@@ -1,4 +1,5 @@
-"""Schemathesis fuzzes ``/admin/api`` of a real ``kamiyo serve`` from its own OpenAPI schema.
+"""Schemathesis fuzzes ``/admin/api`` of a real ``kamiyo serve`` from its own OpenAPI schema,
+which is generated from the pydantic models that validate the requests (``web/admin_models.py``).
 
 Positive cases (what the schema calls valid must be accepted) and negative ones (what it calls
 invalid must be a 4xx), every built-in check (no 5xx, documented status codes, content types and

@@ -3,12 +3,15 @@ generated from the models states every bound, enum and required field of ``admin
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 from pydantic import BaseModel
+from sqlalchemy import update
 
 from admin.app_client import ADMIN_TOKEN, AppClient, Console
 from admin.events import UNMAPPED_PRICE, customer_created, subscription_created
@@ -16,11 +19,14 @@ from e2e.harness import wait_until
 from kamiyo import synthetic
 from kamiyo.db.engine import make_engine
 from kamiyo.db.migrate import upgrade
+from kamiyo.db.models import users_table
 from kamiyo.operations.overrides import set_override
+from kamiyo.operations.replay import ReplayResult, UserStateChange
+from kamiyo.operations.users import StateView
 from kamiyo.web import admin_input as bounds
 from kamiyo.web.admin import ENDPOINTS, openapi_schema
 from kamiyo.web.admin_input import BadRequest
-from kamiyo.web.admin_models import DeliveriesAnswer, ReplayBody, parse_body
+from kamiyo.web.admin_models import DeliveriesAnswer, ReplayAnswer, ReplayBody, parse_body
 from kamiyo.web.admin_queries import MARKS
 from kamiyo.web.app import create_app
 from support import make_settings
@@ -70,6 +76,8 @@ def busy(console: Console) -> Console:
     )
     replayed = console.post("/admin/api/replay", {"event_id": failed["id"], "reason": "after the fix"})
     assert replayed.status_code == 200, replayed.text
+    with console.engine.begin() as connection:  # the runbook's Option 5: a tier edited by hand (drift)
+        connection.execute(update(users_table).where(users_table.c.email == ANN).values(subscription_tier="free"))
     console.failed_id = failed["id"]  # type: ignore[attr-defined]
     return console
 
@@ -99,7 +107,16 @@ def test_every_answer_of_every_route_is_exactly_what_its_model_describes(busy: C
     deliveries = busy.get("/admin/api/deliveries").json()["deliveries"]
     assert {entry["kind"] for entry in deliveries} == {"event", "count"}  # both kinds were checked
     assert busy.get("/admin/api/audit").json()["entries"]
-    assert busy.get("/admin/api/users", params={"email": ANN}).json()["override"]
+    user = busy.get("/admin/api/users", params={"email": ANN}).json()
+    assert all(user[key] for key in ("override", "drift", "subscriptions", "recent_events")), user
+
+
+def test_a_replays_user_changes_are_what_the_answer_model_describes() -> None:
+    state = StateView("free", None), StateView("pro", "active")
+    result = ReplayResult("evt_1", "invoice.paid", "failed", "applied", "tier free -> pro", None, [], False)
+    result = dataclasses.replace(result, changes=[UserStateChange(ANN, *state)])
+    answer = {"dry_run": False, "limit": 100, "results": [result]}
+    _as_described(ReplayAnswer, orjson.loads(orjson.dumps(answer)))
 
 
 def test_an_events_outcome_object_is_part_of_the_answer_models() -> None:

@@ -370,6 +370,19 @@ class DeliveryAnswer(BaseModel):
     outcome: Outcome = None
 
 
+class StateAnswer(BaseModel):
+    """A user's tier and subscription status."""
+
+    tier: str
+    status: str | None
+
+
+class UserChangeAnswer(BaseModel):
+    email: str
+    before: StateAnswer
+    after: StateAnswer
+
+
 class ReplayResultAnswer(BaseModel):
     event_id: str
     type: str
@@ -377,7 +390,7 @@ class ReplayResultAnswer(BaseModel):
     status_after: str
     detail: str | None
     error: str | None
-    changes: list[dict[str, Any]] = Field(description="each user's state before and after")
+    changes: list[UserChangeAnswer] = Field(description="each user's state before and after")
     dry_run: bool
 
 
@@ -427,6 +440,47 @@ class AuditAnswer(BaseModel):
     entries: Annotated[list[AuditEntryAnswer], Field(max_length=AUDIT_MAX)]
 
 
+class SubscriptionAnswer(BaseModel):
+    id: str
+    customer_id: str
+    status: str
+    tier: str
+    price_ids: list[str]
+    livemode: bool
+    created: int = Field(description="Unix seconds, Stripe's")
+    current_period_end: int | None
+    cancel_at_period_end: bool
+    cancel_at: int | None
+    ended_at: int | None
+    last_event_id: str = Field(description="the event whose snapshot is stored")
+    updated_at: Moment
+
+
+class UserEventAnswer(BaseModel):
+    """One of the events that shaped the user (open to what an event's outcome adds)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    event_id: str
+    type: str
+    status: str
+    created: int = Field(description="Unix seconds, Stripe's")
+    received_at: Moment
+    attempts: int
+    detail: str | None
+    error: str | None
+    outcome: Outcome = None
+
+
+class DriftAnswer(BaseModel):
+    """The stored tier/status differs from what the subscriptions and the override derive."""
+
+    email: str
+    stored: StateAnswer
+    expected: StateAnswer
+    explained_by: int | None = Field(description="the audit entry whose `after` is the stored state, if any")
+
+
 class UserAnswer(BaseModel):
     """One user, as ``kamiyo users show EMAIL`` shows it."""
 
@@ -434,13 +488,13 @@ class UserAnswer(BaseModel):
     user_id: int
     tier: str = Field(description="stored: what the application reads")
     status: str | None
-    expected: dict[str, Any] = Field(description="what the subscriptions and the override derive")
-    stripe_state: dict[str, Any] | None
+    expected: StateAnswer = Field(description="what the subscriptions and the override derive")
+    stripe_state: StateAnswer | None = Field(description="what the subscriptions alone give; null without any")
     override: OverrideAnswer | None
     customer_ids: list[str]
-    subscriptions: list[dict[str, Any]]
-    recent_events: list[dict[str, Any]]
-    drift: dict[str, Any] | None
+    subscriptions: list[SubscriptionAnswer]
+    recent_events: list[UserEventAnswer]
+    drift: DriftAnswer | None
     audit: list[AuditEntryAnswer]
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from e2e.harness import KamiyoServer, ServerFactory, wait_until
 from kamiyo import synthetic
-from kamiyo.processing.handlers import HANDLED_TYPES
+from kamiyo.domain.rules import HANDLED_TYPES
 from kamiyo.webhooks.signature import sign, signature_header
 from support import SECRET, signed
 

@@ -1,8 +1,8 @@
-"""A batch runs without savepoints; an event's failure makes it run again with one per event.
+"""A batch is applied as a whole (load, decide, flush); an event whose rule fails is undone alone.
 
-Whichever way a batch runs, the outcome of every event, the final state and the log lines are
-those of applying each event in its own savepoint: a failing event is retried with backoff and
-never undoes its neighbours, and nothing a rolled-back attempt did is logged.
+The outcome of every event, the final state and the log lines are those of applying each event
+on its own: a failing event is retried with backoff and never undoes its neighbours, and nothing
+an undone attempt did is logged.
 """
 
 from __future__ import annotations
@@ -17,29 +17,27 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 
 from integration.test_worker import BASIC, ENTERPRISE, PRO, T, customer_event, invoice_event, sub_event
 from kamiyo import synthetic
 from kamiyo.db.models import customers_table, events_table, subscriptions_table, user_overrides_table, users_table
-from kamiyo.processing import handlers
-from kamiyo.processing.store import Store
+from kamiyo.domain import rules
 from kamiyo.processing.worker import Worker
 
 
 def _counting(monkeypatch: Any, calls: list[str], event_type: str, fail_ids: set[str] | None = None) -> None:
     """Wrap the handler of ``event_type``: note each call; raise for the event ids in ``fail_ids``."""
-    real = handlers.HANDLERS[event_type]
+    real = rules.RULES[event_type]
 
-    def handler(store: Any, event: Any) -> str:
+    def rule(state: Any, event: Any) -> Any:
         calls.append(event.event_id)
-        detail = real(store, event)
+        outcome = real(state, event)
         if fail_ids and event.event_id in fail_ids:
             raise RuntimeError("broken after writing")
-        return detail
+        return outcome
 
-    monkeypatch.setitem(handlers.HANDLERS, event_type, handler)
+    monkeypatch.setitem(rules.RULES, event_type, rule)
 
 
 def _state(harness: Any) -> dict[str, Any]:
@@ -70,11 +68,11 @@ def _state(harness: Any) -> dict[str, Any]:
     }
 
 
-def test_a_failing_event_reruns_its_batch_with_savepoints_and_nothing_is_applied_or_logged_twice(
+def test_a_failing_event_is_undone_alone_and_nothing_is_applied_or_logged_twice(
     harness: Any, monkeypatch: Any, caplog: Any
 ) -> None:
-    """The first run, without savepoints, stops at the failure and rolls back; the second applies the
-    others, each once, records the failed attempt without running it again, and logs each change once."""
+    """An event whose rule raises after changing the batch's state has its changes undone; the
+    others apply, each rule runs once, the failed attempt is recorded and each change logged once."""
     calls: list[str] = []
     good_link = customer_event("ann@example.com")
     good_sub = sub_event("active")
@@ -91,11 +89,10 @@ def test_a_failing_event_reruns_its_batch_with_savepoints_and_nothing_is_applied
     assert statuses == ["applied", "applied", "pending", "applied"]
     failed = harness.event(bad["id"])
     assert (failed["attempts"], failed["last_error"]) == (1, "RuntimeError: broken after writing")
-    # Its snapshot was written before it raised: rolled back with the first run, never written again.
+    # Its snapshot was kept in the batch's state before it raised: undone, never written.
     assert harness.subscription("sub_bad") is None
     assert harness.tier_status("ann@example.com") == ("enterprise", "active")
-    # sub_1 ran in both runs; the bad event only in the first; sub_2 (after it) only in the second.
-    assert calls == [good_sub["id"], bad["id"], good_sub["id"], later["id"]]
+    assert calls == [good_sub["id"], bad["id"], later["id"]]
 
     messages = [r.getMessage() for r in caplog.records]
     for event in (good_link, good_sub, later):
@@ -104,29 +101,6 @@ def test_a_failing_event_reruns_its_batch_with_savepoints_and_nothing_is_applied
     assert sum(m.startswith("user state changed") for m in messages) == 2  # free -> pro, pro -> enterprise
     assert sum("failed, retry in" in m and bad["id"] in m for m in messages) == 1
     assert not any(f"event applied event={bad['id']} " in m for m in messages)
-
-
-def test_a_database_error_of_one_event_is_contained_the_same_way(harness: Any, monkeypatch: Any) -> None:
-    """An event whose statement the database rejects (PostgreSQL then aborts the whole transaction):
-    the batch runs again with savepoints, and the error is that event's failed attempt."""
-
-    def violates_a_foreign_key(store: Store, event: Any) -> str:
-        store.ensure_customer("cus_fk")
-        store._run("link_customer", {"cid": "cus_fk", "uid": 987_654_321, "how": "email"})
-        return "unreachable"
-
-    monkeypatch.setitem(handlers.HANDLERS, "customer.subscription.paused", violates_a_foreign_key)
-    before, bad, after = (
-        customer_event("ann@example.com"),
-        sub_event("paused", sub_id="sub_bad"),
-        sub_event("active", price=BASIC),
-    )
-    harness.deliver(before, bad, after)
-    assert Worker(harness.engine, harness.settings).run_once() == 3
-    assert harness.statuses([before["id"], bad["id"], after["id"]]) == ["applied", "pending", "applied"]
-    assert "IntegrityError" in harness.event(bad["id"])["last_error"]
-    assert harness.customer("cus_fk") is None
-    assert harness.tier_status("ann@example.com") == ("basic", "active")
 
 
 def test_two_failing_events_of_one_batch_are_both_retried_and_the_rest_applied(harness: Any, monkeypatch: Any) -> None:
@@ -227,16 +201,16 @@ def test_a_failure_in_a_shuffled_batch_still_converges_once_retried(harness: Any
     random.Random(7).shuffle(shuffled)
     victim = next(e for e in shuffled[3:] if e["type"] == "customer.subscription.updated")
     failures: list[str] = []
-    real = handlers.HANDLERS["customer.subscription.updated"]
+    real = rules.RULES["customer.subscription.updated"]
 
-    def once(store: Any, event: Any) -> str:
-        detail = real(store, event)
+    def once(state: Any, event: Any) -> Any:
+        outcome = real(state, event)
         if event.event_id == victim["id"] and not failures:
             failures.append(event.event_id)
             raise RuntimeError("temporary trouble")
-        return detail
+        return outcome
 
-    monkeypatch.setitem(handlers.HANDLERS, "customer.subscription.updated", once)
+    monkeypatch.setitem(rules.RULES, "customer.subscription.updated", once)
     harness.reset()
     harness.deliver(*shuffled)
     worker = Worker(harness.engine, harness.settings)
@@ -245,29 +219,6 @@ def test_a_failure_in_a_shuffled_batch_still_converges_once_retried(harness: Any
     assert worker.run_once(now=harness.event(victim["id"])["available_at"]) == 1
     assert harness.event(victim["id"])["attempts"] == 2
     assert _state(harness) == expected
-
-
-def test_the_store_begins_its_own_transaction_when_none_is_open_and_raises_sqlalchemy_errors(harness: Any) -> None:
-    """Outside the worker (operators' commands), the Store behaves as Connection.execute does:
-    the first statement begins the transaction; a database error is SQLAlchemy's exception."""
-    user_id = harness.add_user("ann@example.com", tier="pro", status="active")
-    with harness.engine.connect() as connection:
-        store = Store(connection, harness.settings.price_tiers)
-        assert not connection.in_transaction()
-        outcome = store.link_customer("cus_1", "ann@example.com", None, T)
-        assert connection.in_transaction()
-        assert outcome == f"customer cus_1 linked to user {user_id} by email"
-        assert store.customer_user("cus_1") == user_id
-        assert store.recompute_user(user_id) is None  # no subscriptions: left as is
-        connection.commit()
-    assert harness.customer("cus_1")["user_id"] == user_id
-
-    with harness.engine.connect() as connection:
-        store = Store(connection, harness.settings.price_tiers)
-        with pytest.raises(sa_exc.IntegrityError):
-            store._run("link_customer", {"cid": "cus_1", "uid": 987_654_321, "how": "email"})
-        connection.rollback()
-    assert harness.customer("cus_1")["user_id"] == user_id
 
 
 def test_the_claim_takes_the_oldest_due_events_whatever_their_backoff(harness: Any) -> None:

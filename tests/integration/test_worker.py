@@ -17,9 +17,9 @@ from kamiyo.config import Settings
 from kamiyo.db.engine import make_engine
 from kamiyo.db.migrate import upgrade
 from kamiyo.db.models import customers_table
+from kamiyo.domain import rules
 from kamiyo.domain.tiers import parse_price_tiers
 from kamiyo.errors import ApplyError
-from kamiyo.processing import handlers
 from kamiyo.processing.worker import Worker, replay
 from support import PRICE_TIERS, make_settings
 
@@ -471,13 +471,13 @@ def test_transient_handler_failure_is_retried_and_then_applied(harness: Any, mon
     """A handler that fails once succeeds on the retry: applied after 2 attempts, error cleared."""
     calls = []
 
-    def flaky(store: Any, event: Any) -> str:
+    def flaky(state: Any, event: Any) -> Any:
         calls.append(event.event_id)
         if len(calls) == 1:
             raise RuntimeError("temporary trouble")
-        return handlers.sync_subscription(store, event)
+        return rules.subscription_event(state, event)
 
-    monkeypatch.setitem(handlers.HANDLERS, "customer.subscription.created", flaky)
+    monkeypatch.setitem(rules.RULES, "customer.subscription.created", flaky)
     event = sub_event("active", event_type="customer.subscription.created")
     harness.apply(customer_event("ann@example.com"), event)
     row = harness.event(event["id"])

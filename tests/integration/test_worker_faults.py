@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -27,7 +28,8 @@ from kamiyo.db.engine import make_engine
 from kamiyo.db.errors import is_database_fault
 from kamiyo.db.migrate import upgrade
 from kamiyo.db.models import users_table
-from kamiyo.processing import handlers
+from kamiyo.domain import rules
+from kamiyo.processing import engine
 from kamiyo.processing.worker import FAULT_BACKOFF_MAX, Worker, fault_backoff
 from support import make_settings, sqlite_write_locked
 
@@ -56,16 +58,27 @@ def _attempts(harness: Harness, events: list[dict[str, Any]]) -> list[tuple[str,
 
 
 def _faulty_handler(monkeypatch: pytest.MonkeyPatch, event_type: str, fault: Callable[[Any], None]) -> list[str]:
-    """Make the handler of ``event_type`` call ``fault(store)`` before its work; returns the ids it saw."""
-    real = handlers.HANDLERS[event_type]
+    """Make a batch holding an event of ``event_type`` call ``fault(store)`` (``store.connection``:
+    the batch's connection) as it flushes, before its writes; returns the ids the rule saw."""
+    real = rules.RULES[event_type]
     seen: list[str] = []
+    due: list[str] = []
 
-    def handler(store: Any, stored: Any) -> str:
+    def rule(state: Any, stored: Any) -> Any:
         seen.append(stored.event_id)
-        fault(store)
-        return real(store, stored)
+        due.append(stored.event_id)
+        return real(state, stored)
 
-    monkeypatch.setitem(handlers.HANDLERS, event_type, handler)
+    real_flush = engine.flush
+
+    def flush(connection: Any, state: Any) -> Any:
+        if due:
+            due.clear()
+            fault(SimpleNamespace(connection=connection))
+        return real_flush(connection, state)
+
+    monkeypatch.setitem(rules.RULES, event_type, rule)
+    monkeypatch.setattr(engine, "flush", flush)
     return seen
 
 
@@ -247,9 +260,11 @@ def _duplicate_user(store: Any) -> None:
 def test_a_poison_event_whose_data_the_database_refuses_is_retried_then_parked_and_its_neighbours_apply(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """An IntegrityError of one event is that event's failed attempt: retried, then parked after
-    the last attempt, while the events around it apply. Its stored error and the worker's log
-    lines name the error without the SQL or the email the statement carried."""
+    """An IntegrityError met when a batch holding one event is written rolls the batch back; the
+    worker then applies one event per batch, so that the error becomes that event's failed
+    attempt: retried, then parked after the last attempt, while the events around it apply. Its
+    stored error and the worker's log lines name the error without the SQL or the email the
+    statement carried."""
     harness.add_user(EMAIL)
     poison = sub_event("paused", sub_id="sub_poison", event_type="customer.subscription.paused", at=1_700_001_001)
     _faulty_handler(monkeypatch, "customer.subscription.paused", _duplicate_user)
@@ -258,9 +273,20 @@ def test_a_poison_event_whose_data_the_database_refuses_is_retried_then_parked_a
     worker = Worker(harness.engine, dataclasses.replace(harness.settings, worker_max_attempts=2))
 
     with caplog.at_level(logging.INFO):
-        assert worker.run_once(1_000_000.0) == 5
+        with pytest.raises(DBAPIError):
+            worker.run_once(1_000_000.0)  # the whole batch rolled back: nothing applied
+        assert [s for s, _n, _e in _attempts(harness, events)] == ["pending"] * 5
+        for _ in range(20):
+            try:
+                worker.run_once(1_000_000.0)
+            except DBAPIError:
+                continue  # a batch holding the poison again: rolled back, one event per batch next
+            settled = all(status != "pending" for status, _n, _e in _attempts(harness, events[:4]))
+            if settled and _attempts(harness, [poison])[0][1] == 1:
+                break
         status, attempts, error = _attempts(harness, [poison])[0]
         assert (status, attempts) == ("pending", 1)
+        assert [s for s, _n, _e in _attempts(harness, events[:4])] == ["applied"] * 4
         assert worker.run_once(2_000_000.0) == 1
     status, attempts, error = _attempts(harness, [poison])[0]
     assert (status, attempts) == ("failed", 2)
@@ -268,16 +294,15 @@ def test_a_poison_event_whose_data_the_database_refuses_is_retried_then_parked_a
     assert error.startswith("IntegrityError: ")
     assert EMAIL not in error
     assert "INSERT" not in error
-    assert [s for s, _n, _e in _attempts(harness, events[:4])] == ["applied"] * 4
     logged = [r.getMessage() for r in caplog.records]
     assert any(poison["id"] in line and "parked" in line for line in logged)
     assert not any(EMAIL in line or "INSERT INTO" in line for line in logged)
 
 
-def test_a_data_error_that_escapes_the_savepoints_is_isolated_to_its_event_and_parks_it(
+def test_a_data_error_of_a_batch_is_isolated_to_its_event_and_parks_it(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A data error raised where no savepoint contains it (recording the batch's outcomes): the
+    """A data error raised as the batch records its outcomes: the
     worker applies one event per batch until the culprit is found, and only the culprit's
     attempts grow, up to its parking; a database fault met while isolating it counts for no event."""
     harness.add_user(EMAIL)
@@ -290,7 +315,7 @@ def test_a_data_error_that_escapes_the_savepoints_is_isolated_to_its_event_and_p
     runs: list[tuple[str, int]] = []  # what each run raised, and the culprit's attempts after it
 
     def refusing(self: Worker, connection: Any, outcomes: list[Any]) -> None:
-        if any(o._id == poison and o.status == "applied" for o in outcomes):
+        if any(o.id == poison and o.status == "applied" for o in outcomes):
             if faults["left"] and self._limit == 1:
                 faults["left"] -= 1
                 dbapi = connection.dialect.loaded_dbapi
@@ -333,13 +358,16 @@ def test_a_data_error_on_the_driver_path_is_stored_without_the_value(
     name neither the email nor the SQL."""
 
     def too_long(store: Any) -> None:
-        store._run("insert_user", {"email": EMAIL, "subscription_tier": "x" * 100})
+        store.connection.execute(insert(users_table).values(email=EMAIL, subscription_tier="x" * 100))
 
     _faulty_handler(monkeypatch, "customer.subscription.updated", too_long)
     event_ = sub_event("active", at=1_700_001_001)
     harness.deliver(event_)
+    worker = Worker(harness.engine, harness.settings)
     with caplog.at_level(logging.INFO):
-        assert Worker(harness.engine, harness.settings).run_once() == 1
+        with pytest.raises(DBAPIError):
+            worker.run_once()  # the batch's write refused: rolled back whole, then one event per batch
+        assert worker.run_once() == 1
     status, attempts, error = _attempts(harness, [event_])[0]
     assert (status, attempts) == ("pending", 1)
     assert error is not None
@@ -357,11 +385,11 @@ def test_the_service_engines_hide_sql_parameters_from_their_errors(harness: Harn
     assert "hidden" in str(caught.value)
 
 
-def test_a_handler_error_quoting_a_secret_is_stored_scrubbed(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    def leaky(_store: Any) -> None:
+def test_a_rule_error_quoting_a_secret_is_stored_scrubbed(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    def leaky(_state: Any, _event: Any) -> Any:
         raise RuntimeError("cannot use key sk_live_0123456789abcdefghij")
 
-    _faulty_handler(monkeypatch, "customer.subscription.updated", leaky)
+    monkeypatch.setitem(rules.RULES, "customer.subscription.updated", leaky)
     event_ = sub_event("active", at=1_700_001_001)
     harness.deliver(event_)
     Worker(harness.engine, harness.settings).run_once()

@@ -23,9 +23,10 @@ from kamiyo.operations.overrides import (
     set_override,
 )
 from kamiyo.operations.replay import replay_events
+from kamiyo.processing.engine import apply_sync_page
 from kamiyo.processing.worker import Worker
-from kamiyo.reconcile.apply import SyncItem, apply_page
 from kamiyo.reconcile.gateway import read_version_created
+from kamiyo.reconcile.reader import SyncItem
 from operations.conftest import BASIC, CREATED, Customer, audit_about
 
 IN_A_DAY = timedelta(days=1)
@@ -111,7 +112,7 @@ def test_override_wins_over_a_sync_from_stripes_api_that_comes_after_it(ops: Har
         canceled, ops.settings.price_tiers, created=read_version_created(read_at), event_type="sync", event_id="sync:1"
     )
     with ops.engine.begin() as connection:
-        apply_page(connection, ops.settings.price_tiers, [SyncItem(snapshot, customer.email)], seen_at=read_at)
+        apply_sync_page(connection, ops.settings.price_tiers, [SyncItem(snapshot, customer.email)], seen_at=read_at)
     assert ops.subscription(customer.sub_id)["status"] == "canceled"  # type: ignore[index]
     assert ops.tier_status(customer.email) == ("pro", "active")
 

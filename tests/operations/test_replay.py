@@ -53,8 +53,13 @@ def test_dry_run_shows_what_each_event_would_change_and_changes_nothing(ops: Har
         error=None,
         changes=[UserStateChange(customer.email, StateView("free", None), StateView("enterprise", "active"))],
         dry_run=True,
+        outcome=result.outcome,
     )
     assert "enterprise" in (result.detail or "")
+    assert result.outcome is not None
+    subscription = {"id": customer.sub_id, "status": "active", "tier": "enterprise", "stored": True}
+    assert result.outcome["subscription"] == subscription
+    assert [(u["email"], u["tier_to"]) for u in result.outcome["users"]] == [(customer.email, "enterprise")]
     assert dict(ops.event(str(parked["id"]))) == before
     assert ops.tier_status(customer.email) == ("free", None)
     assert ops.subscription(customer.sub_id) is None

@@ -73,6 +73,11 @@ def test_a_stored_snapshot_of_a_linked_user_that_changed_nothing_says_so() -> No
     assert outcome.describe() == "sub_1: active pro; customer cus_1 already linked; user 7 unchanged"
 
 
+def test_a_user_a_dry_run_would_create_has_no_id_yet() -> None:
+    outcome = Outcome(customer=CustomerOutcome("cus_1", LinkResult.LINKED, user_id=None, linked_by="email"))
+    assert outcome.describe() == "customer cus_1 linked to a new user by email"
+
+
 def test_inbox_statuses_are_the_strings_stored() -> None:
     assert [status.value for status in InboxStatus] == ["pending", "applied", "ignored", "failed"]
     assert InboxStatus("failed") is InboxStatus.FAILED

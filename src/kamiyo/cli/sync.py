@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from kamiyo.config import Settings
-    from kamiyo.reconcile.apply import UserDrift
+    from kamiyo.processing.engine import UserDrift
     from kamiyo.reconcile.backfill import BackfillSummary
     from kamiyo.reconcile.gateway import StripeGateway
     from kamiyo.reconcile.sync import SyncListener, SyncSummary

@@ -38,17 +38,3 @@ def sqlalchemy_errors(connection: Connection, sql: str, params: Any) -> Iterator
         yield
     except connection.dialect.loaded_dbapi.Error as exc:
         raise as_sqlalchemy_error(connection.dialect, sql, params, exc) from exc
-
-
-def driver_execute(connection: Connection, sql: str, params: Any, *, many: bool = False) -> Any:
-    """Run ``sql`` with the driver's own parameters; the cursor (None for ``many``)."""
-    driver = driver_connection(connection)
-    with sqlalchemy_errors(connection, sql, params):
-        if not many:
-            return driver.execute(sql, params)
-        cursor = driver.cursor()
-        try:
-            cursor.executemany(sql, params)
-        finally:
-            cursor.close()
-        return None

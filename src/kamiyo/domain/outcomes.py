@@ -62,7 +62,7 @@ class CustomerOutcome:
 
     id: str
     link: LinkResult
-    user_id: int | None = None  # the linked user, if any (after the event)
+    user_id: int | None = None  # the linked user, if any (after the event); None for a user a dry run would create
     linked_by: str | None = None  # "email" | "client_reference_id", when this event linked it
 
 
@@ -70,7 +70,7 @@ class CustomerOutcome:
 class UserChange:
     """A user whose tier or status an event changed, from → to, and why."""
 
-    user_id: int
+    user_id: int | None  # None: a user a dry run would create (it has no id yet)
     email: str
     tier_from: str
     tier_to: str
@@ -133,7 +133,8 @@ class Outcome:
         customer = self.customer
         if customer is not None:
             if customer.link is LinkResult.LINKED:
-                parts.append(f"customer {customer.id} linked to user {customer.user_id} by {customer.linked_by}")
+                user = "a new user" if customer.user_id is None else f"user {customer.user_id}"
+                parts.append(f"customer {customer.id} linked to {user} by {customer.linked_by}")
             elif customer.link is LinkResult.ALREADY_LINKED:
                 parts.append(f"customer {customer.id} already linked")
             elif sub is not None and sub.stored:

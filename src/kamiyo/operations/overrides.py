@@ -1,10 +1,10 @@
 """Manual overrides: an operator's tier for one user that wins over webhooks and syncs.
 
 The override itself is a row of ``user_overrides``; the winning happens in
-``Store.recompute_user``, which every path that applies a change goes through. Setting,
+``domain.rules.recompute_user``, which every path that applies a change goes through. Setting,
 clearing and expiring each recompute the user and append an audit entry in the same transaction.
 
-Lock order is the one the worker keeps (subscription → customer → user): these functions lock
+Lock order is the one the apply engine keeps (customers, then users): these functions lock
 only the user row, before they read or write the override, so an override never changes under
 a worker that is recomputing the same user.
 """
@@ -26,7 +26,7 @@ from kamiyo.domain.tiers import TierMap
 from kamiyo.errors import KamiyoError
 from kamiyo.operations.audit import record_action
 from kamiyo.operations.users import OverrideView, UserReport, default_tiers, show_user
-from kamiyo.processing.store import Store
+from kamiyo.processing.engine import recompute_users
 
 log = logging.getLogger("kamiyo.operations")
 _users = users_table
@@ -83,7 +83,7 @@ def set_override(
             index_elements=["user_id"], set_={k: getattr(stmt.excluded, k) for k in values if k != "user_id"}
         )
         connection.execute(stmt)
-        Store(connection, tiers).recompute_user(user_id)
+        recompute_users(connection, tiers, [user_id], why="manual override set")
         after = _state(connection, user_id)
         record_action(
             connection,
@@ -120,8 +120,8 @@ def clear_override(
         user_id, address = _lock_user(connection, email)
         before = _state(connection, user_id)
         connection.execute(delete(_overrides).where(_overrides.c.user_id == user_id))
-        change = Store(connection, tiers).recompute_user(user_id, reset_when_none=True)
-        if before["override"] is None and change is None:
+        changes = recompute_users(connection, tiers, [user_id], why="manual override cleared", reset_when_none=True)
+        if before["override"] is None and not changes:
             raise KamiyoError(f"{address} has no override and already has the tier Stripe's state gives")
         after = _state(connection, user_id)
         record_action(
@@ -176,7 +176,6 @@ def expire_overrides(engine: Engine, tiers: TierMap, *, now: datetime | None = N
         return []
     expired = []
     with engine.begin() as connection:
-        store = Store(connection, tiers)
         for user_id in due:
             email = connection.execute(select(_users.c.email).where(_users.c.id == user_id).with_for_update()).scalar()
             # Re-read under the user's lock: another worker may have expired it, or an operator
@@ -188,7 +187,7 @@ def expire_overrides(engine: Engine, tiers: TierMap, *, now: datetime | None = N
                 continue
             before = _state(connection, user_id)
             connection.execute(delete(_overrides).where(_overrides.c.user_id == user_id))
-            store.recompute_user(user_id, reset_when_none=True)
+            recompute_users(connection, tiers, [user_id], why="manual override expired", reset_when_none=True)
             after = _state(connection, user_id)
             record_action(
                 connection,

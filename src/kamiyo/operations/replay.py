@@ -1,24 +1,22 @@
 """Replay stored events: one by id, or those parked as failed, of a type, or received since.
 
-Each event is applied exactly as the worker applies it (``Worker.apply_again``: the handler in
-its own savepoint, the outcome recorded on the inbox row), in the order the inbox received
-them. Applying commits every ``_CHUNK`` events and appends one audit entry per event, in the
-transaction that applied it.
+Each event is applied exactly as the worker applies it (``Worker.apply_rows``: the apply engine,
+the outcome recorded on the inbox row), in the order the inbox received them. Applying commits
+every ``_CHUNK`` events and appends one audit entry per event, in the transaction that applied it.
 
 A selection replays at most ``limit`` events (``REPLAY_DEFAULT_LIMIT`` unless told, never more
 than ``REPLAY_MAX_LIMIT``), oldest first; ``after`` (an event id) continues where an earlier
 replay of the same selection stopped.
 
-``dry_run`` runs that very code on a snapshot (operations/snapshot.py: TEMP copies of what the
-events can reach, in a read-only transaction thrown away at the end), so what it shows is what
-applying would do at that moment, each event seeing what the ones before it would have done,
-and no delivery or worker waits for it.
+``dry_run`` runs that very code without its writes: the engine loads what the events reach, in a
+read-only transaction without row locks, and decides; its state carries from one chunk to the
+next, so each event sees what the ones before it would have done, nothing is written, and no
+delivery or worker waits for it.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,19 +28,17 @@ from sqlalchemy import ColumnElement, Connection, Engine, func, select, update
 
 from kamiyo.config import Settings
 from kamiyo.db.models import events_table
+from kamiyo.domain.outcomes import UserChange
 from kamiyo.domain.overrides import as_utc
+from kamiyo.domain.state import BatchState
 from kamiyo.errors import KamiyoError
 from kamiyo.operations.audit import record_action
-from kamiyo.operations.snapshot import snapshot
 from kamiyo.operations.users import StateView
-from kamiyo.processing.store import Store, UserChange
 from kamiyo.processing.worker import Worker
 
 log = logging.getLogger("kamiyo.operations")
 _events = events_table
 _CHUNK = 200
-# What applying logs as it goes; a dry run silences them (in its own thread only).
-_APPLY_LOGGERS = ("kamiyo.state", "kamiyo.worker")
 
 
 @dataclass(frozen=True)
@@ -64,6 +60,7 @@ class ReplayResult:
     error: str | None
     changes: list[UserStateChange]
     dry_run: bool
+    outcome: dict[str, Any] | None = None  # what applying did (domain/outcomes.py), as JSON
 
 
 @dataclass
@@ -79,22 +76,6 @@ class _Claimed:
     attempts: int = 0
 
 
-class _RecordingStore(Store):
-    """The worker's Store, noting every user state it changes."""
-
-    changes: list[UserChange]
-
-    def __init__(self, connection: Connection, settings: Settings) -> None:
-        super().__init__(connection, settings.price_tiers)
-        self.changes = []
-
-    def recompute_user(self, user_id: int, *, reset_when_none: bool = False) -> UserChange | None:
-        change = super().recompute_user(user_id, reset_when_none=reset_when_none)
-        if change is not None:
-            self.changes.append(change)
-        return change
-
-
 @dataclass
 class _Run:
     worker: Worker
@@ -104,6 +85,7 @@ class _Run:
     reason: str | None
     claimed_by: str | None = None
     results: list[ReplayResult] = field(default_factory=list)
+    state: BatchState | None = None  # a dry run's view, carried from chunk to chunk
 
 
 def replay_events(
@@ -147,7 +129,9 @@ def replay_events(
 
     run = _Run(Worker(engine, settings), settings, dry_run, actor.strip(), (reason or "").strip() or None, claimed_by)
     if dry_run:
-        with snapshot(engine, selected) as (connection, ids), _silenced_in_this_thread():
+        run.state = BatchState(settings.price_tiers, datetime.now(UTC))
+        with _read_only(engine) as connection:
+            ids = selected(connection)
             _require(event_id, ids)
             for chunk in _chunks(ids):
                 _replay_chunk(connection, run, chunk)
@@ -246,24 +230,31 @@ def _replay_chunk(connection: Connection, run: _Run, ids: Sequence[int]) -> None
         _events.c.last_error,
         _events.c.livemode,
     ).where(_events.c.id.in_(ids))
-    if connection.dialect.name == "postgresql":
+    if connection.dialect.name == "postgresql" and not run.dry_run:
         query = query.with_for_update()  # a worker applying one of them finishes first
-    for row in connection.execute(query.order_by(_events.c.id)).all():
-        store = _RecordingStore(connection, run.settings)
-        claimed = _Claimed(row.id, row.stripe_event_id, row.type, row.created, row.payload, bool(row.livemode))
-        outcome = run.worker.apply_again(connection, store, claimed, time.time())
-        connection.execute(update(_events).where(_events.c.id == row.id).values(replayed_at=datetime.now(UTC)))
-        # A failed handler's savepoint was rolled back: the changes it noted never happened.
-        changes = [_change(c) for c in store.changes] if outcome.status == "applied" else []
+    rows = connection.execute(query.order_by(_events.c.id)).all()
+    claimed = [_Claimed(r.id, r.stripe_event_id, r.type, r.created, r.payload, bool(r.livemode)) for r in rows]
+    logs: list[Any] = []
+    outcomes = run.worker.apply_rows(
+        connection, claimed, time.time(), logs=logs, state=run.state, write=not run.dry_run
+    )
+    if not run.dry_run:
+        run.worker.record(connection, outcomes)
+        connection.execute(
+            update(_events).where(_events.c.id.in_([r.id for r in rows])).values(replayed_at=datetime.now(UTC))
+        )
+    for row, outcome in zip(rows, outcomes, strict=True):
+        changes = [_change(c) for c in outcome.outcome.users] if outcome.outcome is not None else []
         result = ReplayResult(
             event_id=row.stripe_event_id,
             type=row.type,
             status_before=row.status,
-            status_after=outcome.status,
+            status_after=outcome.status.value,
             detail=outcome.detail,
             error=outcome.last_error,
             changes=changes,
             dry_run=run.dry_run,
+            outcome=outcome.outcome_json,
         )
         run.results.append(result)
         if run.dry_run:
@@ -276,7 +267,7 @@ def _replay_chunk(connection: Connection, run: _Run, ids: Sequence[int]) -> None
             target=row.stripe_event_id,
             before={"status": row.status, "attempts": row.attempts, "error": row.last_error},
             after={
-                "status": outcome.status,
+                "status": outcome.status.value,
                 "detail": outcome.detail,
                 "error": outcome.last_error,
                 "users": [asdict(c) for c in changes],
@@ -288,39 +279,35 @@ def _replay_chunk(connection: Connection, run: _Run, ids: Sequence[int]) -> None
             row.stripe_event_id,
             row.type,
             row.status,
-            outcome.status,
+            outcome.status.value,
             run.actor,
         )
+    if not run.dry_run:
+        # Written once the chunk's statements are done; the chunk commits right after.
+        for logger, level, message, args in logs:
+            logger.log(level, message, *args)
 
 
 def _change(change: UserChange) -> UserStateChange:
     return UserStateChange(
         email=change.email,
-        before=StateView(change.before.tier, change.before.status),
-        after=StateView(change.after.tier, change.after.status),
+        before=StateView(change.tier_from, change.status_from),
+        after=StateView(change.tier_to, change.status_to),
     )
 
 
-class _OtherThreads(logging.Filter):
-    def __init__(self) -> None:
-        super().__init__()
-        self.thread = threading.get_ident()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        # A logger's filters run in the thread that logs (records carry no thread id: logs.py).
-        return threading.get_ident() != self.thread
-
-
 @contextmanager
-def _silenced_in_this_thread() -> Iterator[None]:
-    """A dry run must not log "applied" or "user state changed" for what it rolls back; the
-    worker thread of the same process keeps logging."""
-    only_others = _OtherThreads()
-    loggers: list[Any] = [logging.getLogger(name) for name in _APPLY_LOGGERS]
-    for logger in loggers:
-        logger.addFilter(only_others)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(only_others)
+def _read_only(engine: Engine) -> Iterator[Connection]:
+    """A connection in a read-only transaction, rolled back at the end (a dry run's): SQLite's
+    deferred BEGIN takes no write lock; PostgreSQL's REPEATABLE READ READ ONLY sees one snapshot
+    and refuses any write."""
+    with engine.connect() as connection:
+        if connection.dialect.name == "postgresql":
+            connection = connection.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+        else:
+            connection = connection.execution_options(readonly=True)  # db/engine.py: a deferred BEGIN
+        transaction = connection.begin()
+        try:
+            yield connection
+        finally:
+            transaction.rollback()

@@ -4,16 +4,15 @@ Transaction boundary: one transaction claims a batch, applies each event, record
 outcome, and commits. Claim, effect and outcome therefore commit together or not at all: a crash
 mid-batch leaves the events pending for the next worker, and no event is ever applied twice.
 
-A batch first runs without savepoints (they cost as much as the events themselves). Should an
-event's handler fail, that transaction is rolled back and the batch is run again, this time each
-event in its own SAVEPOINT, with the events that failed recorded as failed attempts without
-being run again: a failing event rolls back alone and never undoes its batch neighbours. The
-log lines of a batch are written once it has committed, so a rolled-back attempt logs nothing.
+A batch is applied by the engine (processing/engine.py: load, decide, flush): an event whose
+rule fails has its changes undone in memory and is recorded as a failed attempt, its batch
+neighbours keep theirs. The log lines of a batch are written once it has committed, so a
+rolled-back attempt logs nothing.
 
 On PostgreSQL, ``FOR UPDATE SKIP LOCKED`` gives concurrent workers disjoint batches; on SQLite
 the write lock serialises them.
 
-Only an error of the event itself is one of its attempts: its handler raising, or a statement
+Only an error of the event itself is one of its attempts: its rule raising, or a statement
 the database refuses for the data it carries (``IntegrityError``, ``DataError``). A fault of the
 database (``kamiyo.db.errors.is_database_fault``: connection lost, locked, full, a timeout)
 would fail any event the same way: it rolls the whole batch back, the worker backs off
@@ -34,31 +33,31 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
-from sqlalchemy import Engine, and_, bindparam, select, union_all, update
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy import Connection, Engine, and_, bindparam, select, union_all, update
+from sqlalchemy.exc import DBAPIError
 
 from kamiyo.config import Settings
-from kamiyo.db.driver import driver_execute
 from kamiyo.db.errors import describe, is_database_fault
 from kamiyo.db.models import events_table
-from kamiyo.domain.links import link_hint
 from kamiyo.domain.modes import other_mode_detail
-from kamiyo.errors import ApplyError, UnmappedPrice
+from kamiyo.domain.outcomes import InboxStatus, Outcome
+from kamiyo.domain.rules import RULES, StoredEvent
+from kamiyo.domain.state import BatchState
+from kamiyo.errors import ApplyError
 from kamiyo.operations.overrides import expire_overrides
-from kamiyo.processing.handlers import HANDLERS, StoredEvent
+from kamiyo.processing.engine import Failed, LostRace, apply_events, error_text, state_log_lines
 from kamiyo.processing.retention import Retention
-from kamiyo.processing.store import Store, compiled_for
 from kamiyo.reconcile.gateway import StripeGateway
 from kamiyo.reconcile.schedule import BackfillSchedule
 from kamiyo.reconcile.verify import event_verifier
-from kamiyo.scrub import scrub
 from kamiyo.telemetry.heartbeat import Heartbeat
 from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX, ProcessedCounter, process_metrics
 
 log = logging.getLogger("kamiyo.worker")
+state_log = logging.getLogger("kamiyo.state")
 _events = events_table
 _MAX_BACKOFF = 3600.0
 # PostgreSQL's deadlock_detected and serialization_failure: the transaction was chosen as a victim.
@@ -73,14 +72,15 @@ FAULT_BACKOFF_MAX = 30.0
 _MAX_ERROR = 2000  # characters of an error kept in last_error
 _RECORD = (
     update(_events)
-    .where(_events.c.id == bindparam("_id"))
+    .where(_events.c.id == bindparam("b_id"))
     .values(
-        status=bindparam("status"),
-        attempts=bindparam("attempts"),
-        available_at=bindparam("available_at"),
-        last_error=bindparam("last_error"),
-        detail=bindparam("detail"),
-        processed_at=bindparam("processed_at"),
+        status=bindparam("b_status"),
+        attempts=bindparam("b_attempts"),
+        available_at=bindparam("b_available_at"),
+        last_error=bindparam("b_last_error"),
+        detail=bindparam("b_detail"),
+        processed_at=bindparam("b_processed_at"),
+        outcome=bindparam("b_outcome"),
     )
 )
 
@@ -88,25 +88,31 @@ _RECORD = (
 _LogLine = tuple[logging.Logger, int, str, tuple[Any, ...]]
 
 
-class _EventFailed(Exception):
-    """An event's handler failed in a batch run without savepoints: the batch must run again."""
-
-    def __init__(self, inbox_id: int, error: str, *, parked: bool) -> None:
-        super().__init__(error)
-        self.inbox_id = inbox_id
-        self.error = error
-        self.parked = parked
-
-
 @dataclass
 class _Outcome:
-    _id: int
-    status: str
+    """What an inbox row becomes: its new status and attempt count, and what applying it did."""
+
+    id: int
+    status: InboxStatus
     attempts: int
     available_at: float
     last_error: str | None
     detail: str | None
     processed_at: datetime | None
+    outcome_json: dict[str, Any] | None = None
+    outcome: Outcome | None = None
+
+    def parameters(self) -> dict[str, Any]:
+        return {
+            "b_id": self.id,
+            "b_status": self.status.value,
+            "b_attempts": self.attempts,
+            "b_available_at": self.available_at,
+            "b_last_error": self.last_error,
+            "b_detail": self.detail,
+            "b_processed_at": self.processed_at,
+            "b_outcome": self.outcome_json,
+        }
 
 
 class Worker:
@@ -139,9 +145,9 @@ class Worker:
         """Claim and apply one batch; return how many events it handled.
 
         A database fault (``is_database_fault``) is raised as it is, for the caller to back off:
-        the batch rolled back and no event's attempt is counted. An error of the data that a
-        savepoint could not contain (a statement of the batch's own, or its commit, refused)
-        also rolls back the whole batch: the worker then applies one event per batch until the
+        the batch rolled back and no event's attempt is counted. An error of the data the
+        database refuses (a statement of the batch's flush, or its commit) also rolls back the
+        whole batch: the worker then applies one event per batch until the
         culprit is found, and records the failed attempt of that one event in a transaction of
         its own, so that a poison event is retried with backoff and parked like any other, and
         never blocks the queue.
@@ -170,36 +176,28 @@ class Worker:
         return handled
 
     def _run_batch_retrying_conflicts(self, now: float) -> int:
-        """Run a batch; when PostgreSQL aborts it as a deadlock or serialization victim, run it again.
+        """Run a batch; when PostgreSQL aborts it as a deadlock or serialization victim, or another
+        transaction inserted a row the batch was inserting (``LostRace``), run it again.
 
-        Such an abort is ordinary contention between concurrent workers (e.g. two customers of one
-        user in two batches), not a fault of any event: the whole batch rolled back, so it is
-        retried at once, without counting an attempt against its events.
+        That is ordinary contention between concurrent workers (e.g. two customers of one user in
+        two batches), not a fault of any event: the whole batch rolled back, so it is retried at
+        once, without counting an attempt against its events.
         """
         for retry in range(_CONFLICT_RETRIES):
             try:
                 return self._run_batch(now)
-            except DBAPIError as exc:
-                if getattr(exc.orig, "sqlstate", None) not in _CONFLICT_SQLSTATES or retry == _CONFLICT_RETRIES - 1:
+            except (DBAPIError, LostRace) as exc:
+                lost = isinstance(exc, LostRace)
+                conflict = lost or getattr(getattr(exc, "orig", None), "sqlstate", None) in _CONFLICT_SQLSTATES
+                if not conflict or retry == _CONFLICT_RETRIES - 1:
                     raise
-                log.info("worker batch lost a lock conflict (%s); running it again", exc.orig.__class__.__name__)
+                name = "LostRace" if lost else getattr(exc, "orig", exc).__class__.__name__
+                log.info("worker batch lost a lock conflict (%s); running it again", name)
                 time.sleep(random.uniform(0.0, 0.02 * (retry + 1)))
         raise AssertionError("unreachable")
 
     def _run_batch(self, now: float) -> int:
-        """Run the batch without savepoints; if an event fails, run it again with them."""
-        failed: dict[int, _EventFailed] = {}
-        try:
-            return self._run_claimed_batch(now, failed=None)
-        except _EventFailed as first:
-            failed[first.inbox_id] = first
-        log.info("an event of the batch failed; applying the batch again with one savepoint per event")
-        return self._run_claimed_batch(now, failed=failed)
-
-    def _run_claimed_batch(self, now: float, *, failed: dict[int, _EventFailed] | None) -> int:
-        """Claim and apply one batch. ``failed`` None: no savepoints, and a handler's failure raises
-        ``_EventFailed`` (the transaction rolls back). Otherwise each event runs in a savepoint, and
-        the events of ``failed`` are recorded as failed attempts without being run again."""
+        """Claim and apply one batch in one transaction: its claim, effects and outcomes commit together."""
         self._claimed = []
         claim = _claim(self._limit, pg=self._pg, negative_now=now < 0)
         draining, self._draining = self._draining, False
@@ -208,40 +206,27 @@ class Worker:
             # runbook's `sqlite3 ... UPDATE users` (no busy timeout by default) fail as "locked".
             # Right after a full batch there is most likely more: no need to look first.
             return 0
+        logs: list[_LogLine] = []
         with self.engine.begin() as connection:
-            rows = _claimed_rows(connection, claim, now)
+            started = time.perf_counter()
+            rows = connection.execute(claim, {"now": now}).all()
             if not rows:
                 return 0
             self._claimed = list(rows)
-            if self._pg:
-                # Concurrent workers take their row locks customer by customer in one global order,
-                # so that two batches touching the same customers queue instead of deadlocking.
-                rows = sorted(rows, key=_lock_order)
-            store = Store(connection, self.settings.price_tiers)
-            logs: list[_LogLine] = []
-            store.deferred_logs = logs
-            store.remember_batch()
-            outcomes, seconds = [], []
-            for row in rows:
-                started = time.perf_counter()
-                if failed is not None and row.id in failed:
-                    known = failed[row.id]
-                    outcomes.append(self._failure(row, known.error, now, parked=known.parked, logs=logs))
-                else:
-                    outcomes.append(self._apply(connection, store, row, now, isolate=failed is not None, logs=logs))
-                seconds.append(time.perf_counter() - started)
-            self._record(connection, outcomes)
+            results = self.apply_rows(connection, rows, now, logs=logs)
+            self._record(connection, results)
+            took = (time.perf_counter() - started) / len(rows)
         for logger, level, message, args in logs:
             logger.log(level, message, *args)
-        self._count(rows, outcomes, seconds)
+        self._count(rows, results, [took] * len(rows))
         self._draining = len(rows) == self._limit
         return len(rows)
 
     def _anything_due(self, now: float) -> bool:
         """One indexed read, without the write lock: is any event ready to apply?"""
-        probe = select(_events.c.id).where(_events.c.status == "pending", _events.c.available_at <= now).limit(1)
+        probe = select(_events.c.id).where(_events.c.status == InboxStatus.PENDING, _events.c.available_at <= now)
         with self.engine.connect().execution_options(readonly=True) as connection:
-            return connection.execute(probe).first() is not None
+            return connection.execute(probe.limit(1)).first() is not None
 
     def _count(self, rows: Sequence[Any], outcomes: list[_Outcome], seconds: list[float]) -> None:
         """Metrics of a committed batch (doctor's probe event left out)."""
@@ -255,55 +240,86 @@ class Worker:
                 time.time(),
             )
 
-    def _record(self, connection: Any, outcomes: list[_Outcome]) -> None:
-        compiled = compiled_for(_RECORD, connection.dialect)
-        driver_execute(connection, compiled.sql, compiled.many([o.__dict__ for o in outcomes]), many=True)
+    def _record(self, connection: Any, outcomes: Sequence[_Outcome]) -> None:
+        connection.execute(_RECORD, [outcome.parameters() for outcome in outcomes])
 
-    def _apply(
+    def apply_rows(
         self,
-        connection: Any,
-        store: Store,
-        row: Any,
+        connection: Connection,
+        rows: Sequence[Any],
         now: float,
         *,
-        isolate: bool = True,
-        logs: list[_LogLine] | None = None,
-    ) -> _Outcome:
-        """Apply one event. ``isolate``: in a savepoint, and a failure is this event's outcome;
-        otherwise a failure raises ``_EventFailed`` for the caller to roll back the transaction.
-        ``logs``: where the log lines go until the transaction commits (else written at once)."""
-        attempts = row.attempts + 1
-        handler = HANDLERS.get(row.type)
-        if handler is None:
-            return _Outcome(row.id, "ignored", attempts, 0.0, None, "event type not handled", datetime.now(UTC))
-        # Stripe's other mode (stored before STRIPE_MODE was set, say): ignored, whatever the path.
-        other_mode = other_mode_detail(bool(row.livemode), self.settings.stripe_mode)
-        if other_mode is not None:
-            return _Outcome(row.id, "ignored", attempts, 0.0, None, other_mode, datetime.now(UTC))
-        mark = len(logs) if logs is not None else 0
-        try:
-            obj = orjson.loads(row.payload)["data"]["object"]
-            event = StoredEvent(row.id, row.stripe_event_id, row.type, row.created, obj)
-            if self.verifier is not None:
-                event = self.verifier.verified(event)
-            if isolate:
-                with connection.begin_nested():
-                    detail = handler(store, event)
-            else:
-                detail = handler(store, event)
-        except Exception as exc:  # any handler failure is recorded, never lost
-            if is_database_fault(exc):
-                raise  # the database itself failed (lock, disconnect, timeout): the whole batch is retried
-            error = _error_text(exc)
-            if not isolate:
-                raise _EventFailed(row.id, error, parked=isinstance(exc, UnmappedPrice)) from exc
-            if logs is not None:
-                del logs[mark:]  # what the handler logged was rolled back with its savepoint
-            store.forget_batch()  # rows it wrote or locked may be gone with the savepoint
-            return self._failure(row, error, now, parked=isinstance(exc, UnmappedPrice), logs=logs)
-        applied = "webhook event applied event=%s type=%s %s"
-        _log(logs, log, logging.INFO, applied, row.stripe_event_id, row.type, detail)
-        return _Outcome(row.id, "applied", attempts, 0.0, None, detail[:2000], datetime.now(UTC))
+        logs: list[_LogLine],
+        state: BatchState | None = None,
+        write: bool = True,
+    ) -> list[_Outcome]:
+        """Apply inbox rows (``id, stripe_event_id, type, created, payload, attempts, livemode``)
+        through the engine, in the caller's transaction, and return each one's outcome (not yet
+        recorded). The log lines go to ``logs``, for the caller to write once it has committed.
+        ``write`` False: a dry run (nothing locked or written; ``state`` carries on to the next rows).
+        """
+        results: list[_Outcome | None] = [None] * len(rows)
+        events: list[StoredEvent] = []
+        positions: list[int] = []
+        for position, row in enumerate(rows):
+            attempts = row.attempts + 1
+            if row.type not in RULES:
+                results[position] = _Outcome(
+                    row.id, InboxStatus.IGNORED, attempts, 0.0, None, "event type not handled", datetime.now(UTC)
+                )
+                continue
+            # Stripe's other mode (stored before STRIPE_MODE was set, say): ignored, whatever the path.
+            other_mode = other_mode_detail(bool(row.livemode), self.settings.stripe_mode)
+            if other_mode is not None:
+                results[position] = _Outcome(
+                    row.id, InboxStatus.IGNORED, attempts, 0.0, None, other_mode, datetime.now(UTC)
+                )
+                continue
+            try:
+                obj = orjson.loads(row.payload)["data"]["object"]
+                if not isinstance(obj, dict):
+                    raise TypeError("data.object is not an object")
+                event = StoredEvent(row.id, row.stripe_event_id, row.type, row.created, obj)
+                if self.verifier is not None:
+                    event = self.verifier.verified(event)
+            except Exception as exc:  # noqa: BLE001 - a payload that cannot be read fails its event alone
+                results[position] = self._failure(row, error_text(exc), now, parked=False, logs=logs)
+                continue
+            events.append(event)
+            positions.append(position)
+        if events:
+            state = state if state is not None else BatchState(self.settings.price_tiers, datetime.now(UTC))
+            decisions = apply_events(connection, state, events, lock=self._pg and write, write=write)
+            for position, decision in zip(positions, decisions, strict=True):
+                row = rows[position]
+                if isinstance(decision, Failed):
+                    results[position] = self._failure(row, decision.error, now, parked=decision.parked, logs=logs)
+                    continue
+                outcome = decision.outcome
+                for line in state_log_lines(outcome):
+                    _log(logs, state_log, logging.INFO, *line)
+                detail = outcome.describe()
+                _log(
+                    logs,
+                    log,
+                    logging.INFO,
+                    "webhook event applied event=%s type=%s %s",
+                    row.stripe_event_id,
+                    row.type,
+                    detail,
+                )
+                results[position] = _Outcome(
+                    row.id,
+                    InboxStatus.APPLIED,
+                    row.attempts + 1,
+                    0.0,
+                    None,
+                    detail[:_MAX_ERROR],
+                    datetime.now(UTC),
+                    outcome.to_json(),
+                    outcome,
+                )
+        return [result for result in results if result is not None]
 
     def _failure(
         self, row: Any, error: str, now: float, *, parked: bool, logs: list[_LogLine] | None = None
@@ -321,7 +337,7 @@ class Worker:
                 attempts,
                 error,
             )
-            return _Outcome(row.id, "failed", attempts, 0.0, error[:_MAX_ERROR], None, datetime.now(UTC))
+            return _Outcome(row.id, InboxStatus.FAILED, attempts, 0.0, error[:_MAX_ERROR], None, datetime.now(UTC))
         delay = self._backoff(attempts)
         _log(
             logs,
@@ -334,18 +350,15 @@ class Worker:
             attempts,
             error,
         )
-        return _Outcome(row.id, "pending", attempts, now + delay, error[:_MAX_ERROR], None, None)
+        return _Outcome(row.id, InboxStatus.PENDING, attempts, now + delay, error[:_MAX_ERROR], None, None)
 
     def _backoff(self, attempts: int) -> float:
         base = self.settings.retry_base_seconds * (2 ** (attempts - 1))
         return float(min(base, _MAX_BACKOFF) * random.uniform(0.5, 1.0))
 
-    def apply_again(self, connection: Any, store: Store, row: Any, now: float) -> _Outcome:
-        """Apply one inbox row in its own savepoint and record its outcome, in the caller's
-        transaction: the path ``kamiyo replay`` shares with the worker (operations/replay.py)."""
-        outcome = self._apply(connection, store, row, now)
-        self._record(connection, [outcome])
-        return outcome
+    def record(self, connection: Any, outcomes: Sequence[_Outcome]) -> None:
+        """Record outcomes on their inbox rows, in the caller's transaction (``kamiyo replay``)."""
+        self._record(connection, outcomes)
 
     def sweep_expired_overrides(self, now: float | None = None) -> None:
         """At most every second: users whose manual override expired return to Stripe's state."""
@@ -402,34 +415,6 @@ def fault_backoff(failures: int) -> float:
     return float(ceiling * random.uniform(0.5, 1.0))
 
 
-def _error_text(exc: BaseException) -> str:
-    """An event's error as stored and logged: a database error as ``describe`` tells it (no SQL,
-    no parameters), anything else as ``Class: message``; credentials scrubbed either way."""
-    if isinstance(exc, SQLAlchemyError):
-        return describe(exc)
-    return scrub(f"{exc.__class__.__name__}: {exc}")[:_MAX_ERROR]
-
-
-class _ClaimedRow(NamedTuple):
-    """An inbox row as a batch claims it: ``_CLAIMED_COLUMNS``, in that order."""
-
-    id: int
-    stripe_event_id: str
-    type: str
-    created: int
-    payload: str
-    attempts: int
-    livemode: bool
-
-
-def _claimed_rows(connection: Any, claim: Any, now: float) -> list[_ClaimedRow]:
-    """Run the claim on the driver's cursor: SQLAlchemy's execute and rows took longer than the
-    claim itself (SQLite: 720 against 270 µs for a batch of 200)."""
-    compiled = compiled_for(claim, connection.dialect)
-    cursor = driver_execute(connection, compiled.sql, compiled.parameters({"now": now}))
-    return [_ClaimedRow(*row) for row in compiled.rows(cursor.fetchall())]
-
-
 _CLAIMED_COLUMNS = (
     _events.c.id,
     _events.c.stripe_event_id,
@@ -481,16 +466,6 @@ def _log(logs: list[_LogLine] | None, logger: logging.Logger, level: int, messag
         logger.log(level, message, *args)
     elif logger.isEnabledFor(level):
         logs.append((logger, level, message, args))
-
-
-def _lock_order(row: Any) -> tuple[str, int]:
-    """The customer an event touches (its rows are locked in this order), then the inbox order."""
-    try:
-        obj = orjson.loads(row.payload)["data"]["object"]
-        customer = link_hint(row.type, obj).customer_id if isinstance(obj, dict) else None
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        customer = None
-    return customer or "", row.id
 
 
 def replay(engine: Engine, *, event_id: str | None = None, failed: bool = False) -> int:

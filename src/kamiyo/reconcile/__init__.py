@@ -5,7 +5,7 @@
 - ``retry.py``: backoff with jitter for 429s, 5xx and network errors
 - ``runs.py``: ``reconcile_runs`` rows: progress, the cursor ``--resume`` continues from, outcome
 - ``reader.py``: a sync's pages read ahead (a thread, or a second process): JSON to snapshots
-- ``apply.py``: one page applied as a set, by the rules of ``processing/store.py``; the drift
+- (a page is applied by the apply engine, ``processing/engine.py`` ``apply_sync_page``; its drift)
 - ``sync.py``: ``kamiyo sync`` and the runbook's ``sync_all_subscriptions``
 - ``backfill.py``: ``kamiyo backfill``: undelivered events from the Events API into the inbox
 - ``schedule.py``: the backfill on a timer, inside the worker

@@ -43,9 +43,9 @@ from kamiyo.config import DEFAULT_MAINTENANCE_TIMEOUT
 from kamiyo.db.engine import allow_long_statements
 from kamiyo.db.errors import describe
 from kamiyo.domain.modes import other_mode_detail
+from kamiyo.domain.rules import HANDLED_TYPES
 from kamiyo.errors import PayloadError
 from kamiyo.operations.audit import default_actor, record_action
-from kamiyo.processing.handlers import HANDLED_TYPES
 from kamiyo.reconcile import runs
 from kamiyo.reconcile.gateway import EventQuery, Page, StripeGateway
 from kamiyo.webhooks.envelope import is_event_id, read_envelope

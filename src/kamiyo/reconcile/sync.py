@@ -5,7 +5,7 @@ Stripe's list (``status=all``, pages of 100, customers expanded) is streamed: a 
 while the current one is applied, and at most two pages wait, so memory stays flat however many
 subscriptions there are. Each subscription becomes a snapshot exactly as a webhook's payload
 does (``read_subscription``), versioned as state verified at the time of the read, and each
-page is applied in one transaction (``apply.apply_page``) that also moves the run's cursor, so
+page is applied in one transaction (``engine.apply_sync_page``) that also moves the run's cursor, so
 ``--resume`` continues after the last page that took effect.
 
 A user whose subscriptions fall on different pages is recomputed on each of those pages; in
@@ -38,8 +38,8 @@ from kamiyo.domain.links import normalize_email
 from kamiyo.domain.tiers import TierMap
 from kamiyo.errors import KamiyoError
 from kamiyo.operations.audit import default_actor, record_action
+from kamiyo.processing.engine import LostRace, PageResult, UserDrift, apply_sync_page
 from kamiyo.reconcile import runs
-from kamiyo.reconcile.apply import PageResult, UserDrift, apply_page
 from kamiyo.reconcile.gateway import Page, StripeApiGateway, StripeGateway
 from kamiyo.reconcile.reader import ProcessReader, ReadPage, ThreadReader, list_pages
 
@@ -272,17 +272,17 @@ def _apply(
                     transaction = connection.begin()
                     try:
                         allow_long_statements(connection, statement_timeout)
-                        return apply_page(connection, tiers, page.items, seen_at=page.read_at)
+                        return apply_sync_page(connection, tiers, page.items, seen_at=page.read_at)
                     finally:
                         transaction.rollback()
             with engine.connect() as connection, _without_fsync(connection), connection.begin():
                 allow_long_statements(connection, statement_timeout)
-                result = apply_page(connection, tiers, page.items, seen_at=page.read_at)
+                result = apply_sync_page(connection, tiers, page.items, seen_at=page.read_at)
                 runs.record_progress(
                     connection, run_id, cursor=page.last_id, seen=page.listed, changed=len(result.drift)
                 )
             return result
-        except OperationalError as exc:
+        except (OperationalError, LostRace) as exc:
             if attempt == _PAGE_ATTEMPTS:
                 raise
             log.warning("sync page rolled back (%s); retrying", describe(exc))

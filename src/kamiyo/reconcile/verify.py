@@ -29,16 +29,16 @@ from sqlalchemy import Engine, select
 from kamiyo.config import Settings
 from kamiyo.db.models import customers_table, events_table
 from kamiyo.domain.links import normalize_email
+from kamiyo.domain.outcomes import Outcome
+from kamiyo.domain.rules import SUBSCRIPTION_TYPES, StoredEvent
 from kamiyo.domain.subscriptions import object_id
 from kamiyo.errors import StripeApiError
-from kamiyo.processing.handlers import HANDLERS, StoredEvent, sync_subscription
-from kamiyo.processing.store import Store
+from kamiyo.processing.engine import link_customer_now
 from kamiyo.reconcile.gateway import Fetched, StripeGateway, gateway_from_settings, read_version_created
 from kamiyo.reconcile.retry import WORKER_RETRY
 from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX
 
 log = logging.getLogger("kamiyo.reconcile")
-SUBSCRIPTION_TYPES = frozenset(t for t, handler in HANDLERS.items() if handler is sync_subscription)
 VERIFIED_PREFIX = "verified:"
 _events = events_table
 _customers = customers_table
@@ -109,8 +109,8 @@ class EventVerifier:
 
     def _link(self, engine: Engine, customer_id: str, email: str, seen_at: int) -> None:
         with engine.begin() as connection:
-            outcome = Store(connection, self.settings.price_tiers).link_customer(customer_id, email, None, seen_at)
-        log.info("verify: looked up customer %s: %s", customer_id, outcome)
+            outcome = link_customer_now(connection, self.settings.price_tiers, customer_id, email, seen_at)
+        log.info("verify: looked up customer %s: %s", customer_id, Outcome(customer=outcome).describe())
 
 
 def event_verifier(settings: Settings, gateway: StripeGateway | None = None) -> EventVerifier | None:

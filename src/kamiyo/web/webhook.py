@@ -18,8 +18,8 @@ import orjson
 
 from kamiyo.config import Settings
 from kamiyo.domain.modes import ignored_livemode, other_mode_detail
+from kamiyo.domain.rules import HANDLED_TYPES
 from kamiyo.errors import PayloadTooLarge, WebhookRejected
-from kamiyo.processing.handlers import HANDLED_TYPES
 from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX, WebhookMetrics
 from kamiyo.webhooks.envelope import read_envelope
 from kamiyo.webhooks.inbox import Inbox

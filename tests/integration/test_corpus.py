@@ -40,9 +40,8 @@ from support import in_ci, signed_headers
 
 CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus" / "events"
 SUBSCRIPTION_EVENT = "customer.subscription."
-# A subscription event type the service does not handle yet: stored as ignored, see
-# test_a_pending_update_applied_event_applies.
-NOT_HANDLED = frozenset({"customer.subscription.pending_update_applied"})
+# The update Stripe applies from a subscription's pending_update: its items change with no other event.
+PENDING_UPDATE = frozenset({"customer.subscription.pending_update_applied"})
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,7 @@ def test_with_its_prices_mapped_every_corpus_event_is_received_and_every_subscri
     rows = _rows(harness)
     outcomes = {e.name: (rows[e.event["id"]]["status"], rows[e.event["id"]]["last_error"]) for e in corpus}
     assert {name: o for name, o in outcomes.items() if o[0] not in ("applied", "ignored")} == {}
-    subscriptions = [e for e in corpus if e.is_subscription and e.event["type"] not in NOT_HANDLED]
+    subscriptions = [e for e in corpus if e.is_subscription]
     assert len(subscriptions) >= 20  # the corpus's subscription events were found (28 when this was written)
     assert {e.name: outcomes[e.name] for e in subscriptions if outcomes[e.name][0] != "applied"} == {}
 
@@ -167,7 +166,7 @@ def test_with_no_price_mapped_only_entitling_subscriptions_are_parked_and_the_re
 
     rows = _rows(harness)
     outcomes = {e.name: (rows[e.event["id"]]["status"], rows[e.event["id"]]["last_error"]) for e in corpus}
-    subscriptions = [e for e in corpus if e.is_subscription and e.event["type"] not in NOT_HANDLED]
+    subscriptions = [e for e in corpus if e.is_subscription]
     entitling = {e.name for e in subscriptions if _entitles(e)}
     not_entitling = [e for e in subscriptions if not _entitles(e)]
     assert len(not_entitling) >= 5  # cancellations and a pause: the rule is exercised
@@ -182,14 +181,8 @@ def test_with_no_price_mapped_only_entitling_subscriptions_are_parked_and_the_re
     assert (stored["status"], stored["tier"]) == ("canceled", "free")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="customer.subscription.pending_update_applied is not in the worker's handler table: it is stored "
-    "as ignored, and the subscription's new items wait for its next customer.subscription.updated",
-)
 def test_a_pending_update_applied_event_applies(harness: Harness, corpus: list[CorpusEvent]) -> None:
-    pending = [e for e in corpus if e.event["type"] in NOT_HANDLED]
+    pending = [e for e in corpus if e.event["type"] in PENDING_UPDATE]
     assert pending
     settings = dataclasses.replace(harness.settings, price_tiers=_corpus_price_tiers(corpus), stripe_mode=None)
 

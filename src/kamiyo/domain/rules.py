@@ -201,6 +201,8 @@ RULES: Mapping[str, Rule] = {
     "customer.subscription.paused": subscription_event,
     "customer.subscription.resumed": subscription_event,
     "customer.subscription.trial_will_end": subscription_event,
+    "customer.subscription.pending_update_applied": subscription_event,
+    "customer.subscription.pending_update_expired": subscription_event,
     # invoices
     "invoice.payment_succeeded": invoice_event,
     "invoice.paid": invoice_event,

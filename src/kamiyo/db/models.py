@@ -195,7 +195,7 @@ class UserOverride(Base):
     """An operator's manual tier for one user (``kamiyo users set-tier``).
 
     While active (``expires_at`` is None or in the future) it wins over every subscription, in
-    ``Store.recompute_user``; the worker deletes it once expired. Its history is in ``audit_log``.
+    ``domain.rules.recompute_user``; the worker deletes it once expired. Its history is in ``audit_log``.
     """
 
     __tablename__ = "user_overrides"

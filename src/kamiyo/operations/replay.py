@@ -28,7 +28,7 @@ from sqlalchemy import ColumnElement, Connection, Engine, func, select, update
 
 from kamiyo.config import Settings
 from kamiyo.db.models import events_table
-from kamiyo.domain.outcomes import UserChange
+from kamiyo.domain.outcomes import InboxStatus, UserChange
 from kamiyo.domain.overrides import as_utc
 from kamiyo.domain.state import BatchState
 from kamiyo.errors import KamiyoError
@@ -208,7 +208,7 @@ def _selection(
         return [_events.c.stripe_event_id == event_id]
     conditions: list[ColumnElement[bool]] = []
     if failed:
-        conditions.append(_events.c.status == "failed")
+        conditions.append(_events.c.status == InboxStatus.FAILED.value)
     if event_type:
         conditions.append(_events.c.type == event_type)
     if since is not None:

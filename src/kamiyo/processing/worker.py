@@ -224,7 +224,7 @@ class Worker:
 
     def _anything_due(self, now: float) -> bool:
         """One indexed read, without the write lock: is any event ready to apply?"""
-        probe = select(_events.c.id).where(_events.c.status == InboxStatus.PENDING, _events.c.available_at <= now)
+        probe = select(_events.c.id).where(_events.c.status == InboxStatus.PENDING.value, _events.c.available_at <= now)
         with self.engine.connect().execution_options(readonly=True) as connection:
             return connection.execute(probe.limit(1)).first() is not None
 
@@ -438,7 +438,7 @@ def _claim(limit: int, *, pg: bool, negative_now: bool = False) -> Any:
     only those in backoff (any other value, due) are sorted.
     """
     now: Any = bindparam("now")
-    due = (_events.c.status == "pending", _events.c.available_at <= now)
+    due = (_events.c.status == InboxStatus.PENDING.value, _events.c.available_at <= now)
     if pg:
         query = select(*_CLAIMED_COLUMNS).where(*due).order_by(_events.c.id).limit(limit)
         return query.with_for_update(skip_locked=True)
@@ -449,7 +449,7 @@ def _claim(limit: int, *, pg: bool, negative_now: bool = False) -> Any:
     for condition in (available == 0.0, available < 0.0, and_(available > 0.0, available <= now)):
         part = (
             select(_events.c.id)
-            .where(_events.c.status == "pending", condition)
+            .where(_events.c.status == InboxStatus.PENDING.value, condition)
             .order_by(_events.c.id)
             .limit(limit)
             .subquery()
@@ -473,8 +473,11 @@ def replay(engine: Engine, *, event_id: str | None = None, failed: bool = False)
     if (event_id is None) == (not failed):
         raise ApplyError("replay needs exactly one of an event id or --failed")
     stmt = update(_events).values(
-        status="pending", available_at=0.0, attempts=0, last_error=None, replayed_at=datetime.now(UTC)
+        status=InboxStatus.PENDING.value, available_at=0.0, attempts=0, last_error=None, replayed_at=datetime.now(UTC)
     )
-    stmt = stmt.where(_events.c.stripe_event_id == event_id) if event_id else stmt.where(_events.c.status == "failed")
+    if event_id:
+        stmt = stmt.where(_events.c.stripe_event_id == event_id)
+    else:
+        stmt = stmt.where(_events.c.status == InboxStatus.FAILED.value)
     with engine.begin() as connection:
         return int(connection.execute(stmt).rowcount)

@@ -29,7 +29,7 @@ from sqlalchemy import Engine, select
 from kamiyo.config import Settings
 from kamiyo.db.models import customers_table, events_table
 from kamiyo.domain.links import normalize_email
-from kamiyo.domain.outcomes import Outcome
+from kamiyo.domain.outcomes import InboxStatus, Outcome
 from kamiyo.domain.rules import SUBSCRIPTION_TYPES, StoredEvent
 from kamiyo.domain.subscriptions import object_id
 from kamiyo.errors import StripeApiError
@@ -124,7 +124,7 @@ def _waiting_subscription_events(engine: Engine, limit: int, now: float) -> list
     with engine.connect().execution_options(readonly=True) as connection:
         rows = connection.execute(
             select(_events.c.stripe_event_id, _events.c.type, _events.c.object_id, _events.c.payload)
-            .where(_events.c.status == "pending", _events.c.available_at <= now)
+            .where(_events.c.status == InboxStatus.PENDING.value, _events.c.available_at <= now)
             .order_by(_events.c.id)
             .limit(limit)
         ).all()

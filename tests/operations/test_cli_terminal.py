@@ -96,9 +96,12 @@ def test_every_reading_command_prints_one_json_document(cli: Harness) -> None:
     assert dry.exit_code == 0
     assert [(r["event_id"], r["dry_run"], r["status_after"]) for r in document(dry)] == [(parked["id"], True, "failed")]
 
-    report = invoke("incident-report", "--since", "1h", "--json")
+    # A fixed range: "1h" ago from two invocations' clocks may fall on two different seconds.
+    until = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    window = ("--since", (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ"), "--until", until)
+    report = invoke("incident-report", *window, "--json")
     assert report.exit_code == 0
-    assert document(report) == document(invoke("incident-report", "--since", "1h", "--format", "json"))
+    assert document(report) == document(invoke("incident-report", *window, "--format", "json"))
 
     invoke("users", "set-tier", customer.email, "pro", "--reason", "INC-5 documented", "--by", "alice")
     entries = document(invoke("audit", "--target", customer.email, "--json"))

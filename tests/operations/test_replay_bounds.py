@@ -262,7 +262,7 @@ def test_writers_are_not_held_up_by_a_long_dry_run(ops: Harness) -> None:
         time.sleep(0.02)
     thread.join(timeout=60)
     assert took[0] > 1.0, took  # long enough for the writers to have met it
-    assert len(waits) >= 10, (took, waits)
+    assert len(waits) >= 5, (took, waits)
     # A writer that waited for the dry run's locks would wait until it ended; one that shares the
     # process's CPU with it (the GIL, on a busy machine) waits a fraction of that.
     assert max(waits) < took[0] / 3, (took, sorted(waits)[-5:])

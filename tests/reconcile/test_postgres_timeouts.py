@@ -197,13 +197,13 @@ def test_a_migration_runs_longer_statements_than_the_service_allows(
 def test_a_sync_page_runs_longer_statements_than_the_service_allows(
     pg_engine: Engine, account: FakeStripe, gateway: StripeApiGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = sync_module.apply_page
+    real = sync_module.apply_sync_page
 
     def slow_page(connection: Any, *args: Any, **kwargs: Any) -> Any:
         _slow_first(connection)
         return real(connection, *args, **kwargs)
 
-    monkeypatch.setattr(sync_module, "apply_page", slow_page)
+    monkeypatch.setattr(sync_module, "apply_sync_page", slow_page)
     paying_customer(account, 1)
     summary = sync_subscriptions(pg_engine, gateway, parse_price_tiers(PRICE_TIERS), statement_timeout=LONGER * 10)
     assert (summary.status, summary.stored) == ("done", 1)
@@ -240,7 +240,7 @@ def test_a_sync_that_fails_stores_and_reports_its_error_without_sql_or_parameter
             {"e": "private.person@example.com"},
         )
 
-    monkeypatch.setattr(sync_module, "apply_page", refused)
+    monkeypatch.setattr(sync_module, "apply_sync_page", refused)
     paying_customer(account, 1)
     with pytest.raises(KamiyoError) as caught:
         sync_subscriptions(pg_engine, gateway, parse_price_tiers(PRICE_TIERS))

@@ -392,6 +392,7 @@ class ReplayResultAnswer(BaseModel):
     error: str | None
     changes: list[UserChangeAnswer] = Field(description="each user's state before and after")
     dry_run: bool
+    outcome: Outcome = None
 
 
 class ReplayAnswer(BaseModel):

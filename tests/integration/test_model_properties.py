@@ -123,7 +123,7 @@ def scenarios(draw: st.DrawFn, *, one_address: bool = False) -> Scenario:
     scenario = Scenario(users)
     seed = draw(st.integers(0, 2**32))
     clock = START + 100
-    for position in range(draw(st.integers(4, 24))):
+    for position in range(draw(st.integers(4, 32))):
         clock += draw(st.sampled_from([0, 0, 1, 2, 30]))
         # Stripe's ids carry no order: a hash prefix, unique by position.
         event_id = f"evt_{hashlib.sha256(f'{seed}/{position}'.encode()).hexdigest()[:8]}{position:03d}"

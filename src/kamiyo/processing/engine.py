@@ -322,24 +322,34 @@ def link_customer_now(
     return outcome.customer
 
 
-def state_log_lines(outcome: Outcome) -> list[tuple[Any, ...]]:
-    """The log lines of what an outcome changed: a customer linked, each user's state changed."""
-    lines: list[tuple[Any, ...]] = []
+def state_log_lines(outcome: Outcome) -> list[tuple[str, dict[str, Any]]]:
+    """The log lines of what an outcome changed (a customer linked, each user's state changed),
+    each a format and its fields (``LOG_FORMAT=json`` writes the fields as keys)."""
+    lines: list[tuple[str, dict[str, Any]]] = []
     customer = outcome.customer
     if customer is not None and customer.link is LinkResult.LINKED:
         lines.append(
-            ("customer linked customer=%s user_id=%s by=%s", customer.id, customer.user_id, customer.linked_by)
+            (
+                "customer linked customer=%(customer)s user_id=%(user_id)s by=%(by)s",
+                {"customer": customer.id, "user_id": customer.user_id, "by": customer.linked_by},
+            )
         )
     for change in outcome.users:
         lines.append(
             (
-                "user state changed user_id=%s email=%s tier=%s->%s status=%s->%s",
-                change.user_id,
-                change.email,
-                change.tier_from,
-                change.tier_to,
-                change.status_from,
-                change.status_to,
+                "user state changed user_id=%(user_id)s email=%(email)s"
+                " tier=%(tier_from)s->%(tier_to)s status=%(status_from)s->%(status_to)s",
+                {
+                    "user_id": change.user_id,
+                    "email": change.email,
+                    "from": f"{change.tier_from}/{change.status_from}",
+                    "to": f"{change.tier_to}/{change.status_to}",
+                    "tier_from": change.tier_from,
+                    "tier_to": change.tier_to,
+                    "status_from": change.status_from,
+                    "status_to": change.status_to,
+                    "reason": change.why,
+                },
             )
         )
     return lines

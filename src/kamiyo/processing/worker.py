@@ -303,10 +303,8 @@ class Worker:
                     logs,
                     log,
                     logging.INFO,
-                    "webhook event applied event=%s type=%s %s",
-                    row.stripe_event_id,
-                    row.type,
-                    detail,
+                    "webhook event applied event=%(event)s type=%(type)s %(detail)s",
+                    {"event": row.stripe_event_id, "type": row.type, "detail": detail},
                 )
                 results[position] = _Outcome(
                     row.id,
@@ -331,11 +329,8 @@ class Worker:
                 logs,
                 log,
                 logging.ERROR,
-                "webhook event failed, parked event=%s type=%s attempts=%d error=%s",
-                row.stripe_event_id,
-                row.type,
-                attempts,
-                error,
+                "webhook event failed, parked event=%(event)s type=%(type)s attempts=%(attempts)d error=%(error)s",
+                {"event": row.stripe_event_id, "type": row.type, "attempts": attempts, "error": error},
             )
             return _Outcome(row.id, InboxStatus.FAILED, attempts, 0.0, error[:_MAX_ERROR], None, datetime.now(UTC))
         delay = self._backoff(attempts)
@@ -343,12 +338,9 @@ class Worker:
             logs,
             log,
             logging.WARNING,
-            "webhook event failed, retry in %.0fs event=%s type=%s attempts=%d error=%s",
-            delay,
-            row.stripe_event_id,
-            row.type,
-            attempts,
-            error,
+            "webhook event failed, retry in %(retry_in).0fs event=%(event)s type=%(type)s attempts=%(attempts)d"
+            " error=%(error)s",
+            {"retry_in": delay, "event": row.stripe_event_id, "type": row.type, "attempts": attempts, "error": error},
         )
         return _Outcome(row.id, InboxStatus.PENDING, attempts, now + delay, error[:_MAX_ERROR], None, None)
 

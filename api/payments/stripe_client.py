@@ -45,7 +45,7 @@ def sync_all_subscriptions(
 
     try:
         settings = load_settings()
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, log_format=settings.log_format)
         return run_sync(
             settings,
             dry_run=dry_run,

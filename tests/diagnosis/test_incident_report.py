@@ -9,12 +9,13 @@ from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import Engine, insert, update
+from sqlalchemy import Engine, insert, select, update
 
 from kamiyo import synthetic
 from kamiyo.config import Settings
 from kamiyo.db.models import audit_log_table, events_table, users_table
 from kamiyo.diagnosis.incident_report import build_report, parse_time, to_json, to_markdown
+from kamiyo.domain.outcomes import CustomerOutcome, LinkResult, Outcome, SubscriptionOutcome, UserChange
 from kamiyo.errors import KamiyoError
 from kamiyo.processing.worker import replay
 from kamiyo.telemetry.delivery_stats import add_delivery_counts
@@ -35,14 +36,33 @@ def _row(event_id: str, event_type: str, *, created: datetime, received: datetim
     envelope, _ = read_envelope(body)
     row = inbox_row(envelope, body, status="applied")
     # Every row has the same keys: an executemany insert takes its columns from the first row.
-    row.update(received_at=received, processed_at=None, last_error=None, detail=None)
+    row.update(received_at=received, processed_at=None, last_error=None, detail=None, outcome=None)
     row.update(values)
     return row
+
+
+def _upgrade(user_id: int, email: str, tier_from: str, tier_to: str, status_to: str) -> Outcome:
+    """What the worker records for a subscription event that moves one user from ``tier_from``."""
+    return Outcome(
+        subscription=SubscriptionOutcome("sub_1", status_to, tier_to, stored=True),
+        customer=CustomerOutcome("cus_incident", LinkResult.ALREADY_LINKED, user_id=user_id),
+        users=(UserChange(user_id, email, tier_from, tier_to, None, status_to, "subscription sub_1"),),
+    )
 
 
 def _incident(engine: Engine) -> None:
     """Twenty minutes of a wrong secret, then recovery: retries, a parked event, a replay, a backfill."""
     with engine.begin() as connection:
+        connection.execute(
+            insert(users_table),
+            [
+                {"email": "ann@example.com", "subscription_tier": "pro", "subscription_status": "active"},
+                {"email": "bob@example.com", "subscription_tier": "free", "subscription_status": None},
+            ],
+        )
+        ann_id = connection.execute(select(users_table.c.id).where(users_table.c.email == "ann@example.com")).scalar()
+        assert ann_id is not None
+        upgrade = _upgrade(ann_id, "ann@example.com", "free", "pro", "active")
         add_delivery_counts(
             connection,
             {
@@ -92,17 +112,11 @@ def _incident(engine: Engine) -> None:
                     created=late,
                     received=late,
                     processed_at=late,
-                    detail="sub_1: active pro; user ann@example.com free/None -> pro/active",
+                    detail=upgrade.describe(),
+                    outcome=upgrade.to_json(),
                 ),
                 # backfilled by `kamiyo backfill`
                 _row("evt_bf", "invoice.paid", created=late, received=late, source="backfill"),
-            ],
-        )
-        connection.execute(
-            insert(users_table),
-            [
-                {"email": "ann@example.com", "subscription_tier": "pro", "subscription_status": "active"},
-                {"email": "bob@example.com", "subscription_tier": "free", "subscription_status": None},
             ],
         )
         connection.execute(update(users_table).where(users_table.c.email == "ann@example.com").values(updated_at=late))
@@ -161,6 +175,9 @@ def test_the_report_counts_a_known_incident_exactly(engine: Engine) -> None:
     assert [(u.email, u.tier, u.transitions) for u in report.users_changed] == [
         ("ann@example.com", "pro", ["free/None -> pro/active"])
     ]
+    [change] = report.users_changed[0].changes
+    assert (change.event_id, change.subscription, change.why) == ("evt_change", "sub_1", "subscription sub_1")
+    assert (report.applied_before_outcomes, report.before_outcomes) == (0, [])
     assert report.manual_overrides == [
         {
             "at": "2025-06-02T10:31:00Z",
@@ -189,9 +206,91 @@ def test_markdown_and_json_carry_the_same_numbers(engine: Engine) -> None:
     assert "- Attempts: 55 (accepted 10, duplicate 2, failed 43); success 21.8%" in markdown
     assert "| invalid_signature | 42 |" in markdown
     assert "| ann@example.com | pro/active |" in markdown
+    assert "free/None -> pro/active by evt_change (subscription sub_1)" in markdown
     data = json.loads(to_json(report))
     assert data["deliveries"]["failures_by_reason"] == {"invalid_signature": 42, "timestamp": 1}
     assert data["late_by_type"] == {"customer.subscription.updated": 2, "invoice.paid": 1}
+    [ann] = data["users_changed"]
+    assert ann["transitions"] == ["free/None -> pro/active"]
+    assert ann["changes"] == [
+        {
+            "event_id": "evt_change",
+            "type": "customer.subscription.updated",
+            "at": "2025-06-02T10:31:00Z",
+            "tier_from": "free",
+            "status_from": None,
+            "tier_to": "pro",
+            "status_to": "active",
+            "why": "subscription sub_1",
+            "subscription": "sub_1",
+        }
+    ]
+    assert (data["applied_before_outcomes"], data["before_outcomes"]) == (0, [])
+
+
+def test_an_event_applied_before_outcomes_were_recorded_is_shown_by_its_text_and_counted_apart(
+    engine: Engine,
+) -> None:
+    """Its detail reads like a user change, but nothing parses it: no user gains a transition from it."""
+    _incident(engine)
+    at = START + timedelta(minutes=40)
+    old_text = "sub_0: active pro; user ann@example.com pro/active -> basic/active"
+    with engine.begin() as connection:
+        connection.execute(
+            insert(events_table),
+            [
+                _row(
+                    "evt_old1",
+                    "customer.subscription.updated",
+                    created=at,
+                    received=at,
+                    processed_at=at,
+                    detail=old_text,
+                ),
+                _row(
+                    "evt_old2",
+                    "invoice.paid",
+                    created=at,
+                    received=at,
+                    processed_at=at,
+                    detail="customer cus_1 already linked",
+                ),
+            ],
+        )
+    report = build_report(engine, START, END)
+    assert report.applied_before_outcomes == 2
+    assert [(e.event_id, e.detail) for e in report.before_outcomes] == [
+        ("evt_old1", old_text),
+        ("evt_old2", "customer cus_1 already linked"),
+    ]
+    assert [(u.email, u.transitions) for u in report.users_changed] == [
+        ("ann@example.com", ["free/None -> pro/active"])
+    ]
+    markdown = to_markdown(report)
+    assert "2 events applied before outcomes were recorded" in markdown
+    assert f"| evt_old1 | customer.subscription.updated | {old_text} |" in markdown
+    data = json.loads(to_json(report))
+    assert data["applied_before_outcomes"] == 2
+    assert data["before_outcomes"][0] == {
+        "event_id": "evt_old1",
+        "type": "customer.subscription.updated",
+        "at": "2025-06-02T10:40:00Z",
+        "detail": old_text,
+    }
+
+
+def test_a_user_changed_in_the_range_and_again_after_it_is_listed_with_the_ranges_change(engine: Engine) -> None:
+    _incident(engine)
+    with engine.begin() as connection:
+        connection.execute(
+            update(users_table)
+            .where(users_table.c.email == "ann@example.com")
+            .values(updated_at=END + timedelta(hours=1))
+        )
+    report = build_report(engine, START, END)
+    assert [(u.email, u.transitions, u.changed_at) for u in report.users_changed] == [
+        ("ann@example.com", ["free/None -> pro/active"], "2025-06-02T12:00:00Z")
+    ]
 
 
 def test_the_cli_prints_the_report_for_a_relative_range(engine: Engine, settings: Settings, capsys: Any) -> None:

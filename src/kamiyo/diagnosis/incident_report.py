@@ -6,13 +6,16 @@ whose state changed; manual overrides. Sources, all shared by every process:
 ``webhook_delivery_stats`` (per-minute counts: times are whole minutes), the inbox
 (``webhook_events``), ``users.updated_at`` and the audit log's ``override.*`` entries.
 
+How a user's tier and status moved comes from the ``outcome`` each applied event stored
+(``domain/outcomes.py``). Events applied before that column existed have only their one-line
+``detail``: they are counted apart and listed with that text as it is, never parsed.
+
 A delivery rejected before its body was read (a bad signature) has no event type; the types
 that failed show up instead as late arrivals, once Stripe's retry got through.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +24,7 @@ import orjson
 from sqlalchemy import Engine, func, select
 
 from kamiyo.db.models import audit_log_table, events_table, users_table
+from kamiyo.domain.outcomes import InboxStatus, Outcome
 from kamiyo.errors import KamiyoError
 from kamiyo.operations.inputs import parse_time as parse_time  # the CLI and tests import it from here
 from kamiyo.telemetry.delivery_stats import delivery_rows, utc_seconds
@@ -28,8 +32,8 @@ from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX
 
 # An event counts as late when Stripe created it this long before we stored it.
 LATE_SECONDS = 60
-# What a handler writes into an event's detail when a user's state changed (processing/handlers.py).
-_USER_CHANGE = re.compile(r"user (\S+) (\S+)/(\S+) -> (\S+)/(\S+)")
+# At most this many events applied before outcomes were recorded are listed (all are counted).
+BEFORE_OUTCOMES_SHOWN = 100
 _events = events_table
 _users = users_table
 
@@ -59,12 +63,41 @@ class Deliveries:
 
 
 @dataclass
+class Transition:
+    """One event's change of one user, from its stored outcome."""
+
+    event_id: str
+    type: str
+    at: str | None  # when the event was applied
+    tier_from: str
+    status_from: str | None
+    tier_to: str
+    status_to: str | None
+    why: str
+    subscription: str | None  # the subscription the event carried, if any
+
+    def text(self) -> str:
+        return f"{self.tier_from}/{self.status_from} -> {self.tier_to}/{self.status_to}"
+
+
+@dataclass
 class UserChange:
     email: str
-    tier: str
+    tier: str  # now
     status: str | None
-    changed_at: str | None
-    transitions: list[str]
+    changed_at: str | None  # users.updated_at: the last change, which may be after the range
+    transitions: list[str]  # "tier/status -> tier/status", one per entry of ``changes``
+    changes: list[Transition]  # the events of the range that changed this user, in order
+
+
+@dataclass
+class BeforeOutcome:
+    """An event applied before outcomes were recorded: its detail text, as stored."""
+
+    event_id: str
+    type: str
+    at: str | None
+    detail: str | None
 
 
 @dataclass
@@ -82,6 +115,9 @@ class IncidentReport:
     backfilled: int
     backfilled_by_source: dict[str, int]
     users_changed: list[UserChange]
+    # Applied in the range before outcomes were recorded: how many, and the first of them.
+    applied_before_outcomes: int
+    before_outcomes: list[BeforeOutcome]
     manual_overrides: list[dict[str, str | None]]
 
     def to_json(self) -> dict[str, Any]:
@@ -115,10 +151,10 @@ def build_report(engine: Engine, since: datetime, until: datetime) -> IncidentRe
                 late_by_type[event_type] = late_by_type.get(event_type, 0) + 1
 
         in_window = (_events.c.processed_at >= since, _events.c.processed_at < until)
-        parked_by_type = grouped(_events.c.type, _events.c.status == "failed", *in_window)
+        parked_by_type = grouped(_events.c.type, _events.c.status == InboxStatus.FAILED, *in_window)
         parked_errors = connection.execute(
             select(_events.c.last_error, func.count())
-            .where(not_probe, _events.c.status == "failed", *in_window)
+            .where(not_probe, _events.c.status == InboxStatus.FAILED, *in_window)
             .group_by(_events.c.last_error)
         ).all()
         parked_by_reason: dict[str, int] = {}
@@ -127,7 +163,7 @@ def build_report(engine: Engine, since: datetime, until: datetime) -> IncidentRe
             parked_by_reason[reason] = parked_by_reason.get(reason, 0) + int(n)
         still_parked = int(
             connection.execute(
-                select(func.count()).select_from(_events).where(_events.c.status == "failed")
+                select(func.count()).select_from(_events).where(_events.c.status == InboxStatus.FAILED)
             ).scalar_one()
         )
         replayed_by_type = grouped(_events.c.type, _events.c.replayed_at >= since, _events.c.replayed_at < until)
@@ -137,20 +173,21 @@ def build_report(engine: Engine, since: datetime, until: datetime) -> IncidentRe
             _events.c.received_at >= since,
             _events.c.received_at < until,
         )
-        users = connection.execute(
-            select(_users.c.email, _users.c.subscription_tier, _users.c.subscription_status, _users.c.updated_at)
-            .where(_users.c.updated_at >= since, _users.c.updated_at < until)
-            .order_by(_users.c.updated_at)
-        ).all()
-        details = connection.execute(
-            select(_events.c.detail)
-            .where(_events.c.status == "applied", *in_window, _events.c.detail.like("%user % -> %"))
-            .order_by(_events.c.processed_at, _events.c.id)
-        ).scalars()
-        transitions: dict[str, list[str]] = {}
-        for detail in details:
-            for email, tier0, status0, tier1, status1 in _USER_CHANGE.findall(detail or ""):
-                transitions.setdefault(email, []).append(f"{tier0}/{status0} -> {tier1}/{status1}")
+        changes, before = _applied_in(connection, not_probe, *in_window)
+        user_columns = select(
+            _users.c.id, _users.c.email, _users.c.subscription_tier, _users.c.subscription_status, _users.c.updated_at
+        )
+        users = list(
+            connection.execute(
+                user_columns.where(_users.c.updated_at >= since, _users.c.updated_at < until).order_by(
+                    _users.c.updated_at, _users.c.id
+                )
+            )
+        )
+        # A user the range's events changed, and who changed again after it, belongs to the range's story too.
+        missing = sorted(set(changes) - {user.id for user in users})
+        for chunk in range(0, len(missing), 500):
+            users += connection.execute(user_columns.where(_users.c.id.in_(missing[chunk : chunk + 500])))
 
         audit = audit_log_table
         overrides = connection.execute(
@@ -173,14 +210,59 @@ def build_report(engine: Engine, since: datetime, until: datetime) -> IncidentRe
         backfilled=sum(backfilled_by_source.values()),
         backfilled_by_source=backfilled_by_source,
         users_changed=[
-            UserChange(email, tier, status, _iso(changed), transitions.get(email, []))
-            for email, tier, status, changed in users
+            UserChange(
+                user.email,
+                user.subscription_tier,
+                user.subscription_status,
+                _iso(user.updated_at),
+                [change.text() for change in changes.get(user.id, [])],
+                changes.get(user.id, []),
+            )
+            for user in users
         ],
+        applied_before_outcomes=before[0],
+        before_outcomes=before[1],
         manual_overrides=[
             {"at": _iso(at), "action": action, "by": actor, "user": target, "reason": reason}
             for at, action, actor, target, reason in overrides
         ],
     )
+
+
+def _applied_in(connection: Any, *where: Any) -> tuple[dict[int, list[Transition]], tuple[int, list[BeforeOutcome]]]:
+    """The user changes of the events applied in the range, by user id, in the order applied;
+    and the events applied before outcomes were recorded: how many, and the first of them."""
+    changes: dict[int, list[Transition]] = {}
+    before: list[BeforeOutcome] = []
+    before_count = 0
+    rows = connection.execute(
+        select(_events.c.stripe_event_id, _events.c.type, _events.c.processed_at, _events.c.outcome, _events.c.detail)
+        .where(_events.c.status == InboxStatus.APPLIED, *where)
+        .order_by(_events.c.processed_at, _events.c.id)
+    )
+    for event_id, event_type, processed_at, stored, detail in rows:
+        if stored is None:
+            before_count += 1
+            if len(before) < BEFORE_OUTCOMES_SHOWN:
+                before.append(BeforeOutcome(event_id, event_type, _iso(processed_at), detail))
+            continue
+        outcome = Outcome.from_json(stored)
+        subscription = outcome.subscription.id if outcome.subscription is not None else None
+        for user in outcome.users:
+            changes.setdefault(user.user_id, []).append(
+                Transition(
+                    event_id,
+                    event_type,
+                    _iso(processed_at),
+                    user.tier_from,
+                    user.status_from,
+                    user.tier_to,
+                    user.status_to,
+                    user.why,
+                    subscription,
+                )
+            )
+    return changes, (before_count, before)
 
 
 def _deliveries(engine: Engine, start: float, end: float) -> Deliveries:
@@ -214,6 +296,11 @@ def _table(counts: dict[str, int], header: str) -> list[str]:
     lines = [f"| {header} | count |", "|---|---:|"]
     lines += [f"| {key or '-'} | {n} |" for key, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
     return [*lines, ""]
+
+
+def _cell(text: str) -> str:
+    """``text`` as one Markdown table cell: no line break, no column separator."""
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def to_markdown(report: IncidentReport) -> str:
@@ -261,13 +348,27 @@ def to_markdown(report: IncidentReport) -> str:
         "",
     ]
     if report.users_changed:
-        lines += ["| user | now | changed at | changes |", "|---|---|---|---|"]
+        lines += ["| user | now | changed at | changes in the range |", "|---|---|---|---|"]
         for user in report.users_changed:
-            changes = "; ".join(user.transitions) or "-"
-            lines.append(f"| {user.email} | {user.tier}/{user.status} | {user.changed_at} | {changes} |")
+            changes = "; ".join(f"{c.text()} by {c.event_id} ({c.why})" for c in user.changes) or "-"
+            lines.append(f"| {_cell(user.email)} | {user.tier}/{user.status} | {user.changed_at} | {_cell(changes)} |")
         lines.append("")
     else:
         lines += ["_none_", ""]
+    if report.applied_before_outcomes:
+        shown = len(report.before_outcomes)
+        lines += [
+            f"{report.applied_before_outcomes} events applied before outcomes were recorded: their changes are "
+            "not in the table above; their detail text as stored"
+            + (f" (the first {shown})" if shown < report.applied_before_outcomes else "")
+            + ":",
+            "",
+            "| applied at | event | type | detail |",
+            "|---|---|---|---|",
+        ]
+        for event in report.before_outcomes:
+            lines.append(f"| {event.at} | {_cell(event.event_id)} | {event.type} | {_cell(event.detail or '-')} |")
+        lines.append("")
     lines += ["## Manual overrides", ""]
     if report.manual_overrides:
         lines += ["| at | action | user | by | reason |", "|---|---|---|---|---|"]

@@ -6,14 +6,16 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
-from sqlalchemy import text, update
+from sqlalchemy import null, text, update
 
 from integration.conftest import Harness
 from kamiyo import synthetic
-from kamiyo.db.models import user_overrides_table
+from kamiyo.cli.main import main
+from kamiyo.db.models import events_table, user_overrides_table
+from kamiyo.domain.outcomes import CustomerOutcome, LinkResult, Outcome, SubscriptionOutcome, UserChange
 from kamiyo.operations import users
 from kamiyo.operations.overrides import set_override
-from kamiyo.operations.users import StateView, drift, show_user, unexplained_drift
+from kamiyo.operations.users import ChangeView, StateView, drift, show_user, unexplained_drift
 from operations.conftest import BASIC, CREATED, PRO, Customer
 
 
@@ -64,6 +66,68 @@ def test_show_user_reports_state_subscriptions_events_override_and_manual_action
     assert [a.action for a in report.audit] == ["override.set"]
     # Plain values: orjson serialises the whole report as it is (the admin API's JSON).
     assert orjson.loads(orjson.dumps(report))["override"]["tier"] == "pro"
+
+
+def _record(ops: Harness, event_id: str, outcome: Outcome | None, detail: str) -> None:
+    """Store what applying the event did: an outcome and its sentence, or (None) only a sentence,
+    as the rows applied before outcomes were recorded have."""
+    with ops.engine.begin() as connection:
+        connection.execute(
+            update(events_table)
+            .where(events_table.c.stripe_event_id == event_id)
+            .values(outcome=outcome.to_json() if outcome is not None else null(), detail=detail)
+        )
+
+
+def test_show_user_lists_each_events_change_of_this_user_from_its_outcome_else_its_detail_text(
+    ops: Harness, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The detail of an event with an outcome is not where the change is read from; an event applied
+    before outcomes were recorded shows its detail as stored, even one that reads like a change."""
+    customer = Customer("outcomes")
+    created, sub, invoice = customer.created(), customer.subscription("active", price=BASIC), customer.invoice()
+    ops.apply(created, sub, invoice)
+    user = ops.user(customer.email)
+    assert user is not None
+    other = ops.add_user("someone.else@example.com")
+    moved = Outcome(
+        subscription=SubscriptionOutcome(customer.sub_id, "active", "basic", stored=True),
+        customer=CustomerOutcome(customer.customer_id, LinkResult.ALREADY_LINKED, user_id=user["id"]),
+        users=(
+            UserChange(user["id"], customer.email, "free", "basic", None, "active", "best subscription"),
+            UserChange(other, "someone.else@example.com", "pro", "free", "active", None, "not this user"),
+        ),
+    )
+    _record(ops, sub["id"], moved, "a sentence nobody reads back")
+    _record(ops, invoice["id"], Outcome(note="invoice noted"), "invoice noted")
+    old_text = f"user {customer.email} pro/active -> enterprise/active"
+    _record(ops, created["id"], None, old_text)
+
+    with ops.engine.connect() as connection:
+        report = show_user(connection, customer.email, tiers=ops.settings.price_tiers)
+    assert report is not None
+    assert [(e.event_id, e.changes, e.detail) for e in report.recent_events] == [
+        (invoice["id"], [], "invoice noted"),
+        (sub["id"], [ChangeView("free", None, "basic", "active", "best subscription")], "a sentence nobody reads back"),
+        (created["id"], None, old_text),
+    ]
+    assert orjson.loads(orjson.dumps(report))["recent_events"][1]["changes"] == [
+        {
+            "tier_from": "free",
+            "status_from": None,
+            "tier_to": "basic",
+            "status_to": "active",
+            "why": "best subscription",
+        }
+    ]
+
+    monkeypatch.setattr("kamiyo.cli.invocation.load", lambda: ops.settings)
+    monkeypatch.setattr("kamiyo.logs.configure_logging", lambda *_a, **_k: None)  # keep pytest's log capture
+    assert main(["users", "show", customer.email]) == 0
+    lines = {line.split()[3]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  20")}
+    assert lines[sub["id"]].endswith("free/None -> basic/active (best subscription)")
+    assert lines[invoice["id"]].endswith("invoice noted")
+    assert lines[created["id"]].endswith(old_text)
 
 
 def test_show_user_finds_the_events_of_its_subscription_by_object_id_pending_or_taken_up(

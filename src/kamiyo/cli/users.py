@@ -11,6 +11,7 @@ import click
 from kamiyo.cli.audit import audit_line, time_text
 from kamiyo.cli.invocation import OK, PROBLEM, argument, bounded, json_option, with_settings
 from kamiyo.cli.output import drawn, print_json, table
+from kamiyo.domain.outcomes import InboxStatus
 from kamiyo.errors import KamiyoError
 
 if TYPE_CHECKING:
@@ -201,7 +202,14 @@ def _print_user(report: UserReport, as_json: bool) -> int:
         )
     print("recent events, newest first:" if report.recent_events else "recent events: none")
     for event in report.recent_events:
-        outcome = event.error if event.status in ("failed", "pending") and event.error else event.detail or ""
+        if event.status in (InboxStatus.FAILED, InboxStatus.PENDING) and event.error:
+            outcome = event.error
+        elif event.changes:
+            outcome = "; ".join(
+                f"{c.tier_from}/{c.status_from} -> {c.tier_to}/{c.status_to} ({c.why})" for c in event.changes
+            )
+        else:  # no change of this user, or applied before outcomes were recorded: the sentence as stored
+            outcome = event.detail or ""
         print(
             f"  {time_text(event.received_at)}  {clean(event.status):<8} {clean(event.type):<36} "
             f"{clean(event.event_id)}  {clean(outcome[:160])}"

@@ -1,7 +1,8 @@
 """One user as an operator needs to see them, and the users whose stored tier nobody can explain.
 
 ``show_user`` gathers the stored tier and status, each subscription, the override, the recent
-events that shaped them and the manual actions taken. ``drift`` compares every user's stored
+events that shaped them (with how each changed this user, read from the event's stored outcome)
+and the manual actions taken. ``drift`` compares every user's stored
 tier and status with what their subscriptions and override derive: a direct ``UPDATE users``
 (the runbook's Option 5) still takes effect, because the application reads that column, and is
 reported here until someone explains or undoes it.
@@ -28,6 +29,7 @@ from kamiyo.db.models import (
 )
 from kamiyo.domain.entitlement import SubscriptionState, UserState, user_state
 from kamiyo.domain.links import normalize_email
+from kamiyo.domain.outcomes import InboxStatus, Outcome
 from kamiyo.domain.overrides import as_utc, override_in_force, override_state
 from kamiyo.domain.tiers import FREE, TierMap
 from kamiyo.errors import ConfigError
@@ -78,6 +80,17 @@ class SubscriptionView:
 
 
 @dataclass(frozen=True)
+class ChangeView:
+    """How an event changed this user's tier and status, from its outcome."""
+
+    tier_from: str
+    status_from: str | None
+    tier_to: str
+    status_to: str | None
+    why: str
+
+
+@dataclass(frozen=True)
 class EventView:
     event_id: str
     type: str
@@ -85,8 +98,11 @@ class EventView:
     created: int  # Unix seconds, Stripe's
     received_at: datetime
     attempts: int
-    detail: str | None
+    detail: str | None  # the sentence; all there is of an event applied before outcomes were recorded
     error: str | None
+    # This user's changes by the event, from its outcome ([] when it changed nothing of theirs);
+    # None when it has no outcome (not applied, or applied before outcomes were recorded).
+    changes: list[ChangeView] | None
 
 
 @dataclass(frozen=True)
@@ -170,7 +186,7 @@ def show_user(
         override=override,
         customer_ids=customer_ids,
         subscriptions=subs,
-        recent_events=_recent_events(connection, user.email, customer_ids, [s.id for s in subs], events),
+        recent_events=_recent_events(connection, user.id, user.email, customer_ids, [s.id for s in subs], events),
         drift=drift,
         audit=list_audit(connection, target=user.email, limit=10),
     )
@@ -254,7 +270,7 @@ def _explanation(connection: Connection, email: str, stored: StateView) -> int |
 
 
 def _recent_events(
-    connection: Connection, email: str, customer_ids: list[str], sub_ids: list[str], limit: int
+    connection: Connection, user_id: int, email: str, customer_ids: list[str], sub_ids: list[str], limit: int
 ) -> list[EventView]:
     """Events about the user's subscriptions or customers (by object id), or naming a customer or
     the email in their payload (invoices, checkout sessions, payment intents), newest first."""
@@ -263,7 +279,7 @@ def _recent_events(
         by_object = _events.c.object_id.in_([*customer_ids, *sub_ids])
         # The object index holds the events taken up by the worker; pending ones come from the
         # claim index (models.NOT_PENDING).
-        matches += [by_object & NOT_PENDING, by_object & (_events.c.status == "pending")]
+        matches += [by_object & NOT_PENDING, by_object & (_events.c.status == InboxStatus.PENDING)]
     newest = connection.execute(select(func.max(_events.c.id))).scalar()
     if newest is not None:
         text = [_events.c.payload.contains(c, autoescape=True) for c in customer_ids]
@@ -281,6 +297,7 @@ def _recent_events(
             _events.c.attempts,
             _events.c.detail,
             _events.c.last_error,
+            _events.c.outcome,
         )
         .where(or_(*matches))
         .order_by(_events.c.id.desc())
@@ -296,6 +313,17 @@ def _recent_events(
             attempts=row.attempts,
             detail=row.detail,
             error=row.last_error,
+            changes=_changes_of(row.outcome, user_id),
         )
         for row in rows
+    ]
+
+
+def _changes_of(stored: dict[str, object] | None, user_id: int) -> list[ChangeView] | None:
+    if stored is None:
+        return None
+    return [
+        ChangeView(change.tier_from, change.status_from, change.tier_to, change.status_to, change.why)
+        for change in Outcome.from_json(stored).users
+        if change.user_id == user_id
     ]

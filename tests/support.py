@@ -128,3 +128,18 @@ def stored_emails(engine: Any) -> dict[str, str]:
     with engine.connect() as connection:
         rows = connection.execute(select(events_table.c.stripe_event_id, events_table.c.payload)).all()
     return {row.stripe_event_id: orjson.loads(row.payload)["data"]["object"]["email"] for row in rows}
+
+
+def record_outcome(engine: Any, event_id: str, outcome: Any, detail: str) -> None:
+    """Store what applying an event did: its ``Outcome`` and the sentence, or (``outcome`` None)
+    only the sentence, as an event applied before outcomes were recorded has."""
+    from sqlalchemy import null, update
+
+    from kamiyo.db.models import events_table
+
+    with engine.begin() as connection:
+        connection.execute(
+            update(events_table)
+            .where(events_table.c.stripe_event_id == event_id)
+            .values(outcome=outcome.to_json() if outcome is not None else null(), detail=detail)
+        )

@@ -21,12 +21,14 @@ from admin.events import (
 )
 from e2e.harness import wait_until
 from kamiyo import synthetic
+from kamiyo.domain.outcomes import CustomerOutcome, LinkResult, Outcome, SubscriptionOutcome, UserChange
 from kamiyo.domain.tiers import parse_price_tiers
 from kamiyo.operations.overrides import set_override
 from kamiyo.operations.users import show_user
 from kamiyo.web.admin_auth import SESSION_COOKIE
+from kamiyo.web.admin_models import DeliveryAnswer
 from kamiyo.web.app import WEBHOOK_PATH, create_app
-from support import PRICE_TIERS, make_settings, signed
+from support import PRICE_TIERS, make_settings, record_outcome, signed
 
 ANN = "ann@example.com"
 
@@ -171,6 +173,49 @@ def test_one_delivery_shows_its_error_and_its_payload_pretty_printed_with_secret
     assert PAYMENT_SECRET not in response.text
     assert orjson.loads(response.json()["payload"])["data"]["object"]["client_secret"] == "[redacted]"
     assert console.get("/admin/api/deliveries/evt_unknown").status_code == 404
+
+
+def test_one_delivery_shows_what_applying_it_did_as_documented_data_scrubbed_or_its_sentence_from_before(
+    console: Console,
+) -> None:
+    created = customer_created(ANN, "cus_ann")
+    console.deliver(created)
+    sub = subscription_created("cus_ann")
+    console.deliver(sub)
+    console.drain()
+    sub_id = sub["data"]["object"]["id"]
+    outcome = Outcome(
+        subscription=SubscriptionOutcome(sub_id, "active", "pro", stored=True),
+        customer=CustomerOutcome("cus_ann", LinkResult.ALREADY_LINKED, user_id=1),
+        users=(UserChange(1, ANN, "free", "pro", None, "active", f"subscription {sub_id} active"),),
+        note=f"a pasted key {PAYMENT_SECRET}",
+    )
+    record_outcome(console.engine, sub["id"], outcome, outcome.describe())
+    record_outcome(console.engine, created["id"], None, "customer cus_ann linked to user 1 by email")
+
+    response = console.get(f"/admin/api/deliveries/{sub['id']}")
+    assert PAYMENT_SECRET not in response.text
+    shown = response.json()["outcome"]
+    assert shown["subscription"] == {"id": sub_id, "status": "active", "tier": "pro", "stored": True}
+    assert shown["customer"] == {"id": "cus_ann", "link": "already_linked", "user_id": 1, "linked_by": None}
+    assert shown["users"] == [
+        {
+            "user_id": 1,
+            "email": ANN,
+            "tier_from": "free",
+            "tier_to": "pro",
+            "status_from": None,
+            "status_to": "active",
+            "why": f"subscription {sub_id} active",
+        }
+    ]
+    assert shown["note"] == "a pasted key [redacted]"
+    # Exactly what the answer model (and so the OpenAPI schema) describes, field by field.
+    answer = response.json()
+    assert DeliveryAnswer.model_validate(answer).model_dump(mode="json", exclude_unset=True) == answer
+
+    before = console.get(f"/admin/api/deliveries/{created['id']}").json()
+    assert (before["outcome"], before["detail"]) == (None, "customer cus_ann linked to user 1 by email")
 
 
 # -- replay ---------------------------------------------------------------------------------

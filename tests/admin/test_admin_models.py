@@ -20,6 +20,14 @@ from kamiyo import synthetic
 from kamiyo.db.engine import make_engine
 from kamiyo.db.migrate import upgrade
 from kamiyo.db.models import users_table
+from kamiyo.domain.outcomes import (
+    CustomerOutcome,
+    InvoiceOutcome,
+    LinkResult,
+    Outcome,
+    SubscriptionOutcome,
+    UserChange,
+)
 from kamiyo.operations.overrides import set_override
 from kamiyo.operations.replay import ReplayResult, UserStateChange
 from kamiyo.operations.users import StateView
@@ -134,7 +142,13 @@ def test_an_events_outcome_object_is_part_of_the_answer_models() -> None:
         "processed_at": None,
         "replayed_at": None,
         "error": None,
-        "outcome": {"users": [{"email": ANN, "from": {"tier": "free"}, "to": {"tier": "pro"}}]},
+        "outcome": Outcome(
+            subscription=SubscriptionOutcome("sub_1", "active", "pro", stored=True),
+            invoice=InvoiceOutcome("in_1", "paid", "subscription_create", 1, "sub_1"),
+            customer=CustomerOutcome("cus_1", LinkResult.LINKED, user_id=1, linked_by="email"),
+            users=(UserChange(1, ANN, "free", "pro", None, "active", "subscription sub_1 active"),),
+            note="a fact",
+        ).to_json(),
     }
     answer = {
         "deliveries": [entry],

@@ -9,7 +9,8 @@ import pytest
 from admin.app_client import ADMIN_TOKEN
 from admin.events import UNMAPPED_PRICE, customer_created, subscription_created
 from e2e.harness import KamiyoServer, ServerFactory, wait_until
-from support import PRICE_TIERS
+from kamiyo.domain.outcomes import CustomerOutcome, LinkResult, Outcome, SubscriptionOutcome, UserChange
+from support import PRICE_TIERS, record_outcome
 
 pytestmark = pytest.mark.slow
 
@@ -152,3 +153,34 @@ def test_the_user_search_shows_the_users_tier_subscriptions_and_recent_events(pa
     assert "pro" in report
     assert "cus_dee" in report
     assert "customer.subscription.created" in report
+
+
+def test_one_delivery_shows_its_recorded_outcome_field_by_field_and_an_older_events_sentence(
+    page: Any, server: KamiyoServer
+) -> None:
+    created = customer_created("fay@example.com", "cus_fay")
+    sub = subscription_created("cus_fay")
+    server.deliver(created).raise_for_status()
+    server.deliver(sub).raise_for_status()
+    server.wait_for_user("fay@example.com", ("pro", "active"))
+    sub_id = sub["data"]["object"]["id"]
+    outcome = Outcome(
+        subscription=SubscriptionOutcome(sub_id, "active", "pro", stored=True),
+        customer=CustomerOutcome("cus_fay", LinkResult.ALREADY_LINKED, user_id=41),
+        users=(UserChange(41, "fay@example.com", "free", "pro", None, "active", "best subscription"),),
+    )
+    record_outcome(server.engine, sub["id"], outcome, "a sentence the page does not show")
+    record_outcome(server.engine, created["id"], None, "customer cus_fay linked to user 41 by email")
+
+    _sign_in(page, server)
+    page.goto(f"{server.url}/admin#/deliveries/{sub['id']}")
+    page.wait_for_selector(f"#delivery-id:text('{sub['id']}')")
+    shown = page.inner_text("#delivery-detail")
+    assert f"{sub_id}: active, tier pro" in shown
+    assert "cus_fay: already linked to user 41" in shown
+    assert "fay@example.com: free/none → pro/active (best subscription)" in shown
+    assert "a sentence" not in shown
+
+    page.goto(f"{server.url}/admin#/deliveries/{created['id']}")
+    page.wait_for_selector(f"#delivery-id:text('{created['id']}')")
+    assert page.inner_text("#delivery-detail") == "Outcome: customer cus_fay linked to user 41 by email"

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from kamiyo import synthetic
+from kamiyo.domain.outcomes import CustomerOutcome, LinkResult, Outcome, SubscriptionOutcome, UserChange
 from kamiyo.scrub import REDACTED
 from kamiyo.telemetry.delivery_stats import add_delivery_counts, minute_of
 from kamiyo.web.admin_queries import (
@@ -17,6 +18,7 @@ from kamiyo.web.admin_queries import (
     event_types,
     recent_deliveries,
 )
+from support import record_outcome
 
 
 def _customer(email: str, customer_id: str) -> dict[str, Any]:
@@ -113,6 +115,30 @@ def test_one_delivery_has_its_error_and_a_redacted_indented_payload(harness: Any
     assert failed["mark"] == "failed"
     assert "price_nope" in failed["error"]
     assert delivery(harness.engine, "evt_missing") is None
+
+
+def test_one_delivery_has_its_outcome_as_data_scrubbed_or_none_before_outcomes_were_recorded(harness: Any) -> None:
+    ann, sub = _customer("ann@example.com", "cus_a"), _subscription("cus_a")
+    harness.apply(ann, sub)
+    outcome = Outcome(
+        subscription=SubscriptionOutcome(sub["data"]["object"]["id"], "active", "pro", stored=True),
+        customer=CustomerOutcome("cus_a", LinkResult.ALREADY_LINKED, user_id=7),
+        users=(UserChange(7, "ann@example.com", "free", "pro", None, "active", "subscription active"),),
+        note="support pasted sk_live_abcdef123 here",
+    )
+    record_outcome(harness.engine, sub["id"], outcome, outcome.describe())
+    record_outcome(harness.engine, ann["id"], None, "customer cus_a linked to user 7 by email")
+
+    shown = delivery(harness.engine, sub["id"])
+    assert shown is not None
+    expected = outcome.to_json()
+    expected["note"] = f"support pasted {REDACTED} here"
+    assert shown["outcome"] == expected
+    assert shown["outcome"]["users"][0]["status_from"] is None
+    assert REDACTED in shown["detail"]
+    before = delivery(harness.engine, ann["id"])
+    assert before is not None
+    assert (before["outcome"], before["detail"]) == (None, "customer cus_a linked to user 7 by email")
 
 
 def test_the_chart_buckets_deliveries_and_failures_of_the_last_24_hours(harness: Any) -> None:

@@ -6,17 +6,18 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
-from sqlalchemy import null, text, update
+from sqlalchemy import text, update
 
 from integration.conftest import Harness
 from kamiyo import synthetic
 from kamiyo.cli.main import main
-from kamiyo.db.models import events_table, user_overrides_table
+from kamiyo.db.models import user_overrides_table
 from kamiyo.domain.outcomes import CustomerOutcome, LinkResult, Outcome, SubscriptionOutcome, UserChange
 from kamiyo.operations import users
 from kamiyo.operations.overrides import set_override
 from kamiyo.operations.users import ChangeView, StateView, drift, show_user, unexplained_drift
 from operations.conftest import BASIC, CREATED, PRO, Customer
+from support import record_outcome
 
 
 def _manual_update(ops: Harness, email: str, tier: str, status: str | None) -> None:
@@ -68,17 +69,6 @@ def test_show_user_reports_state_subscriptions_events_override_and_manual_action
     assert orjson.loads(orjson.dumps(report))["override"]["tier"] == "pro"
 
 
-def _record(ops: Harness, event_id: str, outcome: Outcome | None, detail: str) -> None:
-    """Store what applying the event did: an outcome and its sentence, or (None) only a sentence,
-    as the rows applied before outcomes were recorded have."""
-    with ops.engine.begin() as connection:
-        connection.execute(
-            update(events_table)
-            .where(events_table.c.stripe_event_id == event_id)
-            .values(outcome=outcome.to_json() if outcome is not None else null(), detail=detail)
-        )
-
-
 def test_show_user_lists_each_events_change_of_this_user_from_its_outcome_else_its_detail_text(
     ops: Harness, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -98,10 +88,10 @@ def test_show_user_lists_each_events_change_of_this_user_from_its_outcome_else_i
             UserChange(other, "someone.else@example.com", "pro", "free", "active", None, "not this user"),
         ),
     )
-    _record(ops, sub["id"], moved, "a sentence nobody reads back")
-    _record(ops, invoice["id"], Outcome(note="invoice noted"), "invoice noted")
+    record_outcome(ops.engine, sub["id"], moved, "a sentence nobody reads back")
+    record_outcome(ops.engine, invoice["id"], Outcome(note="invoice noted"), "invoice noted")
     old_text = f"user {customer.email} pro/active -> enterprise/active"
-    _record(ops, created["id"], None, old_text)
+    record_outcome(ops.engine, created["id"], None, old_text)
 
     with ops.engine.connect() as connection:
         report = show_user(connection, customer.email, tiers=ops.settings.price_tiers)

@@ -8,8 +8,8 @@ first error into a ``BadRequest`` naming the field and the reason (400, never 50
 Answers: a model per route's 200 answer, and ``ErrorAnswer`` for the others. The handlers build
 plain data (the operations' dataclasses and dicts) and the answers are not validated on the way
 out: these models describe them for the OpenAPI schema, and the tests (schemathesis among them)
-hold every answer to them. Objects stay open to fields added later (an event's ``outcome`` is
-stated already).
+hold every answer to them. Objects stay open to fields added later; an event's ``outcome`` is
+stated field by field (``OutcomeAnswer``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from kamiyo.domain.outcomes import LinkResult
 from kamiyo.errors import KamiyoError
 from kamiyo.operations.inputs import parse_time
 from kamiyo.web.admin_input import (
@@ -263,9 +264,65 @@ class ReplayBody(BaseModel):
 
 Moment = Annotated[datetime, Field(description="UTC, ISO 8601")]
 EventStatus = Annotated[str, Field(json_schema_extra={"enum": list(EVENT_STATUSES)})]
+
+
+class OutcomeSubscription(BaseModel):
+    """The subscription snapshot the event carried."""
+
+    id: str
+    status: str
+    tier: str
+    stored: bool = Field(description="false: the stored snapshot was newer; this one was left aside")
+
+
+class OutcomeInvoice(BaseModel):
+    """The invoice an invoice.* event was about."""
+
+    id: str | None
+    status: str | None
+    billing_reason: str | None
+    attempt_count: int | None
+    subscription: str | None
+
+
+class OutcomeCustomer(BaseModel):
+    """The customer the event named, and what became of its link to a user."""
+
+    id: str
+    link: LinkResult
+    user_id: int | None = Field(description="the user linked after the event, if any")
+    linked_by: str | None = Field(description="email or client_reference_id, when this event linked it")
+
+
+class OutcomeUserChange(BaseModel):
+    """A user whose tier or status the event changed, from -> to, and why."""
+
+    user_id: int
+    email: str
+    tier_from: str
+    tier_to: str
+    status_from: str | None
+    status_to: str | None
+    why: str
+
+
+class OutcomeAnswer(BaseModel):
+    """What applying an event did, as data (``domain/outcomes.py``, ``Outcome.to_json``). A part is
+    left out when the event had nothing of that kind."""
+
+    subscription: OutcomeSubscription | None = _optional("the subscription snapshot the event carried")
+    invoice: OutcomeInvoice | None = _optional("the invoice the event was about")
+    customer: OutcomeCustomer | None = _optional("the customer the event named and its link to a user")
+    users: list[OutcomeUserChange] | None = _optional("the users whose tier or status the event changed")
+    note: str | None = _optional("a fact that fits no field above")
+
+
 Outcome = Annotated[
-    dict[str, Any] | None,
-    Field(description="what applying the event did, as data (absent or null for events applied before outcomes)"),
+    OutcomeAnswer | None,
+    Field(
+        description="what applying the event did, as data; absent or null when it was not applied, or was applied "
+        "before outcomes were recorded (detail then says what it did)"
+    ),
 ]
 
 
@@ -457,6 +514,16 @@ class SubscriptionAnswer(BaseModel):
     updated_at: Moment
 
 
+class UserEventChange(BaseModel):
+    """How an event changed this user's tier and status, from its outcome."""
+
+    tier_from: str
+    status_from: str | None
+    tier_to: str
+    status_to: str | None
+    why: str
+
+
 class UserEventAnswer(BaseModel):
     """One of the events that shaped the user (open to what an event's outcome adds)."""
 
@@ -468,9 +535,12 @@ class UserEventAnswer(BaseModel):
     created: int = Field(description="Unix seconds, Stripe's")
     received_at: Moment
     attempts: int
-    detail: str | None
+    detail: str | None = Field(description="what applying it did, in one sentence")
     error: str | None
-    outcome: Outcome = None
+    changes: list[UserEventChange] | None = Field(
+        description="this user's changes by the event, from its outcome ([]: none of theirs); null when it has no "
+        "outcome (not applied, or applied before outcomes were recorded: detail says what it did)"
+    )
 
 
 class DriftAnswer(BaseModel):

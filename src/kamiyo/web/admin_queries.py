@@ -3,7 +3,7 @@
 Read-only SQL over the inbox (``webhook_events``: one row per event) and the per-minute
 delivery counts (``webhook_delivery_stats``: the only place duplicates and rejected deliveries
 are counted, by minute and event type, not by event). Results are plain JSON-ready dicts.
-Payloads, errors and details are shown through the one scrubber (``kamiyo.scrub``).
+Payloads, errors, details and outcomes are shown through the one scrubber (``kamiyo.scrub``).
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from sqlalchemy import Engine, func, or_, select, union
 
 from kamiyo.db.models import NOT_PENDING, customers_table, delivery_stats_table, events_table, users_table
 from kamiyo.domain.links import link_hint
+from kamiyo.domain.outcomes import InboxStatus, Outcome
 from kamiyo.scrub import redact, scrub
 from kamiyo.telemetry.delivery_stats import minute_of, utc_seconds
 
 _events = events_table
 _stats = delivery_stats_table
 
-EVENT_STATUSES = ("applied", "pending", "failed", "ignored")
+EVENT_STATUSES = (InboxStatus.APPLIED, InboxStatus.PENDING, InboxStatus.FAILED, InboxStatus.IGNORED)
 STATS_MARKS = ("duplicate", "rejected")  # counted per minute in webhook_delivery_stats
 MARKS = (*EVENT_STATUSES, *STATS_MARKS)
 MAX_LIMIT = 500
@@ -77,7 +78,10 @@ def event_types(engine: Engine, *, limit: int = MAX_TYPES) -> list[str]:
     """The event types in the inbox (at most ``limit``, alphabetically), for the console's type filter."""
     # The type index holds the events taken up by the worker; pending ones come from the claim index.
     types = (
-        union(select(_events.c.type).where(NOT_PENDING), select(_events.c.type).where(_events.c.status == "pending"))
+        union(
+            select(_events.c.type).where(NOT_PENDING),
+            select(_events.c.type).where(_events.c.status == InboxStatus.PENDING),
+        )
         .order_by("type")
         .limit(max(1, limit))
     )
@@ -203,7 +207,9 @@ def is_stored(engine: Engine, event_id: str) -> bool:
 
 
 def delivery(engine: Engine, event_id: str) -> dict[str, Any] | None:
-    """One stored event: its outcome, error, and its payload pretty-printed without secrets."""
+    """One stored event: its status, error, what applying it did, and its payload pretty-printed
+    without secrets. ``outcome`` is what applying it did as data (``Outcome.to_json``), None when
+    it was not applied or was applied before outcomes were recorded (``detail`` is then all there is)."""
     with engine.connect().execution_options(readonly=True) as connection:
         row = connection.execute(select(_events).where(_events.c.stripe_event_id == event_id)).first()
     if row is None:
@@ -229,6 +235,7 @@ def delivery(engine: Engine, event_id: str) -> dict[str, Any] | None:
         "replayed_at": _iso(row.replayed_at),
         "error": scrub(row.last_error) if row.last_error else None,
         "detail": scrub(row.detail) if row.detail else None,
+        "outcome": redact(Outcome.from_json(row.outcome).to_json()) if row.outcome is not None else None,
         "payload": pretty,
     }
 
@@ -263,7 +270,7 @@ def delivery_chart(
         ):
             at = utc_seconds(received_at)
             add("received", at, 1)
-            if status == "failed":
+            if status == InboxStatus.FAILED:
                 add("failed", at, 1)
         for minute, outcome, n in connection.execute(
             select(_stats.c.minute, _stats.c.outcome, func.sum(_stats.c.count))

@@ -242,11 +242,46 @@ async function renderDelivery(eventId) {
   const error = $("#delivery-error");
   error.hidden = !d.error;
   error.textContent = d.error ? `Error: ${d.error}` : "";
+  // What applying it did: the recorded outcome's fields, else (applied before outcomes were recorded) its sentence.
   const detail = $("#delivery-detail");
-  detail.hidden = !d.detail;
-  detail.textContent = d.detail ? `Outcome: ${d.detail}` : "";
+  detail.hidden = !d.outcome && !d.detail;
+  if (d.outcome) detail.replaceChildren(h("strong", {}, "Outcome"), outcomeFacts(d.outcome));
+  else detail.textContent = d.detail ? `Outcome: ${d.detail}` : "";
   $("#delivery-payload").textContent = d.payload;
   return d;
+}
+
+function state(tier, status) {
+  return `${tier}/${status ?? "none"}`;
+}
+
+function outcomeFacts(outcome) {
+  const facts = [];
+  const sub = outcome.subscription;
+  if (sub) {
+    facts.push(["subscription", sub.stored ? `${sub.id}: ${sub.status}, tier ${sub.tier}`
+      : `${sub.id}: older than the stored snapshot, left as is`]);
+  }
+  const invoice = outcome.invoice;
+  if (invoice) {
+    facts.push(["invoice", `${invoice.id ?? "–"}: ${invoice.status ?? "–"} (${invoice.billing_reason ?? "–"}, ` +
+      `attempt ${invoice.attempt_count ?? "–"}), subscription ${invoice.subscription ?? "none"}`]);
+  }
+  const customer = outcome.customer;
+  if (customer) {
+    const link = customer.link === "linked" ? `linked to user ${customer.user_id} by ${customer.linked_by}`
+      : customer.link === "already_linked" ? `already linked to user ${customer.user_id ?? "–"}`
+      : "not linked to a user yet";
+    facts.push(["customer", `${customer.id}: ${link}`]);
+  }
+  for (const user of outcome.users || []) {
+    facts.push(["user", `${user.email}: ${state(user.tier_from, user.status_from)} → ` +
+      `${state(user.tier_to, user.status_to)} (${user.why})`]);
+  }
+  if (outcome.note) facts.push(["note", outcome.note]);
+  if (!facts.length) facts.push(["", "nothing to apply"]);
+  return h("dl", { id: "delivery-outcome", class: "facts" },
+    facts.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
 }
 
 async function replay(dryRun) {

@@ -8,13 +8,14 @@ import click
 
 from kamiyo.cli.invocation import OK, json_option, with_settings
 from kamiyo.cli.output import drawn, json_text, print_json, table
+from kamiyo.domain.outcomes import InboxStatus
 from kamiyo.errors import KamiyoError
 
 if TYPE_CHECKING:
     from kamiyo.config import Settings
 
 MAX_LIST = 10_000
-_STATUSES = ("pending", "applied", "ignored", "failed")
+_STATUSES = tuple(status.value for status in InboxStatus)  # plain strings: click matches an enum by its name
 
 
 @click.group(short_help="inspect the inbox of received events", help="The inbox of received events.")

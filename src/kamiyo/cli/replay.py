@@ -11,6 +11,7 @@ import click
 from kamiyo.cli.confirm import confirm
 from kamiyo.cli.invocation import OK, PROBLEM, argument, bounded, json_option, reason_option, with_settings, yes_option
 from kamiyo.cli.output import Progress, print_json
+from kamiyo.domain.outcomes import InboxStatus
 
 if TYPE_CHECKING:
     from kamiyo.config import Settings
@@ -107,7 +108,7 @@ def replay(
         print(_replay_summary(results, dry_run=dry_run))
         if left:
             print(f"{left:,} more event(s) selected: continue with --after {clean(results[-1].event_id)}")
-    failing = [r for r in results if r.status_after in ("failed", "pending")]
+    failing = [r for r in results if r.status_after in (InboxStatus.FAILED, InboxStatus.PENDING)]
     return PROBLEM if failing and not dry_run else OK
 
 
@@ -129,7 +130,7 @@ def _replay_summary(results: Sequence[ReplayResult], *, dry_run: bool) -> str:
     counts: dict[str, int] = {}
     for result in results:
         counts[result.status_after] = counts.get(result.status_after, 0) + 1
-    names = {"pending": "failed (the worker retries)"}
+    names: dict[str, str] = {InboxStatus.PENDING: "failed (the worker retries)"}
     detail = ", ".join(f"{n} {names.get(status, status)}" for status, n in sorted(counts.items()))
     if dry_run:
         return f"dry run: {len(results)} event(s) would be replayed{': ' + detail if detail else ''}; nothing changed"

@@ -23,6 +23,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from kamiyo.domain.outcomes import InboxStatus
+
 # Stable constraint names, so migrations on SQLite and PostgreSQL name things the same way.
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -107,7 +109,7 @@ class Subscription(Base):
 # the claim index instead (``status = 'pending'``): the backlog, not the whole inbox.
 # A literal, not a bound parameter, so that both SQLite and PostgreSQL can prove a query's
 # condition implies the index's.
-NOT_PENDING = text("status <> 'pending'")
+NOT_PENDING = text(f"status <> '{InboxStatus.PENDING.value}'")
 
 
 class WebhookEvent(Base):
@@ -131,7 +133,9 @@ class WebhookEvent(Base):
     source: Mapped[str] = mapped_column(String(16), default="webhook", server_default="webhook")
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # pending → applied | ignored | failed (parked after the last attempt). Replay sets pending again.
-    status: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
+    status: Mapped[str] = mapped_column(
+        String(16), default=InboxStatus.PENDING.value, server_default=InboxStatus.PENDING.value
+    )
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Unix seconds (float) before which the worker leaves it alone: the retry backoff.
     available_at: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")

@@ -34,6 +34,7 @@ from kamiyo.db.errors import FULL, LOCKED, describe, fault_kind, is_database_fau
 from kamiyo.db.models import customers_table, events_table, subscriptions_table
 from kamiyo.diagnosis.stripe_view import RUNBOOK_EVENTS, StripeWebhookView
 from kamiyo.domain.modes import LIVE
+from kamiyo.domain.outcomes import InboxStatus
 from kamiyo.operations.users import DriftView, unexplained_drift
 from kamiyo.processing.retention import retention_status
 from kamiyo.scrub import clean
@@ -955,9 +956,9 @@ class Doctor:
                 return Finding(step, WARN, "the signed test event was stored (200); applying it could not be checked")
             status, error = self._wait_applied(event["id"])
             took = time.monotonic() - started
-            if status == "applied":
+            if status == InboxStatus.APPLIED:
                 return Finding(step, OK, f"a signed test event was stored and applied in {took:.1f} s, then removed")
-            if status == "pending":
+            if status == InboxStatus.PENDING:
                 return Finding(
                     step,
                     FAIL,
@@ -967,7 +968,7 @@ class Doctor:
                     option=1,
                     cause="worker_down",
                 )
-            if status == "ignored":  # built in this environment's Stripe mode, not the service's
+            if status == InboxStatus.IGNORED:  # built in this environment's Stripe mode, not the service's
                 return Finding(
                     step,
                     FAIL,
@@ -998,8 +999,9 @@ class Doctor:
                     )
                 ).first()
             if row is not None:
-                status, error = row.status, row.last_error or (row.detail if row.status == "ignored" else None)
-                if status != "pending" or time.monotonic() > deadline:
+                status = row.status
+                error = row.last_error or (row.detail if status == InboxStatus.IGNORED else None)
+                if status != InboxStatus.PENDING or time.monotonic() > deadline:
                     return status, error
             elif time.monotonic() > deadline:
                 return None, "the event is not in the inbox"

@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, delete, func, select
 
 from kamiyo.db.models import events_table
+from kamiyo.domain.outcomes import InboxStatus
 from kamiyo.errors import KamiyoError
 from kamiyo.operations.audit import record_action
 from kamiyo.telemetry.delivery_stats import utc_seconds
@@ -37,8 +38,8 @@ from kamiyo.telemetry.delivery_stats import utc_seconds
 log = logging.getLogger("kamiyo.prune")
 _events = events_table
 BATCH = 500  # rows per transaction
-RETAINED = ("applied", "ignored")  # what the retention prunes; pending and failed events stay
-FAILED = ("failed",)
+RETAINED = (InboxStatus.APPLIED, InboxStatus.IGNORED)  # what the retention prunes; pending and failed events stay
+FAILED = (InboxStatus.FAILED,)
 MIN_FAILED_AGE = timedelta(days=1)  # a parked failure younger than this is still being looked at
 VACUUM_PAGES = 500  # pages (2 MiB at SQLite's default page size) given back per transaction
 PRUNE_ACTION = "prune"

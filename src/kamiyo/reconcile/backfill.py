@@ -43,6 +43,7 @@ from kamiyo.config import DEFAULT_MAINTENANCE_TIMEOUT
 from kamiyo.db.engine import allow_long_statements
 from kamiyo.db.errors import describe
 from kamiyo.domain.modes import other_mode_detail
+from kamiyo.domain.outcomes import InboxStatus
 from kamiyo.domain.rules import HANDLED_TYPES
 from kamiyo.errors import PayloadError
 from kamiyo.operations.audit import default_actor, record_action
@@ -243,10 +244,10 @@ def _store(engine: Engine, page: Page, statement_timeout: float, mode: str | Non
             event_id = event.get("id") if isinstance(event, dict) else None
             log.warning("backfill skipped an event the API returned id=%.80r: %s", event_id, exc)
             continue
-        status = "pending" if envelope.type in HANDLED_TYPES else "ignored"
+        status = InboxStatus.PENDING if envelope.type in HANDLED_TYPES else InboxStatus.IGNORED
         other_mode = other_mode_detail(envelope.livemode, mode)
         if other_mode is not None:
-            status = "ignored"
+            status = InboxStatus.IGNORED
         rows.append(inbox_row(envelope, body, status=status, source=BACKFILL_SOURCE, detail=other_mode))
     if not rows:
         return []

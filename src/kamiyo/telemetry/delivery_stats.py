@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, func, or_, select
 
 from kamiyo.db.models import delivery_stats_table, events_table, user_overrides_table, worker_heartbeats_table
+from kamiyo.domain.outcomes import InboxStatus
 
 _stats = delivery_stats_table
 _events = events_table
@@ -147,12 +148,12 @@ def read_state(engine: Engine, *, now: float | None = None) -> ServiceState:
         counts: dict[str, int] = dict(
             connection.execute(
                 select(_events.c.status, func.count())
-                .where(_events.c.status.in_(("pending", "failed")))
+                .where(_events.c.status.in_((InboxStatus.PENDING, InboxStatus.FAILED)))
                 .group_by(_events.c.status)
             ).all()
         )
         oldest = connection.execute(
-            select(func.min(_events.c.received_at)).where(_events.c.status == "pending")
+            select(func.min(_events.c.received_at)).where(_events.c.status == InboxStatus.PENDING)
         ).scalar()
         # The newest row by id that came through the endpoint: ids grow with every insert, so
         # this walks the primary key backwards and stops at the first webhook row.
@@ -168,8 +169,8 @@ def read_state(engine: Engine, *, now: float | None = None) -> ServiceState:
             .where(or_(_overrides.c.expires_at.is_(None), _overrides.c.expires_at > datetime.fromtimestamp(now, UTC)))
         ).scalar_one()
     return ServiceState(
-        backlog=int(counts.get("pending", 0)),
-        parked=int(counts.get("failed", 0)),
+        backlog=int(counts.get(InboxStatus.PENDING, 0)),
+        parked=int(counts.get(InboxStatus.FAILED, 0)),
         oldest_pending_age=max(0.0, now - utc_seconds(oldest)) if oldest is not None else 0.0,
         last_accepted_age=max(0.0, now - utc_seconds(last)) if last is not None else None,
         workers_alive=int(alive),

@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine
 
 from kamiyo.config import Settings
+from kamiyo.domain.outcomes import InboxStatus
 from kamiyo.processing.retention import retention_status
 from kamiyo.scrub import clean
 from kamiyo.telemetry.delivery_stats import read_state
@@ -277,6 +278,10 @@ class WebhookMetrics:
         _observe_in_bulk(self.lag_seconds, tally.lag_buckets, tally.lag_sum)
 
 
+# The statuses a batch's events are tallied under (a pending one is a failed attempt).
+_TALLIED = (InboxStatus.APPLIED, InboxStatus.IGNORED, InboxStatus.FAILED)
+
+
 @dataclasses.dataclass(frozen=True)
 class ProcessedTally:
     """The worker's metrics of one committed batch, summed: per-type counts and, for each of the
@@ -294,23 +299,23 @@ class ProcessedTally:
     @classmethod
     def of(cls, outcomes: Iterable[tuple[str, str, int, float]], committed_at: float) -> ProcessedTally:
         """Tally ``(status, type, created, apply seconds)`` of each event of a batch committed at ``committed_at``."""
-        by_status: dict[str, dict[str, int]] = {"applied": {}, "ignored": {}, "failed": {}}
+        by_status: dict[str, dict[str, int]] = {status: {} for status in _TALLIED}
         apply_buckets = [0] * len(_APPLY_BOUNDS)
         lag_buckets = [0] * len(_LAG_BOUNDS)
         apply_sum = lag_sum = 0.0
         for status, event_type, created, seconds in outcomes:
-            counts = by_status["failed" if status not in by_status else status]  # pending: a failed attempt
+            counts = by_status[InboxStatus.FAILED if status not in by_status else status]  # pending: a failed attempt
             counts[event_type] = counts.get(event_type, 0) + 1
-            if status == "applied":
+            if status == InboxStatus.APPLIED:
                 lag = max(0.0, committed_at - created)
                 apply_buckets[bisect.bisect_left(_APPLY_BOUNDS, seconds)] += 1
                 lag_buckets[bisect.bisect_left(_LAG_BOUNDS, lag)] += 1
                 apply_sum += seconds
                 lag_sum += lag
         return cls(
-            applied=by_status["applied"],
-            ignored=by_status["ignored"],
-            failed=by_status["failed"],
+            applied=by_status[InboxStatus.APPLIED],
+            ignored=by_status[InboxStatus.IGNORED],
+            failed=by_status[InboxStatus.FAILED],
             apply_buckets=apply_buckets,
             apply_sum=apply_sum,
             lag_buckets=lag_buckets,

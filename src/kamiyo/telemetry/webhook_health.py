@@ -26,6 +26,7 @@ from sqlalchemy import Engine, func, select, text
 from kamiyo import __version__
 from kamiyo.config import Settings
 from kamiyo.db.models import events_table
+from kamiyo.domain.outcomes import InboxStatus
 from kamiyo.processing.restarts import RestartRecord
 from kamiyo.processing.retention import RetentionStatus, retention_status
 from kamiyo.scrub import redact
@@ -161,7 +162,7 @@ def parked_reasons(engine: Engine, *, limit: int = 10) -> list[ParkedReason]:
     with engine.connect().execution_options(readonly=True) as connection:
         rows = connection.execute(
             select(_events.c.last_error, func.count())
-            .where(_events.c.status == "failed")
+            .where(_events.c.status == InboxStatus.FAILED)
             .group_by(_events.c.last_error)
             .order_by(func.count().desc())
             .limit(500)

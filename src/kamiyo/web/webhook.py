@@ -18,6 +18,7 @@ import orjson
 
 from kamiyo.config import Settings
 from kamiyo.domain.modes import ignored_livemode, other_mode_detail
+from kamiyo.domain.outcomes import InboxStatus
 from kamiyo.domain.rules import HANDLED_TYPES
 from kamiyo.errors import PayloadTooLarge, WebhookRejected
 from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX, WebhookMetrics
@@ -37,6 +38,9 @@ _JSON = (b"content-type", b"application/json")
 _WANTED = (b"stripe-signature", b"content-length", PROBE_HEADER.encode())  # the headers read below
 _MAX_DIGITS = 18  # a Content-Length longer than this is larger than any body we take
 _ALLOW = (b"allow", b"POST")
+# The statuses a delivery is stored with, as plain strings: each travels in a message to the inbox
+# process, where a plain string is taken as it is (an enum member would be looked up again).
+_PENDING, _IGNORED = InboxStatus.PENDING.value, InboxStatus.IGNORED.value
 
 
 class ClientGone(Exception):
@@ -110,11 +114,11 @@ class WebhookEndpoint:
                 self._count_rejection(exc.reason, started)
             return exc.status_code, {"error": str(exc), "reason": exc.reason}
 
-        status = "pending" if envelope.type in HANDLED_TYPES else "ignored"
+        status = _PENDING if envelope.type in HANDLED_TYPES else _IGNORED
         detail = None
         if envelope.livemode is self._ignored_livemode:
             # Answered 2xx like any event (Stripe stops retrying), stored as ignored: it changes no user.
-            status, detail = "ignored", other_mode_detail(envelope.livemode, self._mode)
+            status, detail = _IGNORED, other_mode_detail(envelope.livemode, self._mode)
         counted = not envelope.event_id.startswith(PROBE_EVENT_PREFIX)
         try:
             new = await self._writer().store_event(envelope, body, status=status, counted=counted, detail=detail)
@@ -127,7 +131,7 @@ class WebhookEndpoint:
             return 503, {"error": "event could not be stored; retry later", "reason": "internal"}
         if self._metrics is not None and counted:
             self._metrics.delivery_received(
-                envelope.type, time.perf_counter() - started, ignored=new and status == "ignored"
+                envelope.type, time.perf_counter() - started, ignored=new and status == _IGNORED
             )
         return 200, {"received": True, "id": envelope.event_id, "duplicate": not new}
 

@@ -33,6 +33,7 @@ from kamiyo.db.driver import driver_connection, sqlalchemy_errors
 from kamiyo.db.engine import WRITE_WAIT_OPTION, sqlite_write_lock
 from kamiyo.db.errors import FULL, describe, fault_kind, is_database_fault
 from kamiyo.db.models import events_table
+from kamiyo.domain.outcomes import InboxStatus
 from kamiyo.telemetry.delivery_stats import DeliveryKey, add_delivery_counts, minute_of
 from kamiyo.webhooks.envelope import Envelope
 from kamiyo.webhooks.writer_health import PROBE_SECONDS, WriterActivity, WriterHealth, judge
@@ -241,7 +242,7 @@ def write_probe(connection: Connection, size: int = PROBE_BYTES) -> None:
         "payload": '{"probe": "' + "x" * max(0, min(size, PROBE_MAX_BYTES) - 14) + '"}',
         "source": "probe",
         "received_at": datetime.now(UTC),
-        "status": "ignored",
+        "status": InboxStatus.IGNORED.value,
         "attempts": 0,
         "available_at": 0.0,
         "detail": None,

@@ -235,6 +235,7 @@ def test_an_event_applied_before_outcomes_were_recorded_is_shown_by_its_text_and
     _incident(engine)
     at = START + timedelta(minutes=40)
     old_text = "sub_0: active pro; user ann@example.com pro/active -> basic/active"
+    odd_text = "customer cus_1 | linked\n\x1b[31m"
     with engine.begin() as connection:
         connection.execute(
             insert(events_table),
@@ -253,7 +254,7 @@ def test_an_event_applied_before_outcomes_were_recorded_is_shown_by_its_text_and
                     created=at,
                     received=at,
                     processed_at=at,
-                    detail="customer cus_1 already linked",
+                    detail=odd_text,
                 ),
             ],
         )
@@ -261,7 +262,7 @@ def test_an_event_applied_before_outcomes_were_recorded_is_shown_by_its_text_and
     assert report.applied_before_outcomes == 2
     assert [(e.event_id, e.detail) for e in report.before_outcomes] == [
         ("evt_old1", old_text),
-        ("evt_old2", "customer cus_1 already linked"),
+        ("evt_old2", odd_text),
     ]
     assert [(u.email, u.transitions) for u in report.users_changed] == [
         ("ann@example.com", ["free/None -> pro/active"])
@@ -269,6 +270,7 @@ def test_an_event_applied_before_outcomes_were_recorded_is_shown_by_its_text_and
     markdown = to_markdown(report)
     assert "2 events applied before outcomes were recorded" in markdown
     assert f"| evt_old1 | customer.subscription.updated | {old_text} |" in markdown
+    assert "| evt_old2 | invoice.paid | customer cus_1 \\| linked\\n\\x1b[31m |" in markdown  # one cell, escaped
     data = json.loads(to_json(report))
     assert data["applied_before_outcomes"] == 2
     assert data["before_outcomes"][0] == {

@@ -27,6 +27,7 @@ from kamiyo.db.models import audit_log_table, events_table, users_table
 from kamiyo.domain.outcomes import InboxStatus, Outcome
 from kamiyo.errors import KamiyoError
 from kamiyo.operations.inputs import parse_time as parse_time  # the CLI and tests import it from here
+from kamiyo.scrub import clean
 from kamiyo.telemetry.delivery_stats import delivery_rows, utc_seconds
 from kamiyo.telemetry.metrics import PROBE_EVENT_PREFIX
 
@@ -239,6 +240,7 @@ def _applied_in(connection: Any, *where: Any) -> tuple[dict[int, list[Transition
         select(_events.c.stripe_event_id, _events.c.type, _events.c.processed_at, _events.c.outcome, _events.c.detail)
         .where(_events.c.status == InboxStatus.APPLIED, *where)
         .order_by(_events.c.processed_at, _events.c.id)
+        .execution_options(yield_per=1000)  # a long range holds many events: read them a page at a time
     )
     for event_id, event_type, processed_at, stored, detail in rows:
         if stored is None:
@@ -299,8 +301,8 @@ def _table(counts: dict[str, int], header: str) -> list[str]:
 
 
 def _cell(text: str) -> str:
-    """``text`` as one Markdown table cell: no line break, no column separator."""
-    return " ".join(text.split()).replace("|", "\\|")
+    """``text`` as one Markdown table cell: scrubbed, control characters escaped, no column separator."""
+    return clean(text).replace("|", "\\|")
 
 
 def to_markdown(report: IncidentReport) -> str:

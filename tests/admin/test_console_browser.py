@@ -164,23 +164,33 @@ def test_one_delivery_shows_its_recorded_outcome_field_by_field_and_an_older_eve
     server.deliver(sub).raise_for_status()
     server.wait_for_user("fay@example.com", ("pro", "active"))
     sub_id = sub["data"]["object"]["id"]
+    [(fay,)] = server.rows("SELECT id FROM users WHERE email = 'fay@example.com'")
     outcome = Outcome(
         subscription=SubscriptionOutcome(sub_id, "active", "pro", stored=True),
-        customer=CustomerOutcome("cus_fay", LinkResult.ALREADY_LINKED, user_id=41),
-        users=(UserChange(41, "fay@example.com", "free", "pro", None, "active", "best subscription"),),
+        customer=CustomerOutcome("cus_fay", LinkResult.ALREADY_LINKED, user_id=fay),
+        users=(UserChange(fay, "fay@example.com", "free", "pro", None, "active", "best subscription"),),
     )
     record_outcome(server.engine, sub["id"], outcome, "a sentence the page does not show")
-    record_outcome(server.engine, created["id"], None, "customer cus_fay linked to user 41 by email")
+    record_outcome(server.engine, created["id"], None, f"customer cus_fay linked to user {fay} by email")
 
     _sign_in(page, server)
     page.goto(f"{server.url}/admin#/deliveries/{sub['id']}")
     page.wait_for_selector(f"#delivery-id:text('{sub['id']}')")
     shown = page.inner_text("#delivery-detail")
     assert f"{sub_id}: active, tier pro" in shown
-    assert "cus_fay: already linked to user 41" in shown
+    assert f"cus_fay: already linked to user {fay}" in shown
     assert "fay@example.com: free/none → pro/active (best subscription)" in shown
     assert "a sentence" not in shown
 
     page.goto(f"{server.url}/admin#/deliveries/{created['id']}")
     page.wait_for_selector(f"#delivery-id:text('{created['id']}')")
-    assert page.inner_text("#delivery-detail") == "Outcome: customer cus_fay linked to user 41 by email"
+    assert page.inner_text("#delivery-detail") == f"Outcome: customer cus_fay linked to user {fay} by email"
+
+    # The user search lists the same change against the event, and the older event by its sentence.
+    page.click("nav a[data-view=users]")
+    page.fill("#user-search input[name=email]", "fay@example.com")
+    page.click("#user-search button[type=submit]")
+    page.wait_for_selector("#user-report .report")
+    events = page.locator("#user-report tr", has_text="applied")  # the recent events, not the subscriptions
+    assert "free/none → pro/active (best subscription)" in events.filter(has_text=sub["id"]).inner_text()
+    assert "customer cus_fay linked to user" in events.filter(has_text=created["id"]).inner_text()

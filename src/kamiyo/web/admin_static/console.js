@@ -84,6 +84,10 @@ function scalar(value, key) {
   if (typeof value === "number" && UNIX_KEYS.test(key || "") && value > 1e9) return when(new Date(value * 1000));
   if (typeof value === "string" && /^\d{4}-\d\d-\d\dT\d\d:\d\d/.test(value)) return when(value);
   if (typeof value === "boolean") return value ? "yes" : "no";
+  if (key === "changes" && Array.isArray(value)) {  // a user's recent event: how it moved their tier and status
+    return value.map((c) => `${state(c.tier_from, c.status_from)} → ${state(c.tier_to, c.status_to)} (${c.why})`)
+      .join("; ") || "none";
+  }
   if (Array.isArray(value) && value.every((v) => typeof v !== "object")) return value.join(", ") || "–";
   if (typeof value === "object") return h("code", {}, JSON.stringify(value));
   return String(value);

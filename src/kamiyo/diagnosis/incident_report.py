@@ -251,6 +251,8 @@ def _applied_in(connection: Any, *where: Any) -> tuple[dict[int, list[Transition
         outcome = Outcome.from_json(stored)
         subscription = outcome.subscription.id if outcome.subscription is not None else None
         for user in outcome.users:
+            if user.user_id is None:  # only a dry run's outcome names a user not created yet; none is stored
+                continue
             changes.setdefault(user.user_id, []).append(
                 Transition(
                     event_id,

@@ -297,7 +297,7 @@ class OutcomeCustomer(BaseModel):
 class OutcomeUserChange(BaseModel):
     """A user whose tier or status the event changed, from -> to, and why."""
 
-    user_id: int
+    user_id: int | None = Field(description="null only for a user a dry run would create")
     email: str
     tier_from: str
     tier_to: str

@@ -218,6 +218,19 @@ def test_one_delivery_shows_what_applying_it_did_as_documented_data_scrubbed_or_
     assert (before["outcome"], before["detail"]) == (None, "customer cus_ann linked to user 1 by email")
 
 
+def test_one_applied_delivery_shows_the_outcome_the_worker_recorded(console: Console) -> None:
+    console.deliver(customer_created(ANN, "cus_ann"))
+    sub = subscription_created("cus_ann")
+    console.deliver(sub)
+    console.drain()
+    shown = console.get(f"/admin/api/deliveries/{sub['id']}").json()["outcome"]
+    assert shown["subscription"]["id"] == sub["data"]["object"]["id"]
+    assert shown["customer"]["id"] == "cus_ann"
+    [change] = shown["users"]
+    assert (change["email"], change["tier_from"], change["tier_to"]) == (ANN, "free", "pro")
+    assert change["status_to"] == "active"
+
+
 # -- replay ---------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import orjson
 import pytest
 from sqlalchemy import Engine, insert, select, update
 
+from integration.conftest import Harness
 from kamiyo import synthetic
 from kamiyo.config import Settings
 from kamiyo.db.models import audit_log_table, events_table, users_table
@@ -293,6 +294,23 @@ def test_a_user_changed_in_the_range_and_again_after_it_is_listed_with_the_range
     assert [(u.email, u.transitions, u.changed_at) for u in report.users_changed] == [
         ("ann@example.com", ["free/None -> pro/active"], "2025-06-02T12:00:00Z")
     ]
+
+
+def test_the_users_changes_are_those_the_worker_recorded_as_it_applied_the_events(
+    engine: Engine, settings: Settings
+) -> None:
+    customer = synthetic.customer(customer_id="cus_worker", email="wes@example.com")
+    sub = synthetic.subscription(sub_id="sub_worker", customer_id="cus_worker", price_obj=synthetic.price())
+    applied = synthetic.event("customer.subscription.created", sub)
+    Harness(engine, settings).apply(synthetic.event("customer.created", customer), applied)
+    now = datetime.now(UTC)
+    report = build_report(engine, now - timedelta(minutes=5), now + timedelta(minutes=5))
+    [wes] = report.users_changed
+    last = wes.changes[-1]
+    assert (wes.email, last.event_id, last.subscription) == ("wes@example.com", applied["id"], "sub_worker")
+    assert (last.tier_from, last.tier_to, last.status_to) == ("free", "pro", "active")
+    assert wes.transitions[-1] == f"free/{last.status_from} -> pro/active"
+    assert report.applied_before_outcomes == 0
 
 
 def test_the_cli_prints_the_report_for_a_relative_range(engine: Engine, settings: Settings, capsys: Any) -> None:

@@ -120,6 +120,20 @@ def test_show_user_lists_each_events_change_of_this_user_from_its_outcome_else_i
     assert lines[created["id"]].endswith(old_text)
 
 
+def test_show_user_lists_the_change_the_worker_recorded_for_the_subscription_event(ops: Harness) -> None:
+    customer = Customer("worker")
+    created, sub = customer.created(), customer.subscription("active", price=BASIC)
+    ops.apply(created, sub)
+    with ops.engine.connect() as connection:
+        report = show_user(connection, customer.email, tiers=ops.settings.price_tiers)
+    assert report is not None
+    [by_sub] = [e for e in report.recent_events if e.event_id == sub["id"]]
+    assert by_sub.changes is not None
+    [change] = by_sub.changes
+    assert (change.tier_from, change.tier_to, change.status_to) == ("free", "basic", "active")
+    assert all(e.changes is not None for e in report.recent_events)  # every applied event has its outcome
+
+
 def test_show_user_finds_the_events_of_its_subscription_by_object_id_pending_or_taken_up(
     ops: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,7 +6,9 @@ mid-batch leaves the events pending for the next worker, and no event is ever ap
 
 A batch is applied by the engine (processing/engine.py: load, decide, flush): an event whose
 rule fails has its changes undone in memory and is recorded as a failed attempt, its batch
-neighbours keep theirs. The log lines of a batch are written once it has committed, so a
+neighbours keep theirs. Should the database refuse one of the batch's writes for the data it
+carries, the batch rolls back and runs again with each event in a SAVEPOINT of its own (the
+slow path, taken only then). The log lines of a batch are written once it has committed, so a
 rolled-back attempt logs nothing.
 
 On PostgreSQL, ``FOR UPDATE SKIP LOCKED`` gives concurrent workers disjoint batches; on SQLite
@@ -188,8 +190,7 @@ class Worker:
                 return self._run_batch(now)
             except (DBAPIError, LostRace) as exc:
                 lost = isinstance(exc, LostRace)
-                conflict = lost or getattr(getattr(exc, "orig", None), "sqlstate", None) in _CONFLICT_SQLSTATES
-                if not conflict or retry == _CONFLICT_RETRIES - 1:
+                if not (lost or _is_conflict(exc)) or retry == _CONFLICT_RETRIES - 1:
                     raise
                 name = "LostRace" if lost else getattr(exc, "orig", exc).__class__.__name__
                 log.info("worker batch lost a lock conflict (%s); running it again", name)
@@ -197,11 +198,23 @@ class Worker:
         raise AssertionError("unreachable")
 
     def _run_batch(self, now: float) -> int:
-        """Claim and apply one batch in one transaction: its claim, effects and outcomes commit together."""
+        """Claim and apply one batch in one transaction: its claim, effects and outcomes commit
+        together. Should the database refuse one of its writes for the data it carries (a NUL in a
+        text, a value too long for its column), the batch rolls back and runs again, each event
+        in a savepoint of its own: the refused event's attempt is recorded, its neighbours apply."""
+        try:
+            return self._run_claimed_batch(now, isolate=False)
+        except DBAPIError as exc:
+            if is_database_fault(exc) or _is_conflict(exc):
+                raise
+            log.warning("worker batch rolled back (%s); applying its events one savepoint each", describe(exc))
+        return self._run_claimed_batch(now, isolate=True)
+
+    def _run_claimed_batch(self, now: float, *, isolate: bool) -> int:
         self._claimed = []
         claim = _claim(self._limit, pg=self._pg, negative_now=now < 0)
         draining, self._draining = self._draining, False
-        if not self._pg and not draining and not self._anything_due(now):
+        if not self._pg and not draining and not isolate and not self._anything_due(now):
             # SQLite has one write lock; an idle worker that took it on every poll would make the
             # runbook's `sqlite3 ... UPDATE users` (no busy timeout by default) fail as "locked".
             # Right after a full batch there is most likely more: no need to look first.
@@ -213,14 +226,34 @@ class Worker:
             if not rows:
                 return 0
             self._claimed = list(rows)
-            results = self.apply_rows(connection, rows, now, logs=logs)
-            self._record(connection, results)
+            if isolate:
+                results = [self._apply_in_savepoint(connection, row, now, logs) for row in rows]
+            else:
+                results = self.apply_rows(connection, rows, now, logs=logs)
+                self._record(connection, results)
             took = (time.perf_counter() - started) / len(rows)
         for logger, level, message, args in logs:
             logger.log(level, message, *args)
         self._count(rows, results, [took] * len(rows))
         self._draining = len(rows) == self._limit
         return len(rows)
+
+    def _apply_in_savepoint(self, connection: Connection, row: Any, now: float, logs: list[_LogLine]) -> _Outcome:
+        """Apply and record one event in a savepoint; a write the database refuses for its data
+        rolls back that event alone and is recorded as its failed attempt."""
+        own: list[_LogLine] = []
+        try:
+            with connection.begin_nested():
+                [result] = self.apply_rows(connection, [row], now, logs=own)
+                self._record(connection, [result])
+        except DBAPIError as exc:
+            if is_database_fault(exc) or _is_conflict(exc):
+                raise
+            result = self._failure(row, describe(exc), now, parked=False, logs=logs)
+            self._record(connection, [result])
+            return result
+        logs.extend(own)
+        return result
 
     def _anything_due(self, now: float) -> bool:
         """One indexed read, without the write lock: is any event ready to apply?"""
@@ -399,6 +432,11 @@ class Worker:
             if backfill is not None:
                 backfill.join()
         log.info("worker stopped")
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    """PostgreSQL chose this transaction as a deadlock's or a serialization failure's victim."""
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) in _CONFLICT_SQLSTATES
 
 
 def fault_backoff(failures: int) -> float:

@@ -70,6 +70,25 @@ def version_key(event: Mapping[str, Any]) -> tuple[bool, int, int, int, str]:
     return (status in TERMINAL, event["created"], place, kind, event["id"])
 
 
+@dataclass(frozen=True)
+class Read:
+    """A subscription as a sync read it from Stripe's API at ``read_at`` (Stripe's clock), its
+    ``customer`` expanded (the Customer object, with its email), the sync's ``label`` its version's id.
+
+    A read is a version like an event's: a read at second T ranks as the end of second T-1 (newer
+    than every event of an earlier second, never newer than one of its own), among the types
+    between created and deleted. It links its customer by email as a ``customer.*`` event would."""
+
+    subscription: Mapping[str, Any]
+    read_at: int
+    label: str
+
+    def as_version(self) -> dict[str, Any]:
+        """The read as the event that would carry the same version (the customer as a bare id)."""
+        obj = {**self.subscription, "customer": self.subscription["customer"]["id"]}
+        return {"id": self.label, "type": "sync", "created": self.read_at - 1, "data": {"object": obj}}
+
+
 def _path(obj: Mapping[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         obj = obj.get(part) if isinstance(obj, Mapping) else None
@@ -114,8 +133,10 @@ class State:
     outcomes: dict[str, str]  # event id -> applied | ignored
 
 
-def expected_state(seeded: Iterable[SeededUser], events: Iterable[Mapping[str, Any]]) -> State:
-    """What the database must hold once every event has been applied, in any order.
+def expected_state(
+    seeded: Iterable[SeededUser], events: Iterable[Mapping[str, Any]], reads: Iterable[Read] = ()
+) -> State:
+    """What the database must hold once every event and every sync's read has been applied, in any order.
 
     Order-independent only for histories where the rules are: each customer names one address
     (in any letter case), and a customer whose checkout's ``client_reference_id`` names an
@@ -154,6 +175,16 @@ def expected_state(seeded: Iterable[SeededUser], events: Iterable[Mapping[str, A
                 moved_to[customer] = target
         else:
             outcomes[event["id"]] = "ignored"
+    for read in reads:
+        # A read has no outcome (it is no event), and several reads share one label.
+        version = read.as_version()
+        sub_id, customer = read.subscription["id"], read.subscription["customer"]
+        customer_ids.add(customer["id"])
+        if sub_id not in newest or version_key(version) > version_key(newest[sub_id]):
+            newest[sub_id] = version
+        address = _email(customer.get("email"))
+        if address:
+            emails[customer["id"]] = address
 
     links = {c: moved_to.get(c) or emails.get(c) for c in customer_ids}
     created = {email for email in links.values() if email and email not in users}

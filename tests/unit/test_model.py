@@ -85,3 +85,28 @@ def test_an_override_wins_and_a_user_without_subscriptions_keeps_its_stored_tier
     events = [_customer("ann@example.com"), _sub("created", "active", at=10, event_id="evt_1")]
     state = model.expected_state([ann, bob], events)
     assert state.users == {"ann@example.com": ("basic", "active"), "bob@example.com": ("pro", "active")}
+
+
+def _read(status: str, *, at: int, email: str | None = "Ann@Example.com", label: str = "sync:1") -> model.Read:
+    obj = synthetic.subscription(sub_id="sub_1", customer_id="cus_1", status=status, price_obj=PRO, created=100)
+    return model.Read({**obj, "customer": synthetic.customer(customer_id="cus_1", email=email)}, at, label)
+
+
+def test_a_read_ranks_as_the_end_of_the_second_before_it_and_links_its_customer_by_email() -> None:
+    # Read at 11: newer than the events of second 10 (the status ties; the label beats "evt_").
+    state = model.expected_state([], [_sub("updated", "past_due", at=10, event_id="evt_1")], [_read("past_due", at=11)])
+    assert state.subscriptions["sub_1"] == model.Subscription("cus_1", "past_due", "pro", "sync:1")
+    assert state.customers["cus_1"] == model.Customer("ann@example.com", "ann@example.com")
+    assert state.users == {"ann@example.com": ("pro", "past_due")}
+    assert state.outcomes == {"evt_1": "applied"}
+    # An event of the read's own second is newer; so is a terminal one of any second.
+    state = model.expected_state([], [_sub("updated", "active", at=11, event_id="evt_2")], [_read("past_due", at=11)])
+    assert state.subscriptions["sub_1"].version_event_id == "evt_2"
+    state = model.expected_state([], [_sub("deleted", "canceled", at=5, event_id="evt_3")], [_read("active", at=20)])
+    assert state.subscriptions["sub_1"].status == "canceled"
+
+
+def test_a_read_without_an_email_links_nothing() -> None:
+    state = model.expected_state([], [], [_read("active", at=11, email=None)])
+    assert state.customers == {"cus_1": model.Customer(None, None)}
+    assert state.users == {}

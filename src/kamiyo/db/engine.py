@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import Pool
@@ -114,6 +115,10 @@ def sqlite_write_lock(engine: Engine) -> SqliteWriteLock | None:
     return _write_locks.get(engine.pool)
 
 
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
 def make_engine(settings: Settings, *, busy_slice: float = BUSY_SLICE, **kwargs: Any) -> Engine:
     """Build the engine for ``settings.database_url``; creates the SQLite file's folder.
 
@@ -121,6 +126,9 @@ def make_engine(settings: Settings, *, busy_slice: float = BUSY_SLICE, **kwargs:
     what its connection's execution option ``WRITE_WAIT_OPTION`` says."""
     url = make_url(settings.database_url)
     kwargs.setdefault("hide_parameters", True)
+    # JSON columns (an event's outcome, audit states): orjson, several times faster than json.
+    kwargs.setdefault("json_serializer", _json_text)
+    kwargs.setdefault("json_deserializer", orjson.loads)
     if url.get_backend_name() != "sqlite":
         return create_engine(
             url,

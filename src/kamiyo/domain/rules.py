@@ -18,7 +18,7 @@ and its dry run, sync's pages, backfill (through the inbox), the verified look-u
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from kamiyo.domain.entitlement import SubscriptionState, UserState, user_state
@@ -81,7 +81,7 @@ def recompute_user(state: BatchState, user_id: int, *, why: str, reset_when_none
             after = UserState(tier=FREE, status=None)
     if after is None or (after.tier, after.status) == (user.tier, user.status):
         return None
-    state.put_user(replace(user, tier=after.tier, status=after.status), state_changed=True)
+    state.put_user(user._replace(tier=after.tier, status=after.status), state_changed=True)
     return UserChange(user_id, user.email, user.tier, after.tier, user.status, after.status, why)
 
 
@@ -93,7 +93,7 @@ def link_customer(
     linked, except that ``user_ref`` (``client_reference_id``: our own user) moves it."""
     customer = customer_row(state, customer_id)
     if email and seen_at >= customer.email_seen_at and email != customer.email:
-        customer = replace(customer, email=email, email_seen_at=seen_at)
+        customer = customer._replace(email=email, email_seen_at=seen_at)
         state.put_customer(customer)
     linked = customer.user_id
     target: int | None = None
@@ -108,15 +108,15 @@ def link_customer(
         link = LinkResult.ALREADY_LINKED if linked is not None else LinkResult.NOT_LINKED
         return CustomerOutcome(customer_id, link, user_id=linked), ()
 
-    state.put_customer(replace(customer, user_id=target, linked_by=how))
+    state.put_customer(customer._replace(user_id=target, linked_by=how))
     user = state.users[target]
     if user.stripe_customer_id != customer_id:
-        state.put_user(replace(user, stripe_customer_id=customer_id))
+        state.put_user(user._replace(stripe_customer_id=customer_id))
     changes: list[UserChange] = []
     if linked is not None:
         previous = state.users[linked]
         if previous.stripe_customer_id == customer_id:
-            state.put_user(replace(previous, stripe_customer_id=None))
+            state.put_user(previous._replace(stripe_customer_id=None))
         moved = recompute_user(
             state, linked, why=f"customer {customer_id} linked to another user", reset_when_none=True
         )
@@ -182,7 +182,8 @@ def invoice_event(state: BatchState, event: StoredEvent) -> Outcome:
         attempt_count=_number(obj.get("attempt_count")),
         subscription=invoice_subscription_id(obj),
     )
-    return replace(link_event(state, event), invoice=invoice)
+    linked = link_event(state, event)
+    return Outcome(invoice=invoice, customer=linked.customer, users=linked.users, note=linked.note)
 
 
 def _text(value: Any) -> str | None:

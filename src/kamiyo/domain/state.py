@@ -16,14 +16,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from kamiyo.domain.subscriptions import SubscriptionSnapshot, Version
 from kamiyo.domain.tiers import TierMap
 
 
-@dataclass(frozen=True, slots=True)
-class StoredSubscription:
+class StoredSubscription(NamedTuple):
     """What the rules read of a stored subscription: its customer, entitlement and version."""
 
     id: str
@@ -34,8 +33,7 @@ class StoredSubscription:
     version: Version
 
 
-@dataclass(frozen=True, slots=True)
-class CustomerRow:
+class CustomerRow(NamedTuple):
     id: str
     user_id: int | None
     email: str | None
@@ -43,8 +41,7 @@ class CustomerRow:
     linked_by: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class UserRow:
+class UserRow(NamedTuple):
     id: int
     email: str
     tier: str

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -230,17 +230,19 @@ def resolved(outcome: Outcome, created: dict[int, int]) -> Outcome:
     """``outcome`` with real user ids for the users the batch created; a dry run, which creates
     none, says "a new user" (None)."""
     customer = outcome.customer
-    if customer is not None and customer.user_id is not None and customer.user_id < 0:
-        customer = replace(customer, user_id=created.get(customer.user_id))
-    users = tuple(
-        replace(change, user_id=created.get(change.user_id))
-        if change.user_id is not None and change.user_id < 0
-        else change
-        for change in outcome.users
-    )
-    if customer is outcome.customer and users == outcome.users:
+    provisional_customer = customer is not None and customer.user_id is not None and customer.user_id < 0
+    if not provisional_customer and all(c.user_id is None or c.user_id >= 0 for c in outcome.users):
         return outcome
-    return replace(outcome, customer=customer, users=users)
+    if customer is not None and provisional_customer:
+        user_id = created.get(customer.user_id) if customer.user_id is not None else None
+        customer = CustomerOutcome(customer.id, customer.link, user_id, customer.linked_by)
+    users = tuple(
+        UserChange(created.get(c.user_id), c.email, c.tier_from, c.tier_to, c.status_from, c.status_to, c.why)
+        if c.user_id is not None and c.user_id < 0
+        else c
+        for c in outcome.users
+    )
+    return Outcome(outcome.subscription, outcome.invoice, customer, users, outcome.note)
 
 
 # -- what callers run -----------------------------------------------------------------------------
@@ -271,7 +273,11 @@ def apply_events(
         else:
             state.end_item()
             decisions.append(Applied(outcome))
-    created = flush(connection, state) if write else {}
+    if not write:
+        return [Applied(resolved(d.outcome, {})) if isinstance(d, Applied) else d for d in decisions]
+    created = flush(connection, state)
+    if not created:  # no user created: no provisional id to resolve
+        return decisions
     return [Applied(resolved(d.outcome, created)) if isinstance(d, Applied) else d for d in decisions]
 
 

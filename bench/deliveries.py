@@ -130,3 +130,18 @@ def write_pool(directory: Path, name: str, count: int, *, secret: str, id_prefix
             index.write(f"{len(raw)}\n")
             body_bytes += len(body)
     return Pool(requests_path, index_path, count, distinct, duplicates, body_bytes, signed_at)
+
+
+def write_bodies(directory: Path, name: str, bodies: list[bytes], *, secret: str) -> Pool:
+    """Write ``bodies`` as signed deliveries, in order, once each (no re-deliveries); return the pool."""
+    requests_path = directory / f"{name}.http"
+    index_path = directory / f"{name}.idx"
+    signed_at = int(time.time())
+    body_bytes = 0
+    with requests_path.open("wb") as requests, index_path.open("w") as index:
+        for body in bodies:
+            raw = _request(body, signature_header(body, secret, signed_at))
+            requests.write(raw)
+            index.write(f"{len(raw)}\n")
+            body_bytes += len(body)
+    return Pool(requests_path, index_path, len(bodies), len(bodies), 0, body_bytes, signed_at)

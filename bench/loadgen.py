@@ -11,7 +11,11 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
+import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +97,32 @@ class LoadResult:
             }
 
 
+def _run(
+    command: list[str], workdir: Path, env: dict[str, str], timeout: float, stop_when: Callable[[], bool] | None
+) -> subprocess.CompletedProcess[str]:
+    if stop_when is None:
+        return subprocess.run(
+            command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=err, text=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while process.poll() is None:
+                if stop_when() or time.monotonic() > deadline:
+                    process.send_signal(signal.SIGINT)
+                    process.wait(timeout=30)
+                    break
+                time.sleep(0.05)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(command, process.returncode, out.read(), err.read())
+
+
 def run_wrk(
     url: str,
     pool: Pool,
@@ -103,8 +133,16 @@ def run_wrk(
     connections: int,
     threads: int,
     stop_at_end: bool,
+    cpus: str | None = None,
+    stop_when: Callable[[], bool] | None = None,
 ) -> LoadResult:
-    """Replay ``pool`` against ``url`` for ``duration`` seconds (less if the pool runs out)."""
+    """Replay ``pool`` against ``url`` for ``duration`` seconds (less if the pool runs out).
+
+    ``cpus``: pin wrk to these cores (``taskset -c``), e.g. away from a server pinned to another.
+    ``stop_when``: asked every 50 ms; once true, wrk is interrupted (SIGINT: it stops and reports
+    as at the end of its duration). wrk's clock runs its whole duration even when every thread
+    has sent its share, so a run that must end when something is done says what that is here.
+    """
     path = wrk_path()
     if path is None:
         raise RuntimeError(INSTALL_HINT)
@@ -132,11 +170,11 @@ def run_wrk(
         str(LUA_SCRIPT),
         url,
     ]
+    if cpus is not None:
+        command = ["taskset", "-c", cpus, *command]
     # Loading a large pool takes wrk a few seconds before the clock starts: allow for it.
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(
-        command, cwd=workdir, env=env, capture_output=True, text=True, timeout=duration + 120, check=False
-    )
+    done = _run(command, workdir, env, duration + 120, stop_when)
     if done.returncode != 0 or not summary_path.exists():
         raise RuntimeError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

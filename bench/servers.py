@@ -64,6 +64,14 @@ def kamiyo_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "kamiyo"]
 
 
+def checkout_kamiyo(checkout: Path) -> list[str]:
+    """The ``kamiyo`` console script of another checkout's own ``.venv`` (``make install`` there)."""
+    script = checkout.resolve() / ".venv" / "bin" / "kamiyo"
+    if not script.exists():
+        raise SystemExit(f"{script} is missing: run `make install` in {checkout}")
+    return [str(script)]
+
+
 def kamiyo_env(settings: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in KAMIYO_ENV_KEYS}
     env.update(settings)
@@ -154,10 +162,13 @@ def _cpu(stat: Path) -> float:
 
 
 @contextmanager
-def bare_server(workdir: Path, protocol: str = "bounded") -> Iterator[Server]:
-    """The bare app, served with kamiyo's bounded protocol or (``httptools``) uvicorn's own."""
+def bare_server(workdir: Path, protocol: str = "bounded", *, cpus: str | None = None) -> Iterator[Server]:
+    """The bare app, served with kamiyo's bounded protocol or (``httptools``) uvicorn's own; with
+    ``cpus``, pinned to those cores (``taskset -c``)."""
     port = free_port()
     command = [sys.executable, str(BENCH_DIR / "bare_app.py"), "--host", "127.0.0.1", "--port", str(port)]
+    if cpus is not None:
+        command = ["taskset", "-c", cpus, *command]
     command += ["--protocol", protocol]
     server = Server("bare ASGI app", command, workdir, dict(os.environ), port)
     try:

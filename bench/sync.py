@@ -15,7 +15,11 @@ sync`` runs (``parallel=True``: pages are read in a second process); the reader 
 peak memory is reported too. Flat memory means the same peak for 10,000 and 100,000. CPU is
 reported per subscription, writer plus reader process (the API server's is not counted): on a
 shared machine it is steadier than the wall clock. To compare two versions, run them alternately
-(e.g. the old one with ``PYTHONPATH`` pointing at a copy of its ``src``).
+with ``--base``: each measurement runs a checkout's own interpreter and its own copy of this
+script, so each measures its own kamiyo, against the one API server of this checkout.
+
+    .venv/bin/python bench/sync.py --base ../bench-base11 --sizes 100000 --databases postgres sqlite \\
+        --rounds 2 --no-resync
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "tests"))  # stripe_api: the local API
 
 
@@ -90,45 +95,80 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_size(count: int, postgres: bool) -> list[dict[str, Any]]:
+def run_size(
+    count: int, databases: list[str], versions: dict[str, list[str]], rounds: int, *, resync: bool
+) -> list[dict[str, Any]]:
+    """Sync ``count`` subscriptions with each version, alternating, ``rounds`` times per database.
+
+    ``versions`` maps a name to the command that runs one measurement (a checkout's interpreter
+    and its own bench/sync.py); one API server serves them all.
+    """
     from support import throwaway_postgres
 
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", str(count)], stdout=subprocess.PIPE, text=True, cwd=ROOT
     )
+    kinds = ["first sync, empty database", *(["re-sync, nothing to change"] if resync else [])]
+    names = list(versions)
+    rows = []
     try:
         assert server.stdout is not None
         url = server.stdout.readline().strip()
-        with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-            db = stack.enter_context(throwaway_postgres()) if postgres else f"sqlite:///{Path(tmp) / 'kamiyo.db'}"
-            rows = []
-            for kind in ("first sync, empty database", "re-sync, nothing to change"):
-                out = subprocess.run(
-                    [sys.executable, __file__, "--measure", url, db],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                    cwd=ROOT,
-                    env={**os.environ, "LOG_LEVEL": "WARNING"},
-                )
-                row = {
-                    "subscriptions": count,
-                    "database": "PostgreSQL" if postgres else "SQLite",
-                    "sync": kind,
-                    **json.loads(out.stdout.strip().splitlines()[-1]),
-                }
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-            return rows
+        pair = 0
+        for round_ in range(rounds):
+            for database in databases:
+                order = names if pair % 2 == 0 else names[::-1]
+                pair += 1
+                for name in order:
+                    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+                        postgres = database == "postgres"
+                        db = (
+                            stack.enter_context(throwaway_postgres()) if postgres else f"sqlite:///{Path(tmp) / 'k.db'}"
+                        )
+                        for kind in kinds:
+                            out = subprocess.run(
+                                [*versions[name], "--measure", url, db],
+                                capture_output=True,
+                                text=True,
+                                check=True,
+                                cwd=tmp,
+                                env={**os.environ, "LOG_LEVEL": "WARNING"},
+                            )
+                            row = {
+                                "version": name,
+                                "round": round_,
+                                "subscriptions": count,
+                                "database": "PostgreSQL" if postgres else "SQLite",
+                                "sync": kind,
+                                "loadavg": round(os.getloadavg()[0], 2),
+                                **json.loads(out.stdout.strip().splitlines()[-1]),
+                            }
+                            rows.append(row)
+                            print(json.dumps(row), flush=True)
+        return rows
     finally:
         server.kill()
         server.wait()
+
+
+def _version_command(checkout: Path) -> list[str]:
+    """A checkout's own interpreter running its own copy of this script (its kamiyo, its API)."""
+    python = checkout.resolve() / ".venv" / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"{python} is missing: run `make install` in {checkout}")
+    return [str(python), str(checkout.resolve() / "bench" / "sync.py")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--postgres", action="store_true", help="PostgreSQL instead of SQLite (a fresh database each)")
+    parser.add_argument(
+        "--databases", nargs="+", choices=("sqlite", "postgres"), help="several databases, in this order"
+    )
+    parser.add_argument("--base", type=Path, help="another checkout (with its .venv), measured alternately with this")
+    parser.add_argument("--rounds", type=int, default=1, help="measurements per version and database (1)")
+    parser.add_argument("--no-resync", action="store_true", help="the first sync only")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--measure", nargs=2, metavar=("URL", "DATABASE_URL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,22 +178,34 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(*args.measure)))
         return
+    databases = args.databases or (["postgres"] if args.postgres else ["sqlite"])
+    versions = {"this": [sys.executable, __file__]}
+    if args.base is not None:
+        versions = {"base": _version_command(args.base), **versions}
     load = os.getloadavg()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {load[0]:.2f} at start")
-    rows = [row for count in args.sizes for row in run_size(count, args.postgres)]
+    rows = [
+        row
+        for count in args.sizes
+        for row in run_size(count, databases, versions, args.rounds, resync=not args.no_resync)
+    ]
     print()
     print(
-        "| database | subscriptions | sync | seconds | subscriptions/s | CPU µs/subscription (writer + reader) "
-        "| peak MB (writer) | peak MB (reader) |"
+        "| version | database | subscriptions | sync | seconds | subscriptions/s "
+        "| CPU µs/subscription (writer + reader) | peak MB (writer) | peak MB (reader) |"
     )
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
-            f"| {row['database']} | {row['subscriptions']:,} | {row['sync']} | {row['seconds']} | "
+            f"| {row['version']} | {row['database']} | {row['subscriptions']:,} | {row['sync']} | {row['seconds']} | "
             f"{row['per_second']:,} | {row['cpu_us_per_subscription']} ({row['cpu_seconds']} + "
             f"{row['reader_cpu_seconds']} s) | {row['peak_mb']} | {row['reader_peak_mb']} |"
         )
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"sync-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"options": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+    print(f"written to {path}")
 
 
 if __name__ == "__main__":

@@ -213,6 +213,7 @@ def _summary(runs: list[dict[str, Any]], names: list[str], rounds: int) -> dict[
                     fractions.append(kamiyo[0]["rps"] / bare[0]["rps"])
             out[f"{scenario}/{name}"] = {
                 "rps_median": round(statistics.median(r["rps"] for r in mine)),
+                "cpu_us_per_request_median": round(statistics.median(_cpu_per_request(r) for r in mine), 1),
                 "of_bare_per_round": [round(f, 3) for f in fractions],
                 "of_bare_median": round(statistics.median(fractions), 3),
                 "p99_ms_median": statistics.median(r["p99_ms"] or 0 for r in mine),
@@ -229,8 +230,23 @@ def _summary(runs: list[dict[str, Any]], names: list[str], rounds: int) -> dict[
                 "median": round(statistics.median(ratios), 3),
             }
     bare = [r for r in runs if r["scenario"] == "bare"]
-    out["bare"] = {"rps_median": round(statistics.median(r["rps"] for r in bare))}
+    out["bare"] = {
+        "rps_median": round(statistics.median(r["rps"] for r in bare)),
+        "cpu_us_per_request_median": round(statistics.median(_cpu_per_request(r) for r in bare), 1),
+    }
+    for key, row in out.items():
+        if "cpu_us_per_request_median" in row and key != "bare":
+            # What a core of its own would give, as a fraction of the bare app's: CPU per request
+            # does not depend on how much of the core the neighbours left.
+            row["of_bare_by_cpu"] = round(
+                out["bare"]["cpu_us_per_request_median"] / row["cpu_us_per_request_median"], 3
+            )
     return out
+
+
+def _cpu_per_request(run: dict[str, Any]) -> float:
+    cpu = run["server_cpu"]
+    return float(cpu["main_thread_us_per_request"] + cpu["other_threads_us_per_request"])
 
 
 def main() -> int:
@@ -270,20 +286,27 @@ def main() -> int:
     path = RESULTS / f"pinned-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2))
     print()
-    print("| scenario | version | req/s (median) | of bare (per round) | p99 ms (median, max) | acked events missing |")
-    print("|---|---|---:|---|---:|---:|")
-    print(f"| bare app | - | {summary['bare']['rps_median']:,} | 1 | - | - |")
+    print(
+        "| scenario | version | req/s (median) | of bare (per round) | p99 ms (median, max) "
+        "| server CPU µs/request (of bare by CPU) | acked events missing |"
+    )
+    print("|---|---|---:|---|---:|---:|---:|")
+    bare = summary["bare"]
+    print(f"| bare app | - | {bare['rps_median']:,} | 1 | - | {bare['cpu_us_per_request_median']} | - |")
     for scenario in ("worker", "ingest"):
         for name in names:
             row = summary[f"{scenario}/{name}"]
             print(
                 f"| {scenario} | {name} | {row['rps_median']:,} | {row['of_bare_median']:.1%} "
                 f"({', '.join(f'{f:.1%}' for f in row['of_bare_per_round'])}) | "
-                f"{row['p99_ms_median']}, {row['p99_ms_max']} | {row['missing']} |"
+                f"{row['p99_ms_median']}, {row['p99_ms_max']} | "
+                f"{row['cpu_us_per_request_median']} ({row['of_bare_by_cpu']:.1%}) | {row['missing']} |"
             )
         if f"{scenario}/this_over_base" in summary:
             ratio = summary[f"{scenario}/this_over_base"]
-            print(f"| {scenario} | this / base | {ratio['median']} ({', '.join(map(str, ratio['per_round']))}) | | | |")
+            print(
+                f"| {scenario} | this / base | {ratio['median']} ({', '.join(map(str, ratio['per_round']))}) | | | | |"
+            )
     _say(f"written to {path}")
     return 0
 

@@ -62,6 +62,7 @@ _events = events_table
 def _options() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--base", type=Path, help="the other checkout (with its .venv); without it, this one only")
+    parser.add_argument("--this", type=Path, default=ROOT, help="the checkout measured as 'this' (this one)")
     parser.add_argument("--events", type=int, default=30_000, help="backlog size, a multiple of 4 (30,000)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker processes (1 2)")
     parser.add_argument("--backends", nargs="+", choices=("postgres", "sqlite"), default=["postgres", "sqlite"])
@@ -250,7 +251,7 @@ def _summary(runs: list[dict[str, Any]], args: argparse.Namespace, versions: lis
 
 def main() -> int:
     args = _options()
-    versions = {"this": checkout_kamiyo(ROOT)}
+    versions = {"this": checkout_kamiyo(args.this)}
     if args.base is not None:
         versions = {"base": checkout_kamiyo(args.base), **versions}
     names = list(versions)
@@ -274,6 +275,7 @@ def main() -> int:
         "started_at": started.isoformat(timespec="seconds"),
         "options": {k: str(v) for k, v in vars(args).items()},
         "base": str(args.base.resolve()) if args.base else None,
+        "this": str(args.this.resolve()),
         "runs": runs,
         "summary": summary,
     }

@@ -54,6 +54,7 @@ _events = events_table
 def _options() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--base", type=Path, help="the other checkout (with its .venv); without it, this one only")
+    parser.add_argument("--this", type=Path, default=ROOT, help="the checkout measured as 'this' (this one)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (3)")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of measured load per run (60)")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per run (3)")
@@ -251,7 +252,7 @@ def _cpu_per_request(run: dict[str, Any]) -> float:
 
 def main() -> int:
     args = _options()
-    versions = {"this": checkout_kamiyo(ROOT)}
+    versions = {"this": checkout_kamiyo(args.this)}
     if args.base is not None:
         versions = {"base": checkout_kamiyo(args.base), **versions}
     names = list(versions)
@@ -278,6 +279,7 @@ def main() -> int:
         "started_at": started.isoformat(timespec="seconds"),
         "options": {k: str(v) for k, v in vars(args).items()},
         "base": str(args.base.resolve()) if args.base else None,
+        "this": str(args.this.resolve()),
         "loadavg": {"start": loadavg_start, "end": os.getloadavg()},
         "runs": runs,
         "summary": summary,

@@ -167,6 +167,7 @@ def main() -> None:
         "--databases", nargs="+", choices=("sqlite", "postgres"), help="several databases, in this order"
     )
     parser.add_argument("--base", type=Path, help="another checkout (with its .venv), measured alternately with this")
+    parser.add_argument("--this", type=Path, help="the checkout measured as 'this' (default: this one)")
     parser.add_argument("--rounds", type=int, default=1, help="measurements per version and database (1)")
     parser.add_argument("--no-resync", action="store_true", help="the first sync only")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
@@ -179,7 +180,7 @@ def main() -> None:
         print(json.dumps(measure(*args.measure)))
         return
     databases = args.databases or (["postgres"] if args.postgres else ["sqlite"])
-    versions = {"this": [sys.executable, __file__]}
+    versions = {"this": _version_command(args.this) if args.this else [sys.executable, __file__]}
     if args.base is not None:
         versions = {"base": _version_command(args.base), **versions}
     load = os.getloadavg()

@@ -22,7 +22,8 @@ One measurement, all of it through the checkout's own ``kamiyo`` (its ``.venv/bi
    to the poll that found the backlog empty; events/s is the backlog over that time. The
    workers' start (imports, connecting) is therefore not counted. Worker CPU (user + system,
    all workers, from /proc) is per event over the same span, roughly: from the first poll that
-   saw an event applied.
+   saw an event applied; on PostgreSQL, so is the CPU of the server's backends serving the
+   benchmark's database (found by their process title), the poll's own left out.
 
 Results go to ``bench/results/drain-<time>.json``; a Markdown table is printed.
 """
@@ -43,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, select, text
 
 from backlog import backlog_events
 from deliveries import PRICE_TIERS, write_bodies
@@ -115,14 +116,33 @@ def _ingest(command: list[str], workdir: Path, settings: dict[str, str], bodies:
 
 
 def _cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
+    return sum(_cpu_by_pid(pids).values())
+
+
+def _cpu_by_pid(pids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds of each process still there."""
+    found = {}
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+        found[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return found
+
+
+def _database_backends(database: str, besides: int) -> list[int]:
+    """PostgreSQL's backend processes serving ``database`` (their title names it), but ``besides``."""
+    pids = []
+    needle = f" {database} ".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != besides:
+            try:
+                if needle in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
 
 
 def _utc_seconds(value: Any) -> float:
@@ -138,12 +158,17 @@ def _drain(
     command: list[str], workdir: Path, settings: dict[str, str], database_url: str, workers: int, timeout: float
 ) -> dict[str, Any]:
     """Start ``workers`` ``kamiyo worker`` processes; time them emptying the backlog; stop them."""
-    engine = create_engine(database_url)
+    engine = create_engine(database_url, pool_size=1)
     pending = select(func.count()).select_from(_events).where(_events.c.status == "pending")
     processes: list[subprocess.Popen[bytes]] = []
+    postgres = engine.dialect.name == "postgresql"
+    server_at_first: dict[int, float] = {}
+    server_cpu: float | None = None
     try:
         with engine.connect() as connection:
             backlog = int(connection.execute(pending).scalar_one())
+            # The poll's own backend is left out of the database server's CPU (one pooled connection).
+            poller = int(connection.execute(text("SELECT pg_backend_pid()")).scalar_one()) if postgres else 0
         env = kamiyo_env(settings)
         for n in range(workers):
             with (workdir / f"worker-{n}.log").open("ab") as log:
@@ -161,6 +186,8 @@ def _drain(
             now = time.time()
             if cpu_at_first is None and left < backlog:
                 cpu_at_first = _cpu_seconds(pids)
+                if postgres:
+                    server_at_first = _cpu_by_pid(_database_backends(engine.url.database or "", poller))
             if left == 0:
                 emptied = now
                 break
@@ -168,6 +195,9 @@ def _drain(
                 raise RuntimeError(f"a worker exited early; see {workdir}/worker-*.log")
             time.sleep(POLL_SECONDS)
         cpu_at_end = _cpu_seconds(pids)
+        if postgres:
+            at_end = _cpu_by_pid(_database_backends(engine.url.database or "", poller))
+            server_cpu = sum(cpu - server_at_first.get(pid, 0.0) for pid, cpu in at_end.items())
     finally:
         for process in processes:
             if process.poll() is None:
@@ -203,6 +233,8 @@ def _drain(
         "drain_s": round(seconds, 3),
         "events_per_s": round(backlog / seconds, 1),
         "worker_cpu_us_per_event": round(cpu / backlog * 1e6, 1),
+        # PostgreSQL's backends for this database (the workers' connections), same span.
+        "database_cpu_us_per_event": round(server_cpu / backlog * 1e6, 1) if server_cpu is not None else None,
     }
 
 

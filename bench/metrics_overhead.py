@@ -1,4 +1,4 @@
-"""Issue 4's benchmark: webhook ingest throughput with metrics on versus off, side by side.
+"""Webhook ingest throughput with metrics on versus off, side by side.
 
     .venv/bin/python bench/metrics_overhead.py               # 5 rounds x 8 s, SQLite
     .venv/bin/python bench/metrics_overhead.py --postgres    # PostgreSQL as well

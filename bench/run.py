@@ -1,4 +1,4 @@
-"""The benchmark of issue 2: ingest and apply throughput, side by side with a bare ASGI app.
+"""Ingest and apply throughput, side by side with a bare ASGI app.
 
     make bench                                  # = .venv/bin/python bench/run.py
     .venv/bin/python bench/run.py --update-docs # also rewrite the figures in docs/PERFORMANCE.md

@@ -1,4 +1,4 @@
-"""The benchmark of issue 3: sync throughput and peak memory, 10,000 and 100,000 subscriptions.
+"""Sync throughput and peak memory, 10,000 and 100,000 subscriptions.
 
     .venv/bin/python bench/sync.py                      # SQLite, 10k and 100k (about 2 minutes)
     .venv/bin/python bench/sync.py --sizes 10000        # one size

@@ -389,7 +389,7 @@ def test_the_image_command_serves_what_the_runbook_checks(tmp_path: Path) -> Non
             server.kill()
             server.wait()
 
-    # Last, as it depends on issue 3's `api` package: the runbook's backfill import, from /app.
+    # Last, as it depends on the `api` package: the runbook's backfill import, from /app.
     backfill = subprocess.run(
         ["python", "-c", "from api.payments.stripe_client import sync_all_subscriptions"],
         cwd=app,

@@ -49,7 +49,7 @@ KAMIYO_ENV_KEYS = (
     "ADMIN_MAX_FORM_BYTES",
     "ADMIN_MAX_JSON_BYTES",
     "FORWARDED_ALLOW_IPS",
-    # Stripe's API (issue 3): a key in the developer's shell must never reach a test server.
+    # Stripe's API: a key in the developer's shell must never reach a test server.
     "STRIPE_SECRET_KEY",
     "STRIPE_API_BASE",
     "STRIPE_RATE_LIMIT",

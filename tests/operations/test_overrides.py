@@ -100,7 +100,7 @@ def test_override_wins_over_replaying_the_subscription_event(ops: Harness) -> No
 
 
 def test_override_wins_over_a_sync_from_stripes_api_that_comes_after_it(ops: Harness) -> None:
-    """Issue 3's sync applies what the API says (here: canceled); the override still decides, and
+    """A sync applies what the API says (here: canceled); the override still decides, and
     once cleared the user gets exactly what the sync stored."""
     customer = _subscribed(ops, "synced")
     _set(ops, customer.email, "pro")

@@ -1,4 +1,4 @@
-"""Syncs that write and backfills are manual actions: each run is one entry of the audit log (issue 5)."""
+"""Syncs that write and backfills are manual actions: each run is one entry of the audit log."""
 
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ class Worker:
     ) -> None:
         self.engine = engine
         self.settings = settings
-        # Stripe's API (issue 3): customer look-ups, STRIPE_VERIFY_EVENTS, the scheduled backfill.
+        # Stripe's API: customer look-ups, STRIPE_VERIFY_EVENTS, the scheduled backfill.
         self.gateway = gateway
         self.verifier = event_verifier(settings, gateway)
         self.metrics: ProcessedCounter | None = (metrics or process_metrics()) if settings.metrics_enabled else None

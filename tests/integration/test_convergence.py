@@ -25,7 +25,7 @@ PRICES = [
     (synthetic.price("price_gold", tier="gold"), "gold"),
 ]
 # Where a subscription can go next, and the event Stripe sends for it.
-_NEXT: dict[str, list[tuple[str, str]]] = {
+NEXT: dict[str, list[tuple[str, str]]] = {
     "incomplete": [("active", "updated"), ("incomplete_expired", "updated")],
     "trialing": [
         ("trialing", "trial_will_end"),
@@ -112,7 +112,7 @@ def histories(draw: st.DrawFn) -> History:
             if sub.status is None:
                 status, kind = draw(st.sampled_from(["incomplete", "trialing", "active"])), "created"
             else:
-                status, kind = draw(st.sampled_from(_NEXT[sub.status]))
+                status, kind = draw(st.sampled_from(NEXT[sub.status]))
             event_type = f"customer.subscription.{kind}"
             key = version_for(status, clock, event_type, event_id)
             if sub.last_key is not None and key <= sub.last_key:

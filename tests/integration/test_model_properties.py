@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 import model
+from integration.test_convergence import NEXT  # where a subscription can go next, and the event Stripe sends for it
 from kamiyo import synthetic
 from kamiyo.config import Settings
 from kamiyo.db.models import customers_table, events_table, subscriptions_table, users_table
@@ -34,21 +35,6 @@ PRICES = [
     synthetic.price("price_gold", tier="gold"),  # a tier only the price's metadata names
 ]
 SEATS = synthetic.price("price_seats")  # an add-on that maps to no tier
-# Where a subscription can go next, and the event Stripe sends for it.
-NEXT: dict[str, list[tuple[str, str]]] = {
-    "incomplete": [("active", "updated"), ("incomplete_expired", "updated")],
-    "trialing": [
-        ("trialing", "trial_will_end"),
-        ("active", "updated"),
-        ("past_due", "updated"),
-        ("paused", "paused"),
-        ("canceled", "deleted"),
-    ],
-    "active": [("active", "updated"), ("past_due", "updated"), ("canceled", "deleted")],
-    "past_due": [("active", "updated"), ("unpaid", "updated"), ("canceled", "deleted")],
-    "unpaid": [("active", "updated"), ("canceled", "deleted")],
-    "paused": [("active", "resumed"), ("canceled", "deleted")],
-}
 LATE = [("active", "updated"), ("past_due", "updated"), ("canceled", "deleted")]
 OTHER_EVENTS = [
     "customer.created",

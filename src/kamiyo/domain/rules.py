@@ -126,9 +126,15 @@ def link_customer(
     return CustomerOutcome(customer_id, LinkResult.LINKED, user_id=target, linked_by=how), tuple(changes)
 
 
+def _ref_id(ref: str) -> int | None:
+    """A ``client_reference_id`` read as our user's id, when it is one."""
+    return int(ref) if ref.isdigit() and len(ref) < 19 else None
+
+
 def _user_by_ref(state: BatchState, ref: str) -> int | None:
-    if ref.isdigit() and len(ref) < 19 and int(ref) in state.users:
-        return int(ref)
+    user_id = _ref_id(ref)
+    if user_id is not None and user_id in state.users:
+        return user_id
     email = normalize_email(ref)
     return state.user_by_email.get(email) if email is not None else None
 
@@ -239,8 +245,9 @@ def add_needs(needs: Needs, event: StoredEvent) -> None:
         needs.emails.add(hint.email)
     ref = hint.user_ref
     if ref is not None:
-        if ref.isdigit() and len(ref) < 19:
-            needs.user_ids.add(int(ref))
+        user_id = _ref_id(ref)
+        if user_id is not None:
+            needs.user_ids.add(user_id)
         email = normalize_email(ref)
         if email is not None:
             needs.emails.add(email)

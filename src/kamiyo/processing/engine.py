@@ -293,13 +293,12 @@ def recompute_users(
     *,
     why: str,
     reset_when_none: bool = False,
-    lock: bool = True,
 ) -> list[UserChange]:
     """Bring these users' tier and status in line with their subscriptions and override (after an
     override was set, cleared or expired), in the caller's transaction."""
     wanted = sorted(set(user_ids))
     state = BatchState(tiers, datetime.now(UTC))
-    load(connection, state, Needs(user_ids=set(wanted)), lock=lock)
+    load(connection, state, Needs(user_ids=set(wanted)), lock=True)
     changes = [
         change
         for user_id in wanted
@@ -386,9 +385,7 @@ class PageResult:
 UNEXPLAINED = "the users row disagreed with the subscriptions stored for it (a manual edit, or a missed event)"
 
 
-def apply_sync_page(
-    connection: Connection, tiers: TierMap, items: Sequence[SyncItem], *, seen_at: int, lock: bool = True
-) -> PageResult:
+def apply_sync_page(connection: Connection, tiers: TierMap, items: Sequence[SyncItem], *, seen_at: int) -> PageResult:
     """Apply a page of subscriptions read from Stripe's API (``seen_at``: when, by Stripe's clock)
     in the open transaction: each snapshot stored by the rules of the webhook path, each customer
     seen with an email linked as an event naming it would be, and every user of the page's
@@ -405,7 +402,7 @@ def apply_sync_page(
         subscriptions={item.snapshot.id for item in unique},
         emails=set(emails.values()),
     )
-    load(connection, state, needs, lock=lock)
+    load(connection, state, needs, lock=True)
     before = {user.id: UserState(user.tier, user.status) for user in state.users.values()}
     reasons: dict[str, list[str]] = defaultdict(list)
     for item in unique:

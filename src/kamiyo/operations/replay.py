@@ -254,7 +254,7 @@ def _replay_chunk(connection: Connection, run: _Run, ids: Sequence[int]) -> None
             error=outcome.last_error,
             changes=changes,
             dry_run=run.dry_run,
-            outcome=outcome.outcome_json,
+            outcome=outcome.outcome.to_json() if outcome.outcome is not None else None,
         )
         run.results.append(result)
         if run.dry_run:

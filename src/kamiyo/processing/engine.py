@@ -83,11 +83,12 @@ def load(connection: Connection, state: BatchState, needs: Needs, *, lock: bool)
     missing = state.missing(needs)
     new_customers: list[str] = []
     if lock and missing.customers:
-        connection.execute(
-            sql.record_customers, [{"id": customer_id, "deleted": False} for customer_id in sorted(missing.customers)]
+        sql.record_customers.execute(
+            connection, [{"id": customer_id, "deleted": False} for customer_id in sorted(missing.customers)]
         )
     if missing.customers:
-        for row in connection.execute(sql.customers, {"customer_ids": keys_parameter(name, sorted(missing.customers))}):
+        keys = {"customer_ids": keys_parameter(name, sorted(missing.customers))}
+        for row in connection.execute(sql.customers, keys).all():
             state.loaded_customer(CustomerRow(*row))
             new_customers.append(row.id)
     linked = {c.user_id for c in map(state.customers.get, needs.customers) if c is not None and c.user_id is not None}
@@ -104,7 +105,7 @@ def load(connection: Connection, state: BatchState, needs: Needs, *, lock: bool)
         if fresh:
             params = {"user_ids": keys_parameter(name, [row.id for row in fresh])}
             owned: dict[int, list[str]] = defaultdict(list)
-            for row in connection.execute(sql.customers_of_users, params):
+            for row in connection.execute(sql.customers_of_users, params).all():
                 if row.id not in state.customers:
                     state.loaded_customer(CustomerRow(*row))
                     new_customers.append(row.id)
@@ -117,7 +118,7 @@ def load(connection: Connection, state: BatchState, needs: Needs, *, lock: bool)
             "subscription_ids": keys_parameter(name, sorted(missing.subscriptions)),
             "customer_ids": keys_parameter(name, new_customers),
         }
-        for row in connection.execute(sql.subscriptions, params):
+        for row in connection.execute(sql.subscriptions, params).all():
             version = Version(row.version_terminal, row.version_created, row.version_rank, row.version_event_id)
             state.loaded_subscription(
                 StoredSubscription(row.id, row.customer_id, row.status, row.tier, row.stripe_created, version)
@@ -193,11 +194,11 @@ def flush(connection: Connection, state: BatchState) -> dict[int, int]:
         if len(connection.execute(sql.insert_customers, rows).all()) != len(rows):
             raise LostRace("a customer this batch records was recorded by another transaction meanwhile")
     if state.snapshots:
-        connection.execute(sql.upsert_subscriptions, [subscription_row(s, now) for s in state.snapshots.values()])
+        sql.upsert_subscriptions.execute(connection, [subscription_row(s, now) for s in state.snapshots.values()])
     if state.changed_customers:
         changed = [state.customers[customer_id] for customer_id in state.changed_customers]
-        connection.execute(
-            sql.update_customers,
+        sql.update_customers.execute(
+            connection,
             [
                 {
                     "b_id": c.id,
@@ -212,16 +213,16 @@ def flush(connection: Connection, state: BatchState) -> dict[int, int]:
     states = [state.users[user_id] for user_id in state.changed_users if user_id in state.state_changed]
     pointers = [state.users[user_id] for user_id in state.changed_users if user_id not in state.state_changed]
     if states:
-        connection.execute(
-            sql.update_user_states,
+        sql.update_user_states.execute(
+            connection,
             [
                 {"b_id": u.id, "b_tier": u.tier, "b_status": u.status, "b_customer": u.stripe_customer_id, "b_at": now}
                 for u in states
             ],
         )
     if pointers:
-        connection.execute(
-            sql.update_user_customers, [{"b_id": u.id, "b_customer": u.stripe_customer_id} for u in pointers]
+        sql.update_user_customers.execute(
+            connection, [{"b_id": u.id, "b_customer": u.stripe_customer_id} for u in pointers]
         )
     return created
 
@@ -231,6 +232,8 @@ def resolved(outcome: Outcome, created: dict[int, int]) -> Outcome:
     none, says "a new user" (None)."""
     customer = outcome.customer
     provisional_customer = customer is not None and customer.user_id is not None and customer.user_id < 0
+    if not provisional_customer and not outcome.users:
+        return outcome
     if not provisional_customer and all(c.user_id is None or c.user_id >= 0 for c in outcome.users):
         return outcome
     if customer is not None and provisional_customer:

@@ -1,4 +1,5 @@
-"""The apply engine's statements: SQLAlchemy Core, built once, run through SQLAlchemy's compiled cache.
+"""The apply engine's statements: SQLAlchemy Core, built once, run through SQLAlchemy's compiled
+cache; the flush's writes of many rows through ``BulkWrite``.
 
 The one difference between the dialects is here: how a list of keys travels. On PostgreSQL it is
 one array parameter (``= ANY (:keys)``); on SQLite one JSON text read by ``json_each``. Either way
@@ -15,11 +16,24 @@ transaction committed sees what it wrote).
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection
+import weakref
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import BigInteger, ColumnElement, String, bindparam, func, or_, select, tuple_, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Connection,
+    Dialect,
+    String,
+    bindparam,
+    func,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.expression import any_
 
@@ -47,6 +61,96 @@ def _in_keys(dialect_name: str, column: Any, name: str) -> ColumnElement[bool]:
     keys = func.json_each(bindparam(name, type_=String())).table_valued("value")
     within: ColumnElement[bool] = column.in_(select(keys.c.value).scalar_subquery())
     return within
+
+
+class BulkWrite:
+    """A Core INSERT or UPDATE run for many rows by the driver's ``executemany``.
+
+    The statement is compiled once per dialect and set of row keys (``Compiled.string``, its
+    parameters' order and their types' bind processors, all public API) and sent with
+    ``Connection.exec_driver_sql``: a row's values go through the processors their types have
+    (a datetime as SQLite's text, a JSON value through the engine's serializer, a boolean
+    checked) and nothing else, where ``Connection.execute`` assembles every row's parameters anew.
+    Rows carry exactly the statement's keys (the columns of an INSERT, the ``bindparam`` names of
+    an UPDATE). Not for RETURNING (SQLite's ``executemany`` returns no rows): the engine sends
+    those through ``Connection.execute``, which SQLAlchemy runs as multi-row INSERTs."""
+
+    def __init__(self, statement: Any) -> None:
+        self.statement = statement
+        self._forms: weakref.WeakKeyDictionary[Dialect, dict[tuple[str, ...], _DriverForm]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def execute(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Run the statement once per row; return how many rows it changed in all."""
+        if not rows:
+            return 0
+        keys = tuple(rows[0])
+        dialect = connection.dialect
+        forms = self._forms.get(dialect)
+        if forms is None:
+            forms = self._forms.setdefault(dialect, {})
+        form = forms.get(keys)
+        if form is None:
+            form = forms[keys] = _DriverForm(self.statement, dialect, keys)
+        return int(connection.exec_driver_sql(form.sql, form.parameters(rows)).rowcount)
+
+
+class _DriverForm:
+    """A statement as one dialect's driver takes it: its text, and how a row becomes parameters."""
+
+    def __init__(self, statement: Any, dialect: Dialect, keys: tuple[str, ...]) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=list(keys) if statement.is_insert else None)
+        self.sql = compiled.string
+        self.positional = compiled.positional
+        names = list(compiled.positiontup or ()) if compiled.positional else list(compiled.binds)
+        self.columns = [
+            (name, compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in names
+        ]
+        # An INSERT renders a column the rows leave out when it has a default on the Python side:
+        # its value is the default's constant (SQLAlchemy would compute it for each row).
+        self.defaults: dict[str, Any] = {}
+        for name in names:
+            if name not in keys:
+                default = statement.table.c[name].default if statement.is_insert else None
+                if default is None or not default.is_scalar:
+                    raise ValueError(f"BulkWrite: every row must give {name!r}")
+                self.defaults[name] = default.arg
+        self.processed = bool(self.defaults) or any(processor is not None for _, processor in self.columns)
+
+    def parameters(self, rows: Sequence[Mapping[str, Any]]) -> list[Any]:
+        if not self.processed:
+            if self.positional:
+                return [tuple([row[name] for name, _ in self.columns]) for row in rows]
+            return list(rows)
+        columns = [(name, None if processor is None else _last_value(processor)) for name, processor in self.columns]
+        if self.defaults:
+            rows = [{**self.defaults, **row} for row in rows]
+        if self.positional:
+            return [
+                tuple([row[name] if processor is None else processor(row[name]) for name, processor in columns])
+                for row in rows
+            ]
+        return [
+            {name: row[name] if processor is None else processor(row[name]) for name, processor in columns}
+            for row in rows
+        ]
+
+
+def _last_value(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``processor``, reusing its last result when given the same object again: the rows of a
+    batch share their time (one ``datetime``), converted once instead of once per row."""
+    last: list[Any] = [_NOTHING, None]
+
+    def process(value: Any) -> Any:
+        if value is not last[0]:
+            last[0], last[1] = value, processor(value)
+        return last[1]
+
+    return process
+
+
+_NOTHING = object()
 
 
 SUBSCRIPTION_COLUMNS = (
@@ -112,12 +216,12 @@ class Statements:
             .on_conflict_do_nothing(index_elements=["email"])
             .returning(_users.c.id, _users.c.email)
         )
-        self.record_customers = dialect.insert(_customers).on_conflict_do_nothing(index_elements=["id"])
+        self.record_customers = BulkWrite(dialect.insert(_customers).on_conflict_do_nothing(index_elements=["id"]))
         self.insert_customers = (
             dialect.insert(_customers).on_conflict_do_nothing(index_elements=["id"]).returning(_customers.c.id)
         )
-        self.upsert_subscriptions = subscription_upsert(name)
-        self.update_customers = (
+        self.upsert_subscriptions = BulkWrite(subscription_upsert(name))
+        self.update_customers = BulkWrite(
             update(_customers)
             .where(_customers.c.id == bindparam("b_id"))
             .values(
@@ -127,7 +231,7 @@ class Statements:
                 linked_by=bindparam("b_linked_by"),
             )
         )
-        self.update_user_states = (
+        self.update_user_states = BulkWrite(
             update(_users)
             .where(_users.c.id == bindparam("b_id"))
             .values(
@@ -137,7 +241,7 @@ class Statements:
                 updated_at=bindparam("b_at"),
             )
         )
-        self.update_user_customers = (
+        self.update_user_customers = BulkWrite(
             update(_users).where(_users.c.id == bindparam("b_id")).values(stripe_customer_id=bindparam("b_customer"))
         )
 

@@ -14,12 +14,14 @@ URL such as ``postgresql://postgres@127.0.0.1:5432/postgres``, for a throwaway P
 database as well).
 
 The worker runs with the service's defaults (batch of 200, metrics on, one log line per
-event at INFO, written to a file), exactly as ``kamiyo worker`` would.
+event at INFO, written to a file), exactly as ``kamiyo worker`` would; ``--batch-size N`` gives
+it batches of N instead (what a batch costs whatever its size shows as CPU per event).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import random
 import tempfile
@@ -131,7 +133,9 @@ def bench_settings(database_url: str, secret: str) -> Settings:
     return Settings(webhook_secrets=(secret,), price_tiers=parse_price_tiers(PRICE_TIERS), database_url=database_url)
 
 
-def drain_backlog(database_url: str, count: int, workdir: Path, *, secret: str, timeout: float) -> dict[str, Any]:
+def drain_backlog(
+    database_url: str, count: int, workdir: Path, *, secret: str, timeout: float, batch_size: int | None = None
+) -> dict[str, Any]:
     """Fill a fresh inbox with ``count`` pending events, then time the worker draining it.
 
     The worker stops after ``timeout`` seconds even if events are left: the rate is then what it
@@ -139,6 +143,8 @@ def drain_backlog(database_url: str, count: int, workdir: Path, *, secret: str, 
     """
     workdir.mkdir(parents=True, exist_ok=True)
     settings = bench_settings(database_url, secret)
+    if batch_size is not None:
+        settings = dataclasses.replace(settings, worker_batch_size=batch_size)
     engine = make_engine(settings)
     log_file = (workdir / "worker.log").open("a")
     root = logging.getLogger()
@@ -206,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Drain a backlog of pending events with the worker; print the rate.")
     parser.add_argument("--events", type=int, default=20_000, help="backlog size (20,000)")
     parser.add_argument("--timeout", type=float, default=300.0, help="stop the worker after this many seconds (300)")
+    parser.add_argument("--batch-size", type=int, help="the worker's batch (the service's default, WORKER_BATCH_SIZE)")
     parser.add_argument("--postgres", metavar="URL", help="admin URL: also drain on a throwaway PostgreSQL database")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="kamiyo-backlog-") as scratch:
@@ -219,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"secret": "whsec_backlog_bench", "timeout": args.timeout}
+    return {"secret": "whsec_backlog_bench", "timeout": args.timeout, "batch_size": args.batch_size}
 
 
 def _print(database: str, result: dict[str, Any]) -> None:

@@ -1,11 +1,12 @@
 """What applying an event did, as data: the inbox's statuses and an event's ``Outcome``. Pure.
 
 The apply engine writes an ``Outcome`` on each event it applies (``webhook_events.outcome``, a
-JSON column) and the one-line ``detail`` made from it (``describe``); whoever needs to know
-which subscription, customer and users an event touched, and how a user's tier and status
-moved (the incident report, the console, ``kamiyo users show``, a replay's dry run), reads the
-``Outcome``. The sentence is for people and is never parsed. Rows applied before the column
-existed have only their ``detail``.
+JSON column, as orjson writes the dataclass: a part the event did not have is null) and the
+one-line ``detail`` made from it (``describe``); whoever needs to know which subscription,
+customer and users an event touched, and how a user's tier and status moved (the incident
+report, the console, ``kamiyo users show``, a replay's dry run), reads the ``Outcome``. The
+sentence is for people and is never parsed. Rows applied before the column existed have only
+their ``detail``.
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ from kamiyo.webhooks.messages import Processed, ToServer, WorkerDied, WorkerStar
 
 log = logging.getLogger("kamiyo.inbox")
 IN_PROCESS_BATCH = 50
-IN_PROCESS_LINGER = 0.02
 
 
 def in_process_settings(settings: Settings) -> Settings:
@@ -63,7 +62,7 @@ class WorkerThread:
         self._wake = wake
         self._on_end = on_end
         self._restarting = RestartingWorker(
-            lambda: Worker(engine, batched, metrics=metrics, linger=IN_PROCESS_LINGER),
+            lambda: Worker(engine, batched, metrics=metrics),
             metrics=metrics,
             on_start=on_start,
             on_death=on_death,

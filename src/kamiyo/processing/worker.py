@@ -128,12 +128,8 @@ class Worker:
         *,
         metrics: ProcessedCounter | None = None,
         gateway: StripeGateway | None = None,
-        linger: float = 0.0,
     ) -> None:
         self.engine = engine
-        # Seconds to let events gather after being woken, when the last batch was not full: a
-        # batch's statements and its commit cost the same for 1 event as for 50.
-        self.linger = linger
         self.settings = settings
         # Stripe's API: customer look-ups, STRIPE_VERIFY_EVENTS, the scheduled backfill.
         self.gateway = gateway
@@ -422,8 +418,6 @@ class Worker:
                 if handled < self.settings.worker_batch_size:
                     wake.wait(self.settings.worker_poll_seconds)
                     wake.clear()
-                    if self.linger:
-                        stop.wait(self.linger)
         finally:
             schedule_stop.set()
             self.heartbeat.stop()

@@ -1,0 +1,112 @@
+"""``BulkWrite`` (processing/statements.py): a Core statement sent with the driver's executemany
+must store exactly what ``Connection.execute`` would, on both databases."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import Engine, bindparam, select, update
+
+from kamiyo.db.models import customers_table, events_table, users_table
+from kamiyo.domain.outcomes import CustomerOutcome, LinkResult, Outcome, SubscriptionOutcome, UserChange
+from kamiyo.processing.statements import BulkWrite, statements
+from kamiyo.webhooks.envelope import read_envelope
+from kamiyo.webhooks.inbox import inbox_row, insert_new_events
+
+_users = users_table
+_customers = customers_table
+
+
+def _users_rows(now: datetime) -> list[dict[str, object]]:
+    return [
+        {
+            "email": f"user{i}@example.com",
+            "subscription_tier": "pro" if i % 2 else "free",
+            "subscription_status": "active" if i % 2 else None,
+            "stripe_customer_id": f"cus_{i}",
+            "updated_at": now,
+        }
+        for i in range(5)
+    ]
+
+
+def test_an_insert_stores_what_execute_stores(clean_engine: Engine) -> None:
+    """The same rows, one table through ``Connection.execute``, the other through ``BulkWrite``:
+    every column reads back the same (a datetime through SQLite's text, a None as NULL)."""
+    now = datetime(2026, 12, 4, 23, 0, 0, 123456, tzinfo=UTC)
+    plain = [{**row, "email": f"plain-{row['email']}"} for row in _users_rows(now)]
+    with clean_engine.begin() as connection:
+        connection.execute(_users.insert(), plain)
+        assert BulkWrite(_users.insert()).execute(connection, _users_rows(now)) == 5
+    columns = (_users.c.email, _users.c.subscription_tier, _users.c.subscription_status, _users.c.updated_at)
+    with clean_engine.connect() as connection:
+        rows = connection.execute(select(*columns).order_by(_users.c.email)).all()
+    by_email = {row.email: tuple(row[1:]) for row in rows}
+    assert len(by_email) == 10
+    for row in _users_rows(now):
+        assert by_email[str(row["email"])] == by_email[f"plain-{row['email']}"]
+        stored = by_email[str(row["email"])]
+        assert stored[:2] == (row["subscription_tier"], row["subscription_status"])
+        assert stored[2].replace(tzinfo=stored[2].tzinfo or UTC) == now
+
+
+def test_columns_left_out_take_their_default_and_a_conflict_changes_nothing(clean_engine: Engine) -> None:
+    """The engine records customers by id alone: ``email_seen_at`` (a Python-side default) is
+    filled in, and ON CONFLICT DO NOTHING counts only the rows it inserted."""
+    record = statements(clean_engine.dialect.name, locked=True).record_customers
+    with clean_engine.begin() as connection:
+        assert record.execute(connection, [{"id": "cus_a", "deleted": False}, {"id": "cus_b", "deleted": False}]) == 2
+        assert record.execute(connection, [{"id": "cus_a", "deleted": False}, {"id": "cus_c", "deleted": False}]) == 1
+    with clean_engine.connect() as connection:
+        rows = connection.execute(select(_customers.c.id, _customers.c.email_seen_at).order_by(_customers.c.id)).all()
+    assert [tuple(row) for row in rows] == [("cus_a", 0), ("cus_b", 0), ("cus_c", 0)]
+
+
+def test_a_row_without_a_column_that_has_no_default_is_refused(clean_engine: Engine) -> None:
+    """Nothing is sent: the statement cannot be run with a value missing."""
+    with clean_engine.begin() as connection, pytest.raises(ValueError, match="'b_tier'"):
+        BulkWrite(
+            update(_users).where(_users.c.id == bindparam("b_id")).values(subscription_tier=bindparam("b_tier"))
+        ).execute(connection, [{"b_id": 1}])
+
+
+def test_an_update_writes_json_and_times_per_row(clean_engine: Engine) -> None:
+    """The worker's record of outcomes: each row its own JSON (the dataclass through the engine's
+    serializer, read back by ``Outcome.from_json``) and its own time; no rows, no statement."""
+    bodies = [
+        f'{{"id": "evt_bulk_{i}", "type": "invoice.paid", "created": 1700000000, "livemode": false,'
+        f' "data": {{"object": {{"id": "in_{i}", "customer": "cus_{i}"}}}}}}'.encode()
+        for i in range(3)
+    ]
+    with clean_engine.begin() as connection:
+        insert_new_events(connection, [inbox_row(read_envelope(body)[0], body, status="pending") for body in bodies])
+        ids = [row.id for row in connection.execute(select(events_table.c.id).order_by(events_table.c.id))]
+    outcomes = [
+        Outcome(
+            subscription=SubscriptionOutcome(f"sub_{i}", "active", "pro", True),
+            customer=CustomerOutcome(f"cus_{i}", LinkResult.LINKED, i + 1, "email"),
+            users=(UserChange(i + 1, f"u{i}@example.com", "free", "pro", None, "active", 'é ✓ "quoted"'),),
+        )
+        for i in range(3)
+    ]
+    start = datetime(2026, 12, 4, 23, 0, tzinfo=UTC)
+    record = BulkWrite(
+        update(events_table)
+        .where(events_table.c.id == bindparam("b_id"))
+        .values(status=bindparam("b_status"), outcome=bindparam("b_outcome"), processed_at=bindparam("b_at"))
+    )
+    with clean_engine.begin() as connection:
+        assert record.execute(connection, []) == 0
+        rows = [
+            {"b_id": event_id, "b_status": "applied", "b_outcome": outcome, "b_at": start + timedelta(seconds=i)}
+            for i, (event_id, outcome) in enumerate(zip(ids, outcomes, strict=True))
+        ]
+        assert record.execute(connection, rows) == 3
+    columns = (events_table.c.status, events_table.c.outcome, events_table.c.processed_at)
+    with clean_engine.connect() as connection:
+        stored = connection.execute(select(*columns).order_by(events_table.c.id)).all()
+    for i, row in enumerate(stored):
+        assert row.status == "applied"
+        assert Outcome.from_json(row.outcome) == outcomes[i]
+        assert row.processed_at.replace(tzinfo=row.processed_at.tzinfo or UTC) == start + timedelta(seconds=i)

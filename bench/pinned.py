@@ -37,7 +37,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, func, select
 
-from deliveries import PRICE_TIERS, write_pool
+from deliveries import PRICE_TIERS, Pool, write_pool
 from kamiyo.db.models import events_table
 from loadgen import LoadResult, run_wrk
 from servers import bare_server, checkout_kamiyo, kamiyo_server, kamiyo_upgrade
@@ -91,32 +91,29 @@ def _children(pid: int) -> list[Path]:
     return children
 
 
+def _load(
+    url: str, pool: Pool, workdir: Path, label: str, duration: float, args: argparse.Namespace, *, stop_at_end: bool
+) -> LoadResult:
+    """``wrk -t1`` at the run's concurrency, pinned to the load generator's core."""
+    return run_wrk(
+        url,
+        pool,
+        workdir,
+        label=label,
+        duration=duration,
+        connections=args.connections,
+        threads=1,
+        stop_at_end=stop_at_end,
+        cpus=LOAD_CPU,
+    )
+
+
 def measure_bare(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     with bare_server(workdir, cpus=SERVER_CPU) as server:
         pool = write_pool(workdir, "bare", BARE_POOL, secret=SECRET, id_prefix="bare", seed=2)
-        run_wrk(
-            server.url + "/",
-            pool,
-            workdir,
-            label="warmup",
-            duration=args.warmup,
-            connections=args.connections,
-            threads=1,
-            stop_at_end=False,
-            cpus=LOAD_CPU,
-        )
+        _load(server.url + "/", pool, workdir, "warmup", args.warmup, args, stop_at_end=False)
         before = server.cpu_seconds()
-        load = run_wrk(
-            server.url + "/",
-            pool,
-            workdir,
-            label="measured",
-            duration=args.duration,
-            connections=args.connections,
-            threads=1,
-            stop_at_end=False,
-            cpus=LOAD_CPU,
-        )
+        load = _load(server.url + "/", pool, workdir, "measured", args.duration, args, stop_at_end=False)
         load.note_server_cpu(before, server.cpu_seconds())
         affinity = _affinity(server.pid)
     return {"scenario": "bare", "version": "bare", **_figures(load), "affinity": affinity}
@@ -151,32 +148,12 @@ def measure_kamiyo(
     with kamiyo_server(workdir, settings, ["taskset", "-c", SERVER_CPU, *command]) as server:
         url = server.url + "/api/v1/payments/webhook"
         warm_pool = write_pool(workdir, "warmup", MIN_POOL, secret=SECRET, id_prefix=f"{tag}w", seed=2)
-        warm = run_wrk(
-            url,
-            warm_pool,
-            workdir,
-            label="warmup",
-            duration=args.warmup,
-            connections=args.connections,
-            threads=1,
-            stop_at_end=True,
-            cpus=LOAD_CPU,
-        )
+        warm = _load(url, warm_pool, workdir, "warmup", args.warmup, args, stop_at_end=True)
         # Enough deliveries for the whole run at half again the warm-up's pace, never repeating one.
         size = max(MIN_POOL, min(MAX_POOL, int(warm.rps * 1.5 * (args.duration + 2))))
         pool = write_pool(workdir, "measured", size, secret=SECRET, id_prefix=f"{tag}m", seed=3)
         before = server.cpu_seconds()
-        load = run_wrk(
-            url,
-            pool,
-            workdir,
-            label="measured",
-            duration=args.duration,
-            connections=args.connections,
-            threads=1,
-            stop_at_end=True,
-            cpus=LOAD_CPU,
-        )
+        load = _load(url, pool, workdir, "measured", args.duration, args, stop_at_end=True)
         load.note_server_cpu(before, server.cpu_seconds())
         affinity = _affinity(server.pid)
         server.stop(kill=True)  # a crash: what was acknowledged must already be committed

@@ -232,8 +232,6 @@ def resolved(outcome: Outcome, created: dict[int, int]) -> Outcome:
     none, says "a new user" (None)."""
     customer = outcome.customer
     provisional_customer = customer is not None and customer.user_id is not None and customer.user_id < 0
-    if not provisional_customer and not outcome.users:
-        return outcome
     if not provisional_customer and all(c.user_id is None or c.user_id >= 0 for c in outcome.users):
         return outcome
     if customer is not None and provisional_customer:

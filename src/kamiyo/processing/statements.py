@@ -221,29 +221,25 @@ class Statements:
             dialect.insert(_customers).on_conflict_do_nothing(index_elements=["id"]).returning(_customers.c.id)
         )
         self.upsert_subscriptions = BulkWrite(subscription_upsert(name))
-        self.update_customers = BulkWrite(
-            update(_customers)
-            .where(_customers.c.id == bindparam("b_id"))
-            .values(
-                user_id=bindparam("b_user_id"),
-                email=bindparam("b_email"),
-                email_seen_at=bindparam("b_email_seen_at"),
-                linked_by=bindparam("b_linked_by"),
-            )
+        self.update_customers = update_by_id(
+            _customers, user_id="user_id", email="email", email_seen_at="email_seen_at", linked_by="linked_by"
         )
-        self.update_user_states = BulkWrite(
-            update(_users)
-            .where(_users.c.id == bindparam("b_id"))
-            .values(
-                subscription_tier=bindparam("b_tier"),
-                subscription_status=bindparam("b_status"),
-                stripe_customer_id=bindparam("b_customer"),
-                updated_at=bindparam("b_at"),
-            )
+        self.update_user_states = update_by_id(
+            _users,
+            subscription_tier="tier",
+            subscription_status="status",
+            stripe_customer_id="customer",
+            updated_at="at",
         )
-        self.update_user_customers = BulkWrite(
-            update(_users).where(_users.c.id == bindparam("b_id")).values(stripe_customer_id=bindparam("b_customer"))
-        )
+        self.update_user_customers = update_by_id(_users, stripe_customer_id="customer")
+
+
+def update_by_id(table: Any, **columns: str) -> BulkWrite:
+    """``UPDATE table SET column = :b_<key>, ... WHERE id = :b_id`` for many rows: ``columns`` names
+    the row key of each column's value (``b_`` and the key: a column's own name is reserved for
+    SQLAlchemy's parameter of that column)."""
+    values: dict[str, Any] = {column: bindparam(f"b_{key}") for column, key in columns.items()}
+    return BulkWrite(update(table).where(table.c.id == bindparam("b_id")).values(values))
 
 
 def subscription_upsert(name: str) -> Any:

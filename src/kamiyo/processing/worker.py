@@ -52,7 +52,7 @@ from kamiyo.errors import ApplyError
 from kamiyo.operations.overrides import expire_overrides
 from kamiyo.processing.engine import Failed, LostRace, apply_events, error_text, state_log_lines
 from kamiyo.processing.retention import Retention
-from kamiyo.processing.statements import BulkWrite
+from kamiyo.processing.statements import update_by_id
 from kamiyo.reconcile.gateway import StripeGateway
 from kamiyo.reconcile.schedule import BackfillSchedule
 from kamiyo.reconcile.verify import event_verifier
@@ -73,18 +73,15 @@ _OVERRIDE_SWEEP_SECONDS = 1.0  # how soon an expired manual override gives way t
 FAULT_BACKOFF_BASE = 0.5
 FAULT_BACKOFF_MAX = 30.0
 _MAX_ERROR = 2000  # characters of an error kept in last_error
-_RECORD = BulkWrite(
-    update(_events)
-    .where(_events.c.id == bindparam("b_id"))
-    .values(
-        status=bindparam("b_status"),
-        attempts=bindparam("b_attempts"),
-        available_at=bindparam("b_available_at"),
-        last_error=bindparam("b_last_error"),
-        detail=bindparam("b_detail"),
-        processed_at=bindparam("b_processed_at"),
-        outcome=bindparam("b_outcome"),
-    )
+_RECORD = update_by_id(
+    _events,
+    status="status",
+    attempts="attempts",
+    available_at="available_at",
+    last_error="last_error",
+    detail="detail",
+    processed_at="processed_at",
+    outcome="outcome",
 )
 
 

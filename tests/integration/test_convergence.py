@@ -155,8 +155,15 @@ def deliveries(draw: st.DrawFn, history: History) -> list[tuple[dict[str, Any], 
     """Any permutation of the history with any duplication: the same event again (Stripe retrying)
     or a distinct Event object for the same change (a new id, same ``created`` and object).
     Each delivery says whether the worker runs right after it."""
+    order = shuffled_with_copies(draw, history.events)
+    return [(event, draw(st.booleans())) for event in order]
+
+
+def shuffled_with_copies(draw: st.DrawFn, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``events`` in any order, each up to twice more: the same event again (Stripe retrying) or a
+    twin under a new id (a distinct Event object for the same change)."""
     pool = []
-    for event in history.events:
+    for event in events:
         pool.append(event)
         for copy_number in range(draw(st.integers(0, 2))):
             if draw(st.booleans()):
@@ -165,8 +172,7 @@ def deliveries(draw: st.DrawFn, history: History) -> list[tuple[dict[str, Any], 
                 twin = copy.deepcopy(event)
                 twin["id"] = f"{event['id']}_twin{copy_number}"
                 pool.append(twin)
-    order = draw(st.permutations(pool))
-    return [(event, draw(st.booleans())) for event in order]
+    return draw(st.permutations(pool))
 
 
 def _apply(harness: Any, schedule: list[tuple[dict[str, Any], bool]]) -> dict[str, Any]:

@@ -17,7 +17,10 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 import model
-from integration.test_convergence import NEXT  # where a subscription can go next, and the event Stripe sends for it
+from integration.test_convergence import (
+    NEXT,  # where a subscription can go next, and the event Stripe sends for it
+    shuffled_with_copies,
+)
 from kamiyo import synthetic
 from kamiyo.config import Settings
 from kamiyo.db.models import customers_table, events_table, subscriptions_table, users_table
@@ -187,17 +190,7 @@ def _object_naming(
 def deliveries(draw: st.DrawFn, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Any permutation of the events with any duplication: the same event again (Stripe retrying) or
     a distinct Event object for the same change (a new id, same ``created`` and object)."""
-    pool = []
-    for event in events:
-        pool.append(event)
-        for copy_number in range(draw(st.integers(0, 2))):
-            if draw(st.booleans()):
-                pool.append(event)
-            else:
-                twin = copy.deepcopy(event)
-                twin["id"] = f"{event['id']}_twin{copy_number}"
-                pool.append(twin)
-    return draw(st.permutations(pool))
+    return shuffled_with_copies(draw, events)
 
 
 def _seed(harness: Any, users: list[model.SeededUser]) -> list[model.SeededUser]:

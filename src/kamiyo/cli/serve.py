@@ -94,6 +94,7 @@ def _server_class() -> type:
 def worker(settings: Settings) -> int:
     from kamiyo.cli.db import require_current_schema
     from kamiyo.db.engine import make_engine
+    from kamiyo.heap import settle
     from kamiyo.logs import configure_logging
     from kamiyo.processing import worker as worker_module
     from kamiyo.processing.restarts import RestartingWorker
@@ -112,6 +113,7 @@ def worker(settings: Settings) -> int:
     signal.signal(signal.SIGINT, _stop)
     # A worker that dies is started again (after a growing pause), counted for the alert.
     metrics = process_metrics() if settings.metrics_enabled else None
+    settle()
     RestartingWorker(lambda: worker_module.Worker(engine, settings, metrics=metrics), metrics=metrics).run(stop)
     engine.dispose()
     return OK

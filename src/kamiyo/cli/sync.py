@@ -129,10 +129,9 @@ def run_sync(
     as a claim when it names someone else, for ``reason``; a dry run writes nothing, not even
     that entry.
     """
-    import gc
-
     from kamiyo.cli.db import require_current_schema
     from kamiyo.db.engine import make_engine
+    from kamiyo.heap import settle
     from kamiyo.operations.audit import cli_actor
     from kamiyo.reconcile.sync import SyncScope, sync_subscriptions
 
@@ -143,7 +142,7 @@ def run_sync(
     engine = make_engine(settings)
     # What is loaded by now lives as long as the command: the collector need not walk it again on
     # every collection while the pages' objects come and go.
-    gc.freeze()
+    settle()
     try:
         require_current_schema(engine)
         with SyncPrinter(out, err, dry_run=dry_run, as_json=as_json) as printer:

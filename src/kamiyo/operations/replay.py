@@ -34,7 +34,7 @@ from kamiyo.domain.state import BatchState
 from kamiyo.errors import KamiyoError
 from kamiyo.operations.audit import record_action
 from kamiyo.operations.users import StateView
-from kamiyo.processing.worker import Worker
+from kamiyo.processing.worker import ClaimedEvent, Worker
 
 log = logging.getLogger("kamiyo.operations")
 _events = events_table
@@ -61,19 +61,6 @@ class ReplayResult:
     changes: list[UserStateChange]
     dry_run: bool
     outcome: dict[str, Any] | None = None  # what applying did (domain/outcomes.py), as JSON
-
-
-@dataclass
-class _Claimed:
-    """An inbox row as the worker's apply path reads it, with its attempts counted afresh."""
-
-    id: int
-    stripe_event_id: str
-    type: str
-    created: int
-    payload: str
-    livemode: bool
-    attempts: int = 0
 
 
 @dataclass
@@ -233,7 +220,8 @@ def _replay_chunk(connection: Connection, run: _Run, ids: Sequence[int]) -> None
     if connection.dialect.name == "postgresql" and not run.dry_run:
         query = query.with_for_update()  # a worker applying one of them finishes first
     rows = connection.execute(query.order_by(_events.c.id)).all()
-    claimed = [_Claimed(r.id, r.stripe_event_id, r.type, r.created, r.payload, bool(r.livemode)) for r in rows]
+    # Attempts counted afresh: a replayed event starts again from its first.
+    claimed = [ClaimedEvent(r.id, r.stripe_event_id, r.type, r.created, r.payload, 0, bool(r.livemode)) for r in rows]
     logs: list[Any] = []
     outcomes = run.worker.apply_rows(
         connection, claimed, time.time(), logs=logs, state=run.state, write=not run.dry_run

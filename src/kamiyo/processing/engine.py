@@ -86,11 +86,13 @@ def load(connection: Connection, state: BatchState, needs: Needs, *, lock: bool)
         sql.record_customers.execute(
             connection, [{"id": customer_id, "deleted": False} for customer_id in sorted(missing.customers)]
         )
+    # Rows are read as tuples, by position (the statements' column order is the NamedTuples'):
+    # a SQLAlchemy Row's attribute costs a look-up by name each time it is read.
     if missing.customers:
         keys = {"customer_ids": keys_parameter(name, sorted(missing.customers))}
-        for row in connection.execute(sql.customers, keys).all():
-            state.loaded_customer(CustomerRow(*row))
-            new_customers.append(row.id)
+        for customer in map(CustomerRow._make, connection.execute(sql.customers, keys)):
+            state.loaded_customer(customer)
+            new_customers.append(customer.id)
     linked = {c.user_id for c in map(state.customers.get, needs.customers) if c is not None and c.user_id is not None}
     user_ids = (linked | missing.user_ids) - state.users.keys()
     if user_ids or missing.emails:
@@ -100,29 +102,27 @@ def load(connection: Connection, state: BatchState, needs: Needs, *, lock: bool)
                 "user_ids": keys_parameter(name, sorted(user_ids)),
                 "emails": keys_parameter(name, sorted(missing.emails)),
             },
-        ).all()
-        fresh = [row for row in users if row.id not in state.users]
+        )
+        fresh = [user for user in map(UserRow._make, users) if user.id not in state.users]
         if fresh:
-            params = {"user_ids": keys_parameter(name, [row.id for row in fresh])}
+            params = {"user_ids": keys_parameter(name, [user.id for user in fresh])}
             owned: dict[int, list[str]] = defaultdict(list)
-            for row in connection.execute(sql.customers_of_users, params).all():
-                if row.id not in state.customers:
-                    state.loaded_customer(CustomerRow(*row))
-                    new_customers.append(row.id)
-                if state.customers[row.id].user_id == row.user_id:
-                    owned[row.user_id].append(row.id)
-            for row in fresh:
-                state.loaded_user(UserRow(*row), owned.get(row.id, ()))
+            for customer in map(CustomerRow._make, connection.execute(sql.customers_of_users, params)):
+                if customer.id not in state.customers:
+                    state.loaded_customer(customer)
+                    new_customers.append(customer.id)
+                owner = customer.user_id  # never None: selected by user id
+                if owner is not None and state.customers[customer.id].user_id == owner:
+                    owned[owner].append(customer.id)
+            for user in fresh:
+                state.loaded_user(user, owned.get(user.id, ()))
     if new_customers or missing.subscriptions:
         params = {
             "subscription_ids": keys_parameter(name, sorted(missing.subscriptions)),
             "customer_ids": keys_parameter(name, new_customers),
         }
-        for row in connection.execute(sql.subscriptions, params).all():
-            version = Version(row.version_terminal, row.version_created, row.version_rank, row.version_event_id)
-            state.loaded_subscription(
-                StoredSubscription(row.id, row.customer_id, row.status, row.tier, row.stripe_created, version)
-            )
+        for sub_id, customer, status, tier, created, *version in connection.execute(sql.subscriptions, params):
+            state.loaded_subscription(StoredSubscription(sub_id, customer, status, tier, created, Version(*version)))
 
 
 # -- flush --------------------------------------------------------------------------------------

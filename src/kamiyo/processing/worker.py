@@ -35,7 +35,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy import Connection, Engine, and_, bindparam, select, union_all, update
@@ -88,6 +88,18 @@ _RECORD = update_by_id(
 _LogLine = tuple[logging.Logger, int, str, tuple[Any, ...]]
 
 
+class ClaimedEvent(NamedTuple):
+    """An inbox row as ``apply_rows`` reads it: the claim's columns, in this order."""
+
+    id: int
+    stripe_event_id: str
+    type: str
+    created: int
+    payload: str
+    attempts: int
+    livemode: bool
+
+
 @dataclass
 class _Outcome:
     """What an inbox row becomes: its new status and attempt count, and what applying it did."""
@@ -137,8 +149,10 @@ class Worker:
         self.retention = Retention(engine, settings, self.heartbeat.worker_id)
         self._pg = engine.dialect.name == "postgresql"
         self._limit = settings.worker_batch_size
-        self._claimed: list[Any] = []
-        self._draining = False  # the last batch was full (SQLite: claim without looking first)
+        self._claimed: list[ClaimedEvent] = []
+        # Events are most likely due: the last batch was full, or the inbox writer woke the worker
+        # after committing new ones (SQLite: claim without looking first).
+        self._expect_due = False
         self._next_override_sweep = 0.0
 
     def run_once(self, now: float | None = None) -> int:
@@ -211,19 +225,21 @@ class Worker:
     def _run_claimed_batch(self, now: float, *, isolate: bool) -> int:
         self._claimed = []
         claim = _claim(self._limit, pg=self._pg, negative_now=now < 0)
-        draining, self._draining = self._draining, False
-        if not self._pg and not draining and not isolate and not self._anything_due(now):
+        expected, self._expect_due = self._expect_due, False
+        if not self._pg and not expected and not isolate and not self._anything_due(now):
             # SQLite has one write lock; an idle worker that took it on every poll would make the
             # runbook's `sqlite3 ... UPDATE users` (no busy timeout by default) fail as "locked".
-            # Right after a full batch there is most likely more: no need to look first.
+            # Right after a full batch, or a wake by a commit of new events, there is most likely
+            # more: no need to look first.
             return 0
         logs: list[_LogLine] = []
         with self.engine.begin() as connection:
             started = time.perf_counter()
-            rows = connection.execute(claim, {"now": now}).all()
+            # Tuples, named once: a SQLAlchemy Row's attribute is a look-up by name at each read.
+            rows = list(map(ClaimedEvent._make, connection.execute(claim, {"now": now})))
             if not rows:
                 return 0
-            self._claimed = list(rows)
+            self._claimed = rows
             if isolate:
                 results = [self._apply_in_savepoint(connection, row, now, logs) for row in rows]
             else:
@@ -233,10 +249,12 @@ class Worker:
         for logger, level, message, args in logs:
             logger.log(level, message, *args)
         self._count(rows, results, [took] * len(rows))
-        self._draining = len(rows) == self._limit
+        self._expect_due = len(rows) == self._limit
         return len(rows)
 
-    def _apply_in_savepoint(self, connection: Connection, row: Any, now: float, logs: list[_LogLine]) -> _Outcome:
+    def _apply_in_savepoint(
+        self, connection: Connection, row: ClaimedEvent, now: float, logs: list[_LogLine]
+    ) -> _Outcome:
         """Apply and record one event in a savepoint; a write the database refuses for its data
         rolls back that event alone and is recorded as its failed attempt."""
         own: list[_LogLine] = []
@@ -259,7 +277,7 @@ class Worker:
         with self.engine.connect().execution_options(readonly=True) as connection:
             return connection.execute(probe.limit(1)).first() is not None
 
-    def _count(self, rows: Sequence[Any], outcomes: list[_Outcome], seconds: list[float]) -> None:
+    def _count(self, rows: Sequence[ClaimedEvent], outcomes: list[_Outcome], seconds: list[float]) -> None:
         """Metrics of a committed batch (doctor's probe event left out)."""
         if self.metrics is not None:
             self.metrics.events_processed(
@@ -277,15 +295,14 @@ class Worker:
     def apply_rows(
         self,
         connection: Connection,
-        rows: Sequence[Any],
+        rows: Sequence[ClaimedEvent],
         now: float,
         *,
         logs: list[_LogLine],
         state: BatchState | None = None,
         write: bool = True,
     ) -> list[_Outcome]:
-        """Apply inbox rows (``id, stripe_event_id, type, created, payload, attempts, livemode``)
-        through the engine, in the caller's transaction, and return each one's outcome (not yet
+        """Apply inbox rows through the engine, in the caller's transaction, and return each one's outcome (not yet
         recorded). The log lines go to ``logs``, for the caller to write once it has committed.
         ``write`` False: a dry run (nothing locked or written; ``state`` carries on to the next rows).
         """
@@ -342,7 +359,7 @@ class Worker:
         return [result for result in results if result is not None]
 
     def _failure(
-        self, row: Any, error: str, now: float, *, parked: bool, logs: list[_LogLine] | None = None
+        self, row: ClaimedEvent, error: str, now: float, *, parked: bool, logs: list[_LogLine] | None = None
     ) -> _Outcome:
         """The outcome of a failed attempt: retry later with backoff, or park after the last."""
         attempts = row.attempts + 1
@@ -413,7 +430,8 @@ class Worker:
                     stop.wait(pause)
                     continue
                 if handled < self.settings.worker_batch_size:
-                    wake.wait(self.settings.worker_poll_seconds)
+                    # Woken (not timed out): the inbox writer committed new events meanwhile.
+                    self._expect_due = wake.wait(self.settings.worker_poll_seconds)
                     wake.clear()
         finally:
             schedule_stop.set()

@@ -7,7 +7,6 @@ at import time. Error classes become status codes here and nowhere else.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import threading
 import time
@@ -25,6 +24,7 @@ from starlette.routing import Route
 
 from kamiyo.config import Settings
 from kamiyo.db.engine import make_engine
+from kamiyo.heap import settle
 from kamiyo.processing.in_process import WorkerThread
 from kamiyo.processing.restarts import RestartRecord
 from kamiyo.telemetry.metrics import (
@@ -112,7 +112,7 @@ def create_app(
             )
         # Everything built at start lives as long as the process: keep it out of the cyclic
         # collector's scans, which otherwise run on the request path.
-        gc.freeze()
+        settle()
         try:
             yield
         finally:

@@ -418,6 +418,7 @@ def serve(connection: socket.socket) -> None:
     needs the child meanwhile. It stops when the server says so or goes away, or TERM_GRACE
     seconds after the signal, whichever comes first."""
     from kamiyo.db.engine import make_engine
+    from kamiyo.heap import settle
     from kamiyo.logs import configure_logging
 
     lock = threading.Lock()
@@ -489,6 +490,7 @@ def serve(connection: socket.socket) -> None:
                             writer.start()
                             if run_worker:
                                 worker = relayed_worker(engine, settings, wake, send)
+                            settle()
                             send(Ready())
                         case Stop():
                             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -646,3 +647,46 @@ def test_an_idle_worker_on_sqlite_leaves_the_write_lock_to_others(tmp_path: Path
     harness.deliver(event)
     assert harness.drain() == 1
     engine.dispose()
+
+
+def test_a_worker_woken_by_new_events_claims_them_without_looking_first(tmp_path: Path) -> None:
+    """On SQLite an idle worker looks before it takes the write lock (above); woken by the inbox
+    writer's commit of new events, it claims at once: the look would only cost a read."""
+    settings = dataclasses.replace(make_settings(f"sqlite:///{tmp_path / 'kamiyo.db'}"), worker_poll_seconds=30.0)
+    engine = make_engine(settings)
+    upgrade(engine)
+    harness = Harness(engine, settings)
+    worker = Worker(engine, settings)
+    looks: list[float] = []
+    look = worker._anything_due
+
+    def counted_look(now: float) -> bool:
+        looks.append(now)
+        return look(now)
+
+    worker._anything_due = counted_look  # type: ignore[method-assign]
+    stop, wake = threading.Event(), threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop, wake))
+    thread.start()
+    try:
+        assert _within(10, lambda: len(looks) == 1)  # idle: it looked, found nothing, and waits for a wake
+        event = sub_event("active")
+        harness.deliver(event)
+        wake.set()  # what the inbox writer does after its commit
+        assert _within(10, lambda: harness.event(event["id"])["status"] == "applied")
+        assert len(looks) == 1  # claimed without a second look
+    finally:
+        stop.set()
+        wake.set()
+        thread.join(timeout=10)
+        engine.dispose()
+    assert not thread.is_alive()
+
+
+def _within(seconds: float, condition: Any) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return bool(condition())

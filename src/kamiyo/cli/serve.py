@@ -113,7 +113,7 @@ def worker(settings: Settings) -> int:
     signal.signal(signal.SIGINT, _stop)
     # A worker that dies is started again (after a growing pause), counted for the alert.
     metrics = process_metrics() if settings.metrics_enabled else None
-    settle()
+    settle(batches=True)
     RestartingWorker(lambda: worker_module.Worker(engine, settings, metrics=metrics), metrics=metrics).run(stop)
     engine.dispose()
     return OK

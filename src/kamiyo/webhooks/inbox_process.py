@@ -490,7 +490,7 @@ def serve(connection: socket.socket) -> None:
                             writer.start()
                             if run_worker:
                                 worker = relayed_worker(engine, settings, wake, send)
-                            settle()
+                            settle(batches=run_worker)
                             send(Ready())
                         case Stop():
                             return

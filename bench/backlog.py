@@ -14,14 +14,17 @@ URL such as ``postgresql://postgres@127.0.0.1:5432/postgres``, for a throwaway P
 database as well).
 
 The worker runs with the service's defaults (batch of 200, metrics on, one log line per
-event at INFO, written to a file), exactly as ``kamiyo worker`` would; ``--batch-size N`` gives
-it batches of N instead (what a batch costs whatever its size shows as CPU per event).
+event at INFO, written to a file, the collector settled by ``heap.settle``), exactly as ``kamiyo
+worker`` would; ``--batch-size N`` gives it batches of N instead (what a batch costs whatever its
+size shows as CPU per event), ``--python-gc`` keeps Python's collector settings. The collections
+during the drain and the seconds spent in them are printed too.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import logging
 import random
 import tempfile
@@ -39,6 +42,7 @@ from kamiyo.db.engine import make_engine
 from kamiyo.db.migrate import upgrade
 from kamiyo.db.models import events_table, users_table
 from kamiyo.domain.tiers import parse_price_tiers
+from kamiyo.heap import settle
 from kamiyo.logs import configure_logging
 from kamiyo.processing.worker import Worker
 from kamiyo.webhooks.envelope import read_envelope
@@ -134,7 +138,14 @@ def bench_settings(database_url: str, secret: str) -> Settings:
 
 
 def drain_backlog(
-    database_url: str, count: int, workdir: Path, *, secret: str, timeout: float, batch_size: int | None = None
+    database_url: str,
+    count: int,
+    workdir: Path,
+    *,
+    secret: str,
+    timeout: float,
+    batch_size: int | None = None,
+    python_gc: bool = False,
 ) -> dict[str, Any]:
     """Fill a fresh inbox with ``count`` pending events, then time the worker draining it.
 
@@ -149,6 +160,7 @@ def drain_backlog(
     log_file = (workdir / "worker.log").open("a")
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
+    thresholds = gc.get_threshold()
     try:
         upgrade(engine)
         bodies = backlog_events(count)
@@ -166,15 +178,22 @@ def drain_backlog(
         handler.setStream(log_file)
 
         worker = Worker(engine, settings)
+        if not python_gc:
+            settle(batches=True)  # as `kamiyo worker` does once it has started
+        collector = _Collections()
+        gc.callbacks.append(collector)
         batches = handled = 0
         cpu_started = time.process_time()
         started = time.perf_counter()
-        while time.perf_counter() - started < timeout:
-            done = worker.run_once()
-            if not done:
-                break
-            batches += 1
-            handled += done
+        try:
+            while time.perf_counter() - started < timeout:
+                done = worker.run_once()
+                if not done:
+                    break
+                batches += 1
+                handled += done
+        finally:
+            gc.callbacks.remove(collector)
         elapsed = time.perf_counter() - started
         cpu = time.process_time() - cpu_started
 
@@ -197,11 +216,16 @@ def drain_backlog(
             "events_per_s": round(rate, 1),
             # This process's CPU (for PostgreSQL, not the database server's).
             "cpu_us_per_event": round(cpu / handled * 1e6, 1) if handled else None,
+            "gc": "python" if python_gc else "service",
+            "gc_collections": collector.count,
+            "gc_s": round(collector.seconds, 3),
             "statuses": statuses,
             "users_by_tier": tiers,
             "users": sum(tiers.values()),
         }
     finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
         log_file.close()
@@ -214,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="stop the worker after this many seconds (300)")
     parser.add_argument("--batch-size", type=int, help="the worker's batch (the service's default, WORKER_BATCH_SIZE)")
     parser.add_argument("--postgres", metavar="URL", help="admin URL: also drain on a throwaway PostgreSQL database")
+    parser.add_argument(
+        "--python-gc", action="store_true", help="keep Python's collector settings (not the worker's, heap.settle)"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="kamiyo-backlog-") as scratch:
         where = Path(scratch) / "sqlite"
@@ -226,13 +253,35 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"secret": "whsec_backlog_bench", "timeout": args.timeout, "batch_size": args.batch_size}
+    return {
+        "secret": "whsec_backlog_bench",
+        "timeout": args.timeout,
+        "batch_size": args.batch_size,
+        "python_gc": args.python_gc,
+    }
+
+
+class _Collections:
+    """``gc.callbacks``: how many collections, and the seconds spent in them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.count += 1
+            self.seconds += time.perf_counter() - self._started
 
 
 def _print(database: str, result: dict[str, Any]) -> None:
     print(
         f"{database}: {result['handled']:,} events in {result['elapsed_s']} s, "
-        f"{result['events_per_s']:,.1f} events/s, {result['cpu_us_per_event']} µs CPU/event "
+        f"{result['events_per_s']:,.1f} events/s, {result['cpu_us_per_event']} µs CPU/event, "
+        f"{result['gc']} gc: {result['gc_collections']} collections, {result['gc_s']} s "
         f"(drained: {result['drained']}, statuses {result['statuses']}, users {result['users_by_tier']})",
         flush=True,
     )

@@ -30,8 +30,10 @@ BATCH_YOUNG_THRESHOLD = 10_000
 def settle(*, batches: bool = False) -> None:
     """Freeze what the process has built so far; with ``batches``, collect the youngest
     generation every ``BATCH_YOUNG_THRESHOLD`` net allocations (the older generations keep
-    their thresholds). A second call also freezes what was built since the first."""
-    gc.collect()
+    their thresholds). A second call also freezes what was built since the first.
+
+    No collection first: it would walk the whole heap at every start (the test suite starts
+    many apps) to free the little that starting leaves behind."""
     gc.freeze()
     if batches:
         _, middle, old = gc.get_threshold()

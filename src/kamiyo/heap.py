@@ -16,7 +16,7 @@ moment they are let go, and cycles are still collected.
   the batch's end by reference counting, they now rarely meet a collection at all.
 - **The event loop's process keeps Python's threshold.** Each request leaves cyclic garbage
   (coroutines, futures, tasks) that only the collector frees: collected often, it stays small
-  and in the CPU's caches; at the batch threshold ingest lost a fifth of its requests a second.
+  and in the CPU's caches; at the batch threshold ingest served fewer requests a second.
   The measurements are in docs/PERFORMANCE.md.
 """
 

@@ -7,9 +7,10 @@ moment they are let go, and cycles are still collected.
   moved out of the collector's sight by ``gc.freeze`` once it has started (``settle``): a full
   collection no longer walks it. Every long-running process does this: ``kamiyo serve`` as its
   app starts, its inbox process, ``kamiyo worker``, ``kamiyo sync``.
-- **A process that applies batches** (``kamiyo worker``; the inbox process, whose worker thread
-  applies them beside the writer) also collects its youngest generation after
-  ``BATCH_YOUNG_THRESHOLD`` net allocations of containers instead of Python's 700. A batch keeps
+- **A process that works in batches** (``kamiyo worker``; the inbox process, whose worker thread
+  applies them beside the writer; sync's reader process, a page at a time) also collects its
+  youngest generation after ``BATCH_YOUNG_THRESHOLD`` net allocations of containers instead of
+  Python's 700. A batch keeps
   thousands of small objects alive until it commits (rows, the batch's state, outcomes, log
   lines); at 700 every batch set off several collections that walked them all, found nothing to
   free, and moved them to the older generations, whose collections walked them again. Freed at

@@ -15,7 +15,6 @@ page would have come.
 
 from __future__ import annotations
 
-import gc
 import logging
 import multiprocessing
 import queue
@@ -28,6 +27,7 @@ from kamiyo.domain.links import normalize_email
 from kamiyo.domain.subscriptions import SubscriptionSnapshot, read_subscription
 from kamiyo.domain.tiers import TierMap
 from kamiyo.errors import ApplyError, KamiyoError
+from kamiyo.heap import settle
 from kamiyo.logs import current_log_format
 from kamiyo.reconcile.gateway import GatewayConfig, Page, StripeApiGateway, StripeGateway, read_version_created
 
@@ -35,7 +35,6 @@ log = logging.getLogger("kamiyo.reconcile")
 SYNC_EVENT_TYPE = "sync"
 _DEPTH = 2  # pages read ahead
 _POLL_SECONDS = 0.2
-_GC_THRESHOLD = 10_000  # the reader process's first-generation threshold (see _read_in_child)
 
 
 @dataclass(frozen=True)
@@ -242,11 +241,11 @@ def _read_in_child(
 
     try:
         gateway = StripeApiGateway.from_config(config)
-        gc.freeze()  # the imports' objects are long-lived: collections need not walk them again and again
-        # A parsed page is a few thousand dicts and lists, without a cycle among them, all freed
-        # by reference counting once handed over: at the default threshold (700) the collector
-        # ran several times a page, walking them, for about a twelfth of this process's CPU.
-        gc.set_threshold(_GC_THRESHOLD)
+        # The imports' objects are long-lived: collections need not walk them again and again. A
+        # parsed page is a few thousand dicts and lists, without a cycle among them, all freed by
+        # reference counting once handed over: at Python's threshold the collector ran several
+        # times a page, walking them (docs/PERFORMANCE.md, "Reconcile").
+        settle(batches=True)
         ready.set()
         while True:
             if stop.is_set():

@@ -10,11 +10,11 @@ moment they are let go, and cycles are still collected.
 - **A process that works in batches** (``kamiyo worker``; the inbox process, whose worker thread
   applies them beside the writer; sync's reader process, a page at a time) also collects its
   youngest generation after ``BATCH_YOUNG_THRESHOLD`` net allocations of containers instead of
-  Python's 700. A batch keeps
-  thousands of small objects alive until it commits (rows, the batch's state, outcomes, log
-  lines); at 700 every batch set off several collections that walked them all, found nothing to
-  free, and moved them to the older generations, whose collections walked them again. Freed at
-  the batch's end by reference counting, they now rarely meet a collection at all.
+  Python's 700. A batch keeps thousands of small objects alive until it is done (rows, the
+  batch's state, outcomes, log lines); at 700 every batch set off several collections that walked
+  them all, found nothing to free, and moved them to the older generations, whose collections
+  walked them again. Freed at the batch's end by reference counting, they now rarely meet a
+  collection at all.
 - **The event loop's process keeps Python's threshold.** Each request leaves cyclic garbage
   (coroutines, futures, tasks) that only the collector frees: collected often, it stays small
   and in the CPU's caches; at the batch threshold ingest served fewer requests a second.

@@ -6,11 +6,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import Engine, bindparam, select, update
+from sqlalchemy import Engine, select
 
 from kamiyo.db.models import customers_table, events_table, users_table
 from kamiyo.domain.outcomes import CustomerOutcome, LinkResult, Outcome, SubscriptionOutcome, UserChange
-from kamiyo.processing.statements import BulkWrite, statements
+from kamiyo.processing.statements import BulkWrite, statements, update_by_id
 from kamiyo.webhooks.envelope import read_envelope
 from kamiyo.webhooks.inbox import inbox_row, insert_new_events
 
@@ -66,9 +66,7 @@ def test_columns_left_out_take_their_default_and_a_conflict_changes_nothing(clea
 def test_a_row_without_a_column_that_has_no_default_is_refused(clean_engine: Engine) -> None:
     """Nothing is sent: the statement cannot be run with a value missing."""
     with clean_engine.begin() as connection, pytest.raises(ValueError, match="'b_tier'"):
-        BulkWrite(
-            update(_users).where(_users.c.id == bindparam("b_id")).values(subscription_tier=bindparam("b_tier"))
-        ).execute(connection, [{"b_id": 1}])
+        update_by_id(_users, subscription_tier="tier").execute(connection, [{"b_id": 1}])
 
 
 def test_an_update_writes_json_and_times_per_row(clean_engine: Engine) -> None:
@@ -91,11 +89,7 @@ def test_an_update_writes_json_and_times_per_row(clean_engine: Engine) -> None:
         for i in range(3)
     ]
     start = datetime(2026, 12, 4, 23, 0, tzinfo=UTC)
-    record = BulkWrite(
-        update(events_table)
-        .where(events_table.c.id == bindparam("b_id"))
-        .values(status=bindparam("b_status"), outcome=bindparam("b_outcome"), processed_at=bindparam("b_at"))
-    )
+    record = update_by_id(events_table, status="status", outcome="outcome", processed_at="at")
     with clean_engine.begin() as connection:
         assert record.execute(connection, []) == 0
         rows = [

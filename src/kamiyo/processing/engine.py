@@ -106,14 +106,13 @@ def load(connection: Connection, state: BatchState, needs: Needs, *, lock: bool)
         fresh = [user for user in map(UserRow._make, users) if user.id not in state.users]
         if fresh:
             params = {"user_ids": keys_parameter(name, [user.id for user in fresh])}
-            owned: dict[int, list[str]] = defaultdict(list)
+            owned: dict[int | None, list[str]] = defaultdict(list)
             for customer in map(CustomerRow._make, connection.execute(sql.customers_of_users, params)):
                 if customer.id not in state.customers:
                     state.loaded_customer(customer)
                     new_customers.append(customer.id)
-                owner = customer.user_id  # never None: selected by user id
-                if owner is not None and state.customers[customer.id].user_id == owner:
-                    owned[owner].append(customer.id)
+                if state.customers[customer.id].user_id == customer.user_id:
+                    owned[customer.user_id].append(customer.id)
             for user in fresh:
                 state.loaded_user(user, owned.get(user.id, ()))
     if new_customers or missing.subscriptions:

@@ -302,8 +302,9 @@ class Worker:
         state: BatchState | None = None,
         write: bool = True,
     ) -> list[_Outcome]:
-        """Apply inbox rows through the engine, in the caller's transaction, and return each one's outcome (not yet
-        recorded). The log lines go to ``logs``, for the caller to write once it has committed.
+        """Apply inbox rows through the engine, in the caller's transaction, and return each one's
+        outcome (not yet recorded). The log lines go to ``logs``, for the caller to write once it
+        has committed.
         ``write`` False: a dry run (nothing locked or written; ``state`` carries on to the next rows).
         """
         results: list[_Outcome | None] = [None] * len(rows)

@@ -27,6 +27,7 @@ class _Transport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
         self.written = b""
+        self.writes: list[bytes] = []
         self.closing = False
         self.aborted = False
         self.buffered = 0
@@ -35,6 +36,7 @@ class _Transport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self.closing:
             self.written += bytes(data)
+            self.writes.append(bytes(data))
 
     def close(self) -> None:
         if not self.closing and self.protocol is not None:
@@ -125,6 +127,92 @@ def test_a_connection_over_the_cap_closes_the_idle_one_and_is_served() -> None:
     transports = asyncio.run(scenario())
     assert [t.closing for t in transports] == [True, False, False, False, False]
     assert transports[0].written == b""  # an idle connection is closed without an answer
+
+
+def _serving(app: Any) -> _Server:
+    server = _Server(replace(LIMITS, header_timeout=5.0, body_timeout=5.0))
+    server.config = uvicorn.Config(app, log_config=None, lifespan="off")
+    return server
+
+
+def test_an_answer_goes_out_in_one_write_head_and_body() -> None:
+    async def scenario() -> _Transport:
+        protocol, transport = _connection(_serving(_app))
+        protocol.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return transport
+
+    transport = asyncio.run(scenario())
+    assert len(transport.writes) == 2  # one per answer, to the two pipelined requests
+    assert all(write.startswith(b"HTTP/1.1 200") and write.endswith(b"\r\n\r\nok") for write in transport.writes)
+
+
+def test_a_streamed_answer_sends_its_head_at_once_and_its_pieces_as_they_come() -> None:
+    async def scenario() -> tuple[list[bytes], _Transport]:
+        later = asyncio.Event()
+
+        async def streaming(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            headers = [(b"content-type", b"text/plain"), (b"transfer-encoding", b"chunked")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await later.wait()
+            await send({"type": "http.response.body", "body": b"late"})
+
+        protocol, transport = _connection(_serving(streaming))
+        protocol.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(3):
+            await asyncio.sleep(0)
+        before = list(transport.writes)
+        later.set()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return before, transport
+
+    before, transport = asyncio.run(scenario())
+    assert len(before) == 1
+    assert before[0].startswith(b"HTTP/1.1 200")
+    assert before[0].endswith(b"\r\n\r\n")
+    assert transport.writes[1:] == [b"4\r\nlate\r\n0\r\n\r\n"]
+
+
+def test_100_continue_goes_out_before_the_body_is_read() -> None:
+    async def reading(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await _app(scope, receive, send)
+
+    async def scenario() -> tuple[list[bytes], _Transport]:
+        protocol, transport = _connection(_serving(reading))
+        head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+        protocol.data_received(head)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        before = list(transport.writes)
+        protocol.data_received(b"hi")
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return before, transport
+
+    before, transport = asyncio.run(scenario())
+    assert before == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    assert len(transport.writes) == 2
+    assert transport.writes[1].startswith(b"HTTP/1.1 200")
+
+
+def test_a_head_without_its_body_is_written_before_the_connection_closes() -> None:
+    async def unfinished(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+
+    async def scenario() -> _Transport:
+        protocol, transport = _connection(_serving(unfinished))
+        protocol.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return transport
+
+    transport = asyncio.run(scenario())
+    assert transport.closing
+    assert len(transport.writes) == 1
+    assert transport.writes[0].startswith(b"HTTP/1.1 200")
 
 
 def test_the_connection_limits_are_read_from_the_environment_with_documented_defaults() -> None:

@@ -23,6 +23,7 @@ sockets that never send a byte lock everyone out. This protocol bounds each of t
 - **pipelining**: at most ``MAX_PIPELINED`` requests may wait behind the one being answered;
   more, and the connection is closed.
 
+An answer's head and the first piece of its body go out in one write (uvicorn writes them apart).
 The keep-alive wait between requests stays uvicorn's (``timeout_keep_alive``). Every answer the
 protocol writes itself closes the connection. A connection keeps its deadlines as numbers, and
 one sweep per server, a few times per timeout, acts on those that have passed: a request costs
@@ -38,7 +39,7 @@ import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import orjson
 from uvicorn.config import Config
@@ -190,6 +191,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # Given to each request's cycle as its transport: the cycle calls only write, close and is_closing.
+        self._answers = cast(asyncio.Transport, _HeadWithBody(transport, self.loop))
         if len(self.connections) > self.limits.max_connections and not self._make_room():
             self.cuts.cut("max_connections", f"{len(self.connections) - 1} connections open, all in a request")
             self._close(
@@ -252,8 +255,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 _Base.on_headers_complete(self)
             finally:
                 self.app = app
+            self.cycle.transport = self._answers
             return
         _Base.on_headers_complete(self)
+        self.cycle.transport = self._answers
 
     def on_response_complete(self) -> None:
         if self.pipeline:
@@ -371,6 +376,50 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
 
 _RETRY = b"retry-after: 1"
+
+
+class _HeadWithBody:
+    """The transport a request's cycle writes its answer through: the answer's head is held until
+    the first piece of its body and goes out with it, in one write. uvicorn writes them apart: two
+    sends, two segments, and a client woken twice per answer. A head is never held past the loop's
+    turn (a streamed answer's first piece may come much later); closing writes it first. (What
+    starts like a head is held: a body piece that does goes out at the turn, still in order.)"""
+
+    __slots__ = ("_head", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._head: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self._transport.write(head + data)
+        elif data.startswith(_STATUS_LINE) and not data.startswith(_CONTINUE):
+            self._head = data
+            self._loop.call_soon(self.flush)
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            if not self._transport.is_closing():  # cut by a limit meanwhile: nobody reads it
+                self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+
+_STATUS_LINE = b"HTTP/1.1 "
+_CONTINUE = b"HTTP/1.1 100 "
 
 
 def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:

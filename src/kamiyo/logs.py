@@ -52,6 +52,14 @@ class _Formatter(logging.Formatter):
             self._text, self._second = super().formatTime(record, datefmt), second
         return self._text
 
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        # A line alone (nearly every one): the same text as the base class makes, in one step.
+        record.message = message = clean(record.getMessage())
+        record.asctime = stamp = self.formatTime(record, self.datefmt)
+        return f"{stamp} {record.levelname} {record.name} {message}"
+
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = clean(record.message)
         return super().formatMessage(record)

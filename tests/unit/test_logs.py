@@ -17,7 +17,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kamiyo.logs import BackgroundHandler, JsonFormatter, configure_logging, current_log_format, record_fields
+from kamiyo.logs import (
+    BackgroundHandler,
+    JsonFormatter,
+    _Formatter,
+    configure_logging,
+    current_log_format,
+    record_fields,
+)
 from kamiyo.scrub import clean
 
 
@@ -178,6 +185,43 @@ def test_a_line_reads_time_level_logger_message_and_the_time_follows_the_record(
         f"{stamp(1_800_000_000)} INFO kamiyo.webhook webhook accepted",
         f"{stamp(1_800_000_061)} INFO kamiyo.webhook webhook accepted",
     ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    message=st.text(max_size=80),
+    value=st.text(max_size=40),
+    level=st.sampled_from([logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR]),
+    created=st.floats(min_value=0, max_value=4_000_000_000),
+)
+def test_a_text_line_is_the_standard_format_of_the_cleaned_message(
+    message: str, value: str, level: int, created: float
+) -> None:
+    """Without a traceback the line is made in one step; it must read exactly as logging's own
+    ``%(asctime)s %(levelname)s %(name)s %(message)s`` of the cleaned message."""
+    formatter = TEXT
+    record = logging.LogRecord(
+        "kamiyo.webhook", level, __file__, 1, message.replace("%", "%%") + " v=%s", (value,), None
+    )
+    record.created = created
+    standard = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S%z")
+    expected = standard.formatTime(record, standard.datefmt) + f" {logging.getLevelName(level)} kamiyo.webhook "
+    assert formatter.format(record) == expected + clean(record.getMessage())
+
+
+def test_a_text_line_with_a_traceback_keeps_it_indented_below() -> None:
+    try:
+        raise ValueError("bad\nvalue")
+    except ValueError:
+        record = logging.LogRecord("kamiyo.worker", logging.ERROR, __file__, 1, "failed %s", ("x",), sys.exc_info())
+    first, *rest = TEXT.format(record).splitlines()
+    assert first.endswith(" ERROR kamiyo.worker failed x")
+    assert rest
+    assert all(line.startswith("    ") for line in rest)
+    assert rest[-2:] == ["    ValueError: bad", "    value"]  # each line of the error indented too
+
+
+TEXT = _Formatter()
 
 
 # -- LOG_FORMAT=json ---------------------------------------------------------------------------

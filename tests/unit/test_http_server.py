@@ -135,15 +135,26 @@ def _serving(app: Any) -> _Server:
     return server
 
 
-def test_an_answer_goes_out_in_one_write_head_and_body() -> None:
+async def _turns(count: int = 5) -> None:
+    """Let the loop run the app's task and what it schedules."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+def _answered(app: Any, request: bytes) -> _Transport:
+    """What a new connection to ``app`` is sent and written after ``request`` arrives in one read."""
+
     async def scenario() -> _Transport:
-        protocol, transport = _connection(_serving(_app))
-        protocol.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        for _ in range(5):
-            await asyncio.sleep(0)
+        protocol, transport = _connection(_serving(app))
+        protocol.data_received(request)
+        await _turns()
         return transport
 
-    transport = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_an_answer_goes_out_in_one_write_head_and_body() -> None:
+    transport = _answered(_app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert len(transport.writes) == 2  # one per answer, to the two pipelined requests
     assert all(write.startswith(b"HTTP/1.1 200") and write.endswith(b"\r\n\r\nok") for write in transport.writes)
 
@@ -160,12 +171,10 @@ def test_a_streamed_answer_sends_its_head_at_once_and_its_pieces_as_they_come() 
 
         protocol, transport = _connection(_serving(streaming))
         protocol.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        for _ in range(3):
-            await asyncio.sleep(0)
+        await _turns()
         before = list(transport.writes)
         later.set()
-        for _ in range(3):
-            await asyncio.sleep(0)
+        await _turns()
         return before, transport
 
     before, transport = asyncio.run(scenario())
@@ -184,12 +193,10 @@ def test_100_continue_goes_out_before_the_body_is_read() -> None:
         protocol, transport = _connection(_serving(reading))
         head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
         protocol.data_received(head)
-        for _ in range(3):
-            await asyncio.sleep(0)
+        await _turns()
         before = list(transport.writes)
         protocol.data_received(b"hi")
-        for _ in range(3):
-            await asyncio.sleep(0)
+        await _turns()
         return before, transport
 
     before, transport = asyncio.run(scenario())
@@ -202,14 +209,7 @@ def test_a_head_without_its_body_is_written_before_the_connection_closes() -> No
     async def unfinished(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
 
-    async def scenario() -> _Transport:
-        protocol, transport = _connection(_serving(unfinished))
-        protocol.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        for _ in range(3):
-            await asyncio.sleep(0)
-        return transport
-
-    transport = asyncio.run(scenario())
+    transport = _answered(unfinished, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert transport.closing
     assert len(transport.writes) == 1
     assert transport.writes[0].startswith(b"HTTP/1.1 200")

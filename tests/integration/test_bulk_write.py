@@ -1,5 +1,6 @@
-"""``BulkWrite`` (processing/statements.py): a Core statement sent with the driver's executemany
-must store exactly what ``Connection.execute`` would, on both databases."""
+"""The engine's writes of many rows (processing/statements.py): ``BulkWrite`` (a Core statement
+sent with the driver's executemany) must store exactly what ``Connection.execute`` would, and the
+engine's inserts (arrays on PostgreSQL) count and return what they wrote, on both databases."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import Engine, select
 
-from kamiyo.db.models import customers_table, events_table, users_table
+from kamiyo.db.models import customers_table, events_table, subscriptions_table, users_table
 from kamiyo.domain.outcomes import CustomerOutcome, LinkResult, Outcome, SubscriptionOutcome, UserChange
 from kamiyo.processing.statements import BulkWrite, statements, update_by_id
 from kamiyo.webhooks.envelope import read_envelope
@@ -104,3 +105,64 @@ def test_an_update_writes_json_and_times_per_row(clean_engine: Engine) -> None:
         assert row.status == "applied"
         assert Outcome.from_json(row.outcome) == outcomes[i]
         assert row.processed_at.replace(tzinfo=row.processed_at.tzinfo or UTC) == start + timedelta(seconds=i)
+
+
+def _subscription(sub_id: str, status: str, created: int, now: datetime) -> dict[str, object]:
+    return {
+        "id": sub_id,
+        "customer_id": "cus_up",
+        "status": status,
+        "tier": "pro",
+        "price_ids": "price_pro",
+        "livemode": False,
+        "stripe_created": 1_700_000_000,
+        "current_period_end": None,
+        "cancel_at_period_end": False,
+        "cancel_at": None,
+        "canceled_at": None,
+        "ended_at": None,
+        "trial_end": None,
+        "version_terminal": 0,
+        "version_created": created,
+        "version_rank": 1,
+        "version_event_id": f"evt_{created}",
+        "updated_at": now,
+    }
+
+
+def test_the_subscription_upsert_replaces_only_an_older_snapshot_and_counts_what_it_wrote(clean_engine: Engine) -> None:
+    """Many rows in one call, on both databases: a new one is inserted, an older stored one
+    replaced, a newer stored one kept (the version guard in the statement itself)."""
+    sql = statements(clean_engine.dialect.name, locked=True)
+    now = datetime(2026, 12, 5, 7, 0, tzinfo=UTC)
+    with clean_engine.begin() as connection:
+        sql.record_customers.execute(connection, [{"id": "cus_up", "deleted": False}])
+        stored = [_subscription("sub_old", "active", 100, now), _subscription("sub_new", "active", 300, now)]
+        assert sql.upsert_subscriptions.execute(connection, stored) == 2
+        incoming = [
+            _subscription("sub_old", "past_due", 200, now),  # newer than stored: replaces it
+            _subscription("sub_new", "canceled", 200, now),  # older than stored: kept out
+            _subscription("sub_added", "trialing", 200, now),
+        ]
+        assert sql.upsert_subscriptions.execute(connection, incoming) == 2
+    subs = subscriptions_table
+    with clean_engine.connect() as connection:
+        rows = connection.execute(select(subs.c.id, subs.c.status, subs.c.version_created).order_by(subs.c.id)).all()
+    assert [tuple(row) for row in rows] == [
+        ("sub_added", "trialing", 200),
+        ("sub_new", "active", 300),
+        ("sub_old", "past_due", 200),
+    ]
+
+
+def test_new_users_come_back_with_their_ids_and_a_taken_email_does_not(clean_engine: Engine) -> None:
+    sql = statements(clean_engine.dialect.name, locked=True)
+    rows = _users_rows(datetime(2026, 12, 5, 7, 0, tzinfo=UTC))
+    with clean_engine.begin() as connection:
+        first = [tuple(row) for row in sql.insert_users.execute(connection, rows[:3])]
+        again = [tuple(row) for row in sql.insert_users.execute(connection, rows[2:])]  # rows[2] is there
+    assert sorted(email for _id, email in first) == [row["email"] for row in rows[:3]]
+    assert sorted(email for _id, email in again) == [row["email"] for row in rows[3:]]
+    with clean_engine.connect() as connection:
+        stored = {tuple(row) for row in connection.execute(select(_users.c.id, _users.c.email))}
+    assert stored == {*first, *again}

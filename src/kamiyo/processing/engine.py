@@ -169,7 +169,7 @@ def flush(connection: Connection, state: BatchState) -> dict[int, int]:
             }
             for user in new
         ]
-        inserted = {email: user_id for user_id, email in connection.execute(sql.insert_users, rows)}
+        inserted = {email: user_id for user_id, email in sql.insert_users.execute(connection, rows)}
         if len(inserted) != len(rows):
             raise LostRace("a user this batch creates was created by another transaction meanwhile")
         created = {user.id: inserted[user.email] for user in new}
@@ -190,7 +190,7 @@ def flush(connection: Connection, state: BatchState) -> dict[int, int]:
             }
             for c in customers
         ]
-        if len(connection.execute(sql.insert_customers, rows).all()) != len(rows):
+        if len(sql.insert_customers.execute(connection, rows)) != len(rows):
             raise LostRace("a customer this batch records was recorded by another transaction meanwhile")
     if state.snapshots:
         sql.upsert_subscriptions.execute(connection, [subscription_row(s, now) for s in state.snapshots.values()])

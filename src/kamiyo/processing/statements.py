@@ -1,10 +1,12 @@
 """The apply engine's statements: SQLAlchemy Core, built once, run through SQLAlchemy's compiled
-cache; the flush's writes of many rows through ``BulkWrite``.
+cache; the writes of many rows through ``BulkWrite``, ``ArrayInsert`` and ``InsertReturning``.
 
-The one difference between the dialects is here: how a list of keys travels. On PostgreSQL it is
-one array parameter (``= ANY (:keys)``); on SQLite one JSON text read by ``json_each``. Either way
-a statement's text never depends on how many keys it is given, so each is compiled once and
-prepared once, whatever the batch.
+The differences between the dialects are here: how a list of keys travels, and how many rows are
+inserted. On PostgreSQL a list is one array parameter (``= ANY (:keys)``), and many rows are one
+INSERT of one array per column, unnested; on SQLite a list is one JSON text read by
+``json_each``, and many rows go to the driver's ``executemany`` (or, for RETURNING, a multi-row
+INSERT). Either way a statement's text never depends on how many keys or rows it is given
+(SQLite's multi-row INSERT aside), so each is compiled once and prepared once, whatever the batch.
 
 Row locks (PostgreSQL; SQLite has one writer and renders no ``FOR UPDATE``): customers, then
 users, each in id order, taken by the load's first two statements. Every path that writes these
@@ -173,7 +175,6 @@ class Statements:
     users: Any
 
     def __init__(self, name: str, *, locked: bool) -> None:
-        dialect: Any = postgresql if name == "postgresql" else sqlite
         customer_columns = (
             _customers.c.id,
             _customers.c.user_id,
@@ -210,17 +211,29 @@ class Statements:
                 _in_keys(name, _subs.c.customer_id, "customer_ids"),
             )
         )
-        # Flush. New rows: inserted unless there (RETURNING tells which were), in the batch's order.
-        self.insert_users = (
-            dialect.insert(_users)
-            .on_conflict_do_nothing(index_elements=["email"])
-            .returning(_users.c.id, _users.c.email)
+        # Flush. New rows: inserted unless there (RETURNING tells which were).
+        self.insert_users = InsertReturning(
+            name,
+            _users,
+            ("email", "subscription_tier", "subscription_status", "stripe_customer_id", "updated_at"),
+            conflict="email",
+            returning=(_users.c.id, _users.c.email),
         )
-        self.record_customers = BulkWrite(dialect.insert(_customers).on_conflict_do_nothing(index_elements=["id"]))
-        self.insert_customers = (
-            dialect.insert(_customers).on_conflict_do_nothing(index_elements=["id"]).returning(_customers.c.id)
+        self.record_customers: ArrayInsert | BulkWrite
+        self.upsert_subscriptions: ArrayInsert | BulkWrite
+        if name == "postgresql":
+            self.record_customers = ArrayInsert(_customers, ("id", "deleted"), _do_nothing_on_id)
+            self.upsert_subscriptions = ArrayInsert(_subs, SUBSCRIPTION_ROW_COLUMNS, guarded_upsert)
+        else:
+            self.record_customers = BulkWrite(_do_nothing_on_id(sqlite.insert(_customers)))
+            self.upsert_subscriptions = BulkWrite(guarded_upsert(sqlite.insert(_subs)))
+        self.insert_customers = InsertReturning(
+            name,
+            _customers,
+            ("id", "user_id", "email", "email_seen_at", "linked_by", "deleted"),
+            conflict="id",
+            returning=(_customers.c.id,),
         )
-        self.upsert_subscriptions = BulkWrite(subscription_upsert(name))
         self.update_customers = update_by_id(
             _customers, user_id="user_id", email="email", email_seen_at="email_seen_at", linked_by="linked_by"
         )
@@ -234,6 +247,64 @@ class Statements:
         self.update_user_customers = update_by_id(_users, stripe_customer_id="customer")
 
 
+class InsertReturning:
+    """``INSERT ... ON CONFLICT DO NOTHING RETURNING`` of many rows in one statement: the rows
+    inserted come back, those already there do not.
+
+    On PostgreSQL the rows travel as one array per column, unnested: the statement's text is the
+    same whatever the number of rows, so it is compiled once and psycopg converts it once. (As
+    multi-row VALUES, each batch size is another text, with five parameters a row, beyond what
+    psycopg keeps converted.) On SQLite, SQLAlchemy's multi-row INSERT (``insertmanyvalues``)."""
+
+    def __init__(
+        self, name: str, table: Any, columns: tuple[str, ...], *, conflict: str, returning: tuple[Any, ...]
+    ) -> None:
+        self._columns = columns
+        self._arrays = name == "postgresql"
+        statement: Any
+        if self._arrays:
+            statement = postgresql.insert(table).from_select(list(columns), _unnested(table, columns))
+        else:
+            statement = sqlite.insert(table)
+        self.statement = statement.on_conflict_do_nothing(index_elements=[conflict]).returning(*returning)
+
+    def execute(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> Sequence[Any]:
+        """Insert ``rows`` (each with exactly the columns given); the rows RETURNING gave."""
+        if self._arrays:
+            return connection.execute(self.statement, _arrays(self._columns, rows)).all()
+        return connection.execute(self.statement, list(rows)).all()
+
+
+class ArrayInsert:
+    """PostgreSQL: an INSERT of many rows as one statement, each column's values one array,
+    unnested (``finish`` adds its ON CONFLICT clause). One round trip and one parameter per
+    column, where the driver's ``executemany`` sends and converts each row apart. Rows must not
+    repeat a conflict key (PostgreSQL refuses to update one row twice in a statement)."""
+
+    def __init__(self, table: Any, columns: tuple[str, ...], finish: Callable[[Any], Any]) -> None:
+        self._columns = columns
+        insert = postgresql.insert(table).from_select(list(columns), _unnested(table, columns))
+        # SQLAlchemy keeps an INSERT's rowcount only when asked.
+        self.statement = finish(insert).execution_options(preserve_rowcount=True)
+
+    def execute(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Insert ``rows`` (each with exactly the columns given); return how many rows it changed."""
+        if not rows:
+            return 0
+        return int(connection.execute(self.statement, _arrays(self._columns, rows)).rowcount)
+
+
+def _unnested(table: Any, columns: tuple[str, ...]) -> Any:
+    """``SELECT`` of rows from one array parameter per column (``a_<column>``, the column's type)."""
+    arrays = [bindparam(f"a_{column}", type_=postgresql.ARRAY(table.c[column].type)) for column in columns]
+    rows = func.unnest(*arrays).table_valued(*columns).render_derived()
+    return select(*(rows.c[column] for column in columns))
+
+
+def _arrays(columns: tuple[str, ...], rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    return {f"a_{column}": [row[column] for row in rows] for column in columns}
+
+
 def update_by_id(table: Any, **columns: str) -> BulkWrite:
     """``UPDATE table SET column = :b_<key>, ... WHERE id = :b_id`` for many rows: ``columns`` names
     the row key of each column's value (``b_`` and the key: a column's own name is reserved for
@@ -242,11 +313,18 @@ def update_by_id(table: Any, **columns: str) -> BulkWrite:
     return BulkWrite(update(table).where(table.c.id == bindparam("b_id")).values(values))
 
 
-def subscription_upsert(name: str) -> Any:
-    """INSERT ... ON CONFLICT DO UPDATE with the stale-write guard: a stored snapshot is only
-    replaced by one of a greater version, whatever the engine decided and whoever else writes."""
-    dialect: Any = postgresql if name == "postgresql" else sqlite
-    stmt = dialect.insert(_subs)
+def _do_nothing_on_id(stmt: Any) -> Any:
+    return stmt.on_conflict_do_nothing(index_elements=["id"])
+
+
+# The columns of a subscription's row (engine.subscription_row): all of the table's.
+SUBSCRIPTION_ROW_COLUMNS = tuple(column.name for column in _subs.columns)
+
+
+def guarded_upsert(stmt: Any) -> Any:
+    """``stmt`` (an INSERT into the subscriptions) ON CONFLICT DO UPDATE with the stale-write guard:
+    a stored snapshot is only replaced by one of a greater version, whatever the engine decided
+    and whoever else writes."""
     stored = tuple_(_subs.c.version_terminal, _subs.c.version_created, _subs.c.version_rank, _subs.c.version_event_id)
     incoming = tuple_(
         stmt.excluded.version_terminal,

@@ -163,6 +163,8 @@ def test_new_users_come_back_with_their_ids_and_a_taken_email_does_not(clean_eng
         again = [tuple(row) for row in sql.insert_users.execute(connection, rows[2:])]  # rows[2] is there
     assert sorted(email for _id, email in first) == [row["email"] for row in rows[:3]]
     assert sorted(email for _id, email in again) == [row["email"] for row in rows[3:]]
+    with clean_engine.begin() as connection:
+        assert list(sql.insert_users.execute(connection, [])) == []  # nothing to insert: nothing sent
     with clean_engine.connect() as connection:
         stored = {tuple(row) for row in connection.execute(select(_users.c.id, _users.c.email))}
     assert stored == {*first, *again}

@@ -159,6 +159,17 @@ def test_an_answer_goes_out_in_one_write_head_and_body() -> None:
     assert all(write.startswith(b"HTTP/1.1 200") and write.endswith(b"\r\n\r\nok") for write in transport.writes)
 
 
+def test_a_body_given_as_a_memoryview_goes_out_with_its_head() -> None:
+    async def viewed(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": memoryview(b"ok")})
+
+    transport = _answered(viewed, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(transport.writes) == 1
+    assert transport.writes[0].startswith(b"HTTP/1.1 200")
+    assert transport.writes[0].endswith(b"\r\n\r\nok")
+
+
 def test_a_streamed_answer_sends_its_head_at_once_and_its_pieces_as_they_come() -> None:
     async def scenario() -> tuple[list[bytes], _Transport]:
         later = asyncio.Event()

@@ -270,6 +270,8 @@ class InsertReturning:
 
     def execute(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> Sequence[Any]:
         """Insert ``rows`` (each with exactly the columns given); the rows RETURNING gave."""
+        if not rows:
+            return []
         if self._arrays:
             return connection.execute(self.statement, _arrays(self._columns, rows)).all()
         return connection.execute(self.statement, list(rows)).all()

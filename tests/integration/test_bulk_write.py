@@ -11,6 +11,8 @@ from sqlalchemy import Engine, select
 
 from kamiyo.db.models import customers_table, events_table, subscriptions_table, users_table
 from kamiyo.domain.outcomes import CustomerOutcome, LinkResult, Outcome, SubscriptionOutcome, UserChange
+from kamiyo.domain.subscriptions import SubscriptionSnapshot, Version
+from kamiyo.processing.engine import subscription_row
 from kamiyo.processing.statements import BulkWrite, statements, update_by_id
 from kamiyo.webhooks.envelope import read_envelope
 from kamiyo.webhooks.inbox import inbox_row, insert_new_events
@@ -108,26 +110,24 @@ def test_an_update_writes_json_and_times_per_row(clean_engine: Engine) -> None:
 
 
 def _subscription(sub_id: str, status: str, created: int, now: datetime) -> dict[str, object]:
-    return {
-        "id": sub_id,
-        "customer_id": "cus_up",
-        "status": status,
-        "tier": "pro",
-        "price_ids": "price_pro",
-        "livemode": False,
-        "stripe_created": 1_700_000_000,
-        "current_period_end": None,
-        "cancel_at_period_end": False,
-        "cancel_at": None,
-        "canceled_at": None,
-        "ended_at": None,
-        "trial_end": None,
-        "version_terminal": 0,
-        "version_created": created,
-        "version_rank": 1,
-        "version_event_id": f"evt_{created}",
-        "updated_at": now,
-    }
+    """The engine's row of a snapshot of ``sub_id`` with this status, at version ``created``."""
+    snapshot = SubscriptionSnapshot(
+        sub_id,
+        "cus_up",
+        status,
+        "pro",
+        ("price_pro",),
+        False,
+        1_700_000_000,
+        None,
+        False,
+        None,
+        None,
+        None,
+        None,
+        Version(0, created, 1, f"evt_{created}"),
+    )
+    return subscription_row(snapshot, now)
 
 
 def test_the_subscription_upsert_replaces_only_an_older_snapshot_and_counts_what_it_wrote(clean_engine: Engine) -> None:

@@ -73,10 +73,10 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 class _Server:
     """What uvicorn keeps per server: its state, and the protocol class made for it."""
 
-    def __init__(self, limits: HttpLimits = LIMITS) -> None:
+    def __init__(self, limits: HttpLimits = LIMITS, app: Any = _app) -> None:
         self.state = ServerState()
         self.protocol_class = bounded_protocol(limits)
-        self.config = uvicorn.Config(_app, log_config=None, lifespan="off")
+        self.config = uvicorn.Config(app, log_config=None, lifespan="off")
 
 
 def _connection(server: _Server) -> tuple[Any, _Transport]:
@@ -130,9 +130,8 @@ def test_a_connection_over_the_cap_closes_the_idle_one_and_is_served() -> None:
 
 
 def _serving(app: Any) -> _Server:
-    server = _Server(replace(LIMITS, header_timeout=5.0, body_timeout=5.0))
-    server.config = uvicorn.Config(app, log_config=None, lifespan="off")
-    return server
+    """A server whose timeouts never cut these tests' connections."""
+    return _Server(replace(LIMITS, header_timeout=5.0, body_timeout=5.0), app)
 
 
 async def _turns(count: int = 5) -> None:

@@ -187,6 +187,9 @@ def test_a_line_reads_time_level_logger_message_and_the_time_follows_the_record(
     ]
 
 
+TEXT = _Formatter()
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     message=st.text(max_size=80),
@@ -199,14 +202,13 @@ def test_a_text_line_is_the_standard_format_of_the_cleaned_message(
 ) -> None:
     """Without a traceback the line is made in one step; it must read exactly as logging's own
     ``%(asctime)s %(levelname)s %(name)s %(message)s`` of the cleaned message."""
-    formatter = TEXT
     record = logging.LogRecord(
         "kamiyo.webhook", level, __file__, 1, message.replace("%", "%%") + " v=%s", (value,), None
     )
     record.created = created
     standard = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S%z")
     expected = standard.formatTime(record, standard.datefmt) + f" {logging.getLevelName(level)} kamiyo.webhook "
-    assert formatter.format(record) == expected + clean(record.getMessage())
+    assert TEXT.format(record) == expected + clean(record.getMessage())
 
 
 def test_a_text_line_with_a_traceback_keeps_it_indented_below() -> None:
@@ -219,9 +221,6 @@ def test_a_text_line_with_a_traceback_keeps_it_indented_below() -> None:
     assert rest
     assert all(line.startswith("    ") for line in rest)
     assert rest[-2:] == ["    ValueError: bad", "    value"]  # each line of the error indented too
-
-
-TEXT = _Formatter()
 
 
 # -- LOG_FORMAT=json ---------------------------------------------------------------------------

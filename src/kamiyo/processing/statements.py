@@ -219,14 +219,7 @@ class Statements:
             conflict="email",
             returning=(_users.c.id, _users.c.email),
         )
-        self.record_customers: ArrayInsert | BulkWrite
-        self.upsert_subscriptions: ArrayInsert | BulkWrite
-        if name == "postgresql":
-            self.record_customers = ArrayInsert(_customers, ("id", "deleted"), _do_nothing_on_id)
-            self.upsert_subscriptions = ArrayInsert(_subs, SUBSCRIPTION_ROW_COLUMNS, guarded_upsert)
-        else:
-            self.record_customers = BulkWrite(_do_nothing_on_id(sqlite.insert(_customers)))
-            self.upsert_subscriptions = BulkWrite(guarded_upsert(sqlite.insert(_subs)))
+        self.record_customers = _inserts(name, _customers, ("id", "deleted"), _do_nothing_on_id)
         self.insert_customers = InsertReturning(
             name,
             _customers,
@@ -234,6 +227,7 @@ class Statements:
             conflict="id",
             returning=(_customers.c.id,),
         )
+        self.upsert_subscriptions = _inserts(name, _subs, SUBSCRIPTION_ROW_COLUMNS, guarded_upsert)
         self.update_customers = update_by_id(
             _customers, user_id="user_id", email="email", email_seen_at="email_seen_at", linked_by="linked_by"
         )
@@ -247,41 +241,13 @@ class Statements:
         self.update_user_customers = update_by_id(_users, stripe_customer_id="customer")
 
 
-class InsertReturning:
-    """``INSERT ... ON CONFLICT DO NOTHING RETURNING`` of many rows in one statement: the rows
-    inserted come back, those already there do not.
-
-    On PostgreSQL the rows travel as one array per column, unnested: the statement's text is the
-    same whatever the number of rows, so it is compiled once and psycopg converts it once. (As
-    multi-row VALUES, each batch size is another text, with five parameters a row, beyond what
-    psycopg keeps converted.) On SQLite, SQLAlchemy's multi-row INSERT (``insertmanyvalues``)."""
-
-    def __init__(
-        self, name: str, table: Any, columns: tuple[str, ...], *, conflict: str, returning: tuple[Any, ...]
-    ) -> None:
-        self._columns = columns
-        self._arrays = name == "postgresql"
-        statement: Any
-        if self._arrays:
-            statement = postgresql.insert(table).from_select(list(columns), _unnested(table, columns))
-        else:
-            statement = sqlite.insert(table)
-        self.statement = statement.on_conflict_do_nothing(index_elements=[conflict]).returning(*returning)
-
-    def execute(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> Sequence[Any]:
-        """Insert ``rows`` (each with exactly the columns given); the rows RETURNING gave."""
-        if not rows:
-            return []
-        if self._arrays:
-            return connection.execute(self.statement, _arrays(self._columns, rows)).all()
-        return connection.execute(self.statement, list(rows)).all()
-
-
 class ArrayInsert:
     """PostgreSQL: an INSERT of many rows as one statement, each column's values one array,
-    unnested (``finish`` adds its ON CONFLICT clause). One round trip and one parameter per
-    column, where the driver's ``executemany`` sends and converts each row apart. Rows must not
-    repeat a conflict key (PostgreSQL refuses to update one row twice in a statement)."""
+    unnested (``finish`` adds its ON CONFLICT clause, and RETURNING if any). One round trip and
+    one parameter per column, where the driver's ``executemany`` sends and converts each row
+    apart, and one statement text whatever the number of rows, where multi-row VALUES is another
+    text for each batch size, beyond what psycopg keeps converted. Rows must not repeat a conflict
+    key (PostgreSQL refuses to update one row twice in a statement)."""
 
     def __init__(self, table: Any, columns: tuple[str, ...], finish: Callable[[Any], Any]) -> None:
         self._columns = columns
@@ -289,11 +255,46 @@ class ArrayInsert:
         # SQLAlchemy keeps an INSERT's rowcount only when asked.
         self.statement = finish(insert).execution_options(preserve_rowcount=True)
 
+    def parameters(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+        """``rows`` (each with exactly the columns given) as the statement's arrays."""
+        return {f"a_{column}": [row[column] for row in rows] for column in self._columns}
+
     def execute(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
-        """Insert ``rows`` (each with exactly the columns given); return how many rows it changed."""
+        """Insert ``rows``; return how many rows it changed."""
         if not rows:
             return 0
-        return int(connection.execute(self.statement, _arrays(self._columns, rows)).rowcount)
+        return int(connection.execute(self.statement, self.parameters(rows)).rowcount)
+
+
+class InsertReturning:
+    """``INSERT ... ON CONFLICT DO NOTHING RETURNING`` of many rows in one statement: the rows
+    inserted come back, those already there do not. On PostgreSQL an ``ArrayInsert``; on SQLite,
+    SQLAlchemy's multi-row INSERT (``insertmanyvalues``)."""
+
+    def __init__(
+        self, name: str, table: Any, columns: tuple[str, ...], *, conflict: str, returning: tuple[Any, ...]
+    ) -> None:
+        def finish(stmt: Any) -> Any:
+            return stmt.on_conflict_do_nothing(index_elements=[conflict]).returning(*returning)
+
+        self._arrays = ArrayInsert(table, columns, finish) if name == "postgresql" else None
+        self.statement = finish(sqlite.insert(table)) if self._arrays is None else self._arrays.statement
+
+    def execute(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> Sequence[Any]:
+        """Insert ``rows`` (each with exactly the columns given); the rows RETURNING gave."""
+        if not rows:
+            return []
+        if self._arrays is not None:
+            return connection.execute(self.statement, self._arrays.parameters(rows)).all()
+        return connection.execute(self.statement, list(rows)).all()
+
+
+def _inserts(name: str, table: Any, columns: tuple[str, ...], finish: Callable[[Any], Any]) -> ArrayInsert | BulkWrite:
+    """An INSERT of many rows that counts what it wrote: arrays on PostgreSQL, the driver's
+    ``executemany`` on SQLite."""
+    if name == "postgresql":
+        return ArrayInsert(table, columns, finish)
+    return BulkWrite(finish(sqlite.insert(table)))
 
 
 def _unnested(table: Any, columns: tuple[str, ...]) -> Any:
@@ -301,10 +302,6 @@ def _unnested(table: Any, columns: tuple[str, ...]) -> Any:
     arrays = [bindparam(f"a_{column}", type_=postgresql.ARRAY(table.c[column].type)) for column in columns]
     rows = func.unnest(*arrays).table_valued(*columns).render_derived()
     return select(*(rows.c[column] for column in columns))
-
-
-def _arrays(columns: tuple[str, ...], rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
-    return {f"a_{column}": [row[column] for row in rows] for column in columns}
 
 
 def update_by_id(table: Any, **columns: str) -> BulkWrite:

@@ -255,9 +255,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 _Base.on_headers_complete(self)
             finally:
                 self.app = app
-            self.cycle.transport = self._answers
-            return
-        _Base.on_headers_complete(self)
+        else:
+            _Base.on_headers_complete(self)
         self.cycle.transport = self._answers
 
     def on_response_complete(self) -> None:

@@ -16,6 +16,7 @@ from kamiyo.processing.engine import subscription_row
 from kamiyo.processing.statements import BulkWrite, statements, update_by_id
 from kamiyo.webhooks.envelope import read_envelope
 from kamiyo.webhooks.inbox import inbox_row, insert_new_events
+from support import event_row
 
 _users = users_table
 _customers = customers_table
@@ -107,6 +108,24 @@ def test_an_update_writes_json_and_times_per_row(clean_engine: Engine) -> None:
         assert row.status == "applied"
         assert Outcome.from_json(row.outcome) == outcomes[i]
         assert row.processed_at.replace(tzinfo=row.processed_at.tzinfo or UTC) == start + timedelta(seconds=i)
+
+
+def test_an_update_sets_none_and_leaves_rows_it_does_not_name(clean_engine: Engine) -> None:
+    """A failed attempt's record: None in a JSON, a time and a text column reads back None; an id
+    no row has changes nothing and is not counted; rows not named keep their values."""
+    with clean_engine.begin() as connection:
+        insert_new_events(connection, [event_row(f"evt_none_{i}") for i in range(3)])
+        ids = [row.id for row in connection.execute(select(events_table.c.id).order_by(events_table.c.id))]
+    record = update_by_id(
+        events_table, status="status", outcome="outcome", processed_at="at", last_error="error", attempts="attempts"
+    )
+    failed = {"b_status": "pending", "b_outcome": None, "b_at": None, "b_error": None, "b_attempts": 2}
+    with clean_engine.begin() as connection:
+        assert record.execute(connection, [{"b_id": ids[0], **failed}, {"b_id": max(ids) + 10, **failed}]) == 1
+    columns = (events_table.c.attempts, events_table.c.outcome, events_table.c.processed_at, events_table.c.last_error)
+    with clean_engine.connect() as connection:
+        stored = [tuple(row) for row in connection.execute(select(*columns).order_by(events_table.c.id))]
+    assert stored == [(2, None, None, None), (0, None, None, None), (0, None, None, None)]
 
 
 def _subscription(sub_id: str, status: str, created: int, now: datetime) -> dict[str, object]:

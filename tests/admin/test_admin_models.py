@@ -102,7 +102,7 @@ def test_every_answer_of_every_route_is_exactly_what_its_model_describes(busy: C
         "/admin/api/users": {"email": ANN},
         "/admin/api/audit": {"since": "1h"},
     }
-    for endpoint in ENDPOINTS:
+    for endpoint in (api.operation for api in ENDPOINTS):
         if endpoint.method == "POST":
             response = busy.post(endpoint.path, {"failed": True, "dry_run": True})
         elif "{event_id}" in endpoint.path:

@@ -20,7 +20,7 @@ ROUTES = [
     ("POST", "/admin/login"),
     ("GET", "/admin/login"),
     ("POST", "/admin/logout"),
-    *[(e.method, e.path.replace("{event_id}", "evt_any")) for e in ENDPOINTS],
+    *[(e.operation.method, e.operation.path.replace("{event_id}", "evt_any")) for e in ENDPOINTS],
     ("GET", "/admin/not-a-route"),
     ("DELETE", "/admin/api/health"),  # a method the route does not serve: still 401 first
 ]

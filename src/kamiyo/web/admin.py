@@ -135,32 +135,19 @@ Handler = Callable[[_Context, Request, Operator], Awaitable[Response]]
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One admin API operation: its handler, and the models the schema describes it by."""
+    """One admin API operation: its handler, and how the schema describes it."""
 
-    method: str
-    path: str
     handler: Handler
-    summary: str
-    answer: type[BaseModel]
-    query: type[BaseModel] | None = None
-    path_params: type[BaseModel] | None = None
-    body: type[BaseModel] | None = None
-    errors: tuple[int, ...] = ()
-    description: str | None = None
+    operation: Operation
 
-    def operation(self) -> Operation:
-        return Operation(
-            method=self.method,
-            path=self.path,
-            operation_id=self.handler.__name__.strip("_"),
-            summary=self.summary,
-            answer=self.answer,
-            query=self.query,
-            path_params=self.path_params,
-            body=self.body,
-            errors=self.errors,
-            description=self.description,
-        )
+
+def _endpoint(
+    method: str, path: str, handler: Handler, summary: str, answer: type[BaseModel], **described: Any
+) -> Endpoint:
+    """An ``Endpoint`` whose operation id is its handler's name; ``described``: the rest of its
+    ``Operation`` (query, path_params, body, errors, description)."""
+    operation_id = handler.__name__.strip("_")
+    return Endpoint(handler, Operation(method, path, operation_id, summary, answer, **described))
 
 
 def _scrubbed(value: Any) -> Any:
@@ -316,15 +303,15 @@ async def _openapi(_ctx: _Context, _request: Request, _op: Operator) -> Response
 # -- the API: routes and OpenAPI schema from one table ---------------------------------------
 
 ENDPOINTS: tuple[Endpoint, ...] = (
-    Endpoint("GET", "/admin/api/openapi.json", _openapi, "This schema", OpenApiAnswer),
-    Endpoint(
+    _endpoint("GET", "/admin/api/openapi.json", _openapi, "This schema", OpenApiAnswer),
+    _endpoint(
         "GET",
         "/admin/api/health",
         _health,
         "Current webhook health: every check of GET /api/v1/payments/webhook/health, with details (always 200 here)",
         HealthAnswer,
     ),
-    Endpoint(
+    _endpoint(
         "GET",
         "/admin/api/chart",
         _chart,
@@ -333,7 +320,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         query=ChartQuery,
         errors=(400,),
     ),
-    Endpoint(
+    _endpoint(
         "GET",
         "/admin/api/deliveries",
         _deliveries,
@@ -342,7 +329,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         query=DeliveriesQuery,
         errors=(400,),
     ),
-    Endpoint(
+    _endpoint(
         "GET",
         "/admin/api/deliveries/{event_id}",
         _delivery,
@@ -351,7 +338,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         path_params=DeliveryPath,
         errors=(400, 404),
     ),
-    Endpoint(
+    _endpoint(
         "POST",
         "/admin/api/replay",
         _replay,
@@ -364,7 +351,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "the admin token's name; a name sent in X-Kamiyo-Actor is recorded beside it as a claim. "
         "The JSON body is at most ADMIN_MAX_JSON_BYTES (default 16 KiB): 413 past it.",
     ),
-    Endpoint(
+    _endpoint(
         "GET",
         "/admin/api/parked",
         _parked,
@@ -373,7 +360,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         query=ParkedQuery,
         errors=(400,),
     ),
-    Endpoint(
+    _endpoint(
         "GET",
         "/admin/api/overrides",
         _overrides,
@@ -382,7 +369,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         query=OverridesQuery,
         errors=(400,),
     ),
-    Endpoint(
+    _endpoint(
         "GET",
         "/admin/api/users",
         _user,
@@ -391,7 +378,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         query=UserQuery,
         errors=(400, 404),
     ),
-    Endpoint(
+    _endpoint(
         "GET",
         "/admin/api/audit",
         _audit,
@@ -407,7 +394,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 def openapi_schema() -> dict[str, Any]:
     """The OpenAPI 3.1 description of the admin API, built from ``ENDPOINTS`` and their models."""
     return openapi_document(
-        (endpoint.operation() for endpoint in ENDPOINTS),
+        (endpoint.operation for endpoint in ENDPOINTS),
         info={
             "title": "kamiyo admin API",
             "version": __version__,
@@ -634,7 +621,7 @@ def admin_routes(settings: Settings, state: Mapping[str, Any]) -> list[BaseRoute
 
     by_path: dict[str, dict[str, Handler]] = {}
     for api in ENDPOINTS:
-        by_path.setdefault(api.path, {})[api.method] = api.handler
+        by_path.setdefault(api.operation.path, {})[api.operation.method] = api.handler
     routes: list[BaseRoute] = [
         Route(ADMIN_PREFIX, guarded({"GET": page}, changes=set()), methods=_ALL_METHODS, name="admin_console"),
         Route(ADMIN_PREFIX + "/login", login, methods=_ALL_METHODS, name="admin_login"),

@@ -227,7 +227,7 @@ class Statements:
             conflict="id",
             returning=(_customers.c.id,),
         )
-        self.upsert_subscriptions = _inserts(name, _subs, SUBSCRIPTION_ROW_COLUMNS, guarded_upsert)
+        self.upsert_subscriptions = _inserts(name, _subs, _SUBSCRIPTION_ROW_COLUMNS, _guarded_upsert)
         self.update_customers = update_by_id(
             _customers, user_id="user_id", email="email", email_seen_at="email_seen_at", linked_by="linked_by"
         )
@@ -277,16 +277,18 @@ class InsertReturning:
         def finish(stmt: Any) -> Any:
             return stmt.on_conflict_do_nothing(index_elements=[conflict]).returning(*returning)
 
-        self._arrays = ArrayInsert(table, columns, finish) if name == "postgresql" else None
-        self.statement = finish(sqlite.insert(table)) if self._arrays is None else self._arrays.statement
+        self._parameters: Callable[[Sequence[Mapping[str, Any]]], Any]
+        if name == "postgresql":
+            arrays = ArrayInsert(table, columns, finish)
+            self._statement, self._parameters = arrays.statement, arrays.parameters
+        else:
+            self._statement, self._parameters = finish(sqlite.insert(table)), list
 
     def execute(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> Sequence[Any]:
         """Insert ``rows`` (each with exactly the columns given); the rows RETURNING gave."""
         if not rows:
             return []
-        if self._arrays is not None:
-            return connection.execute(self.statement, self._arrays.parameters(rows)).all()
-        return connection.execute(self.statement, list(rows)).all()
+        return connection.execute(self._statement, self._parameters(rows)).all()
 
 
 def _inserts(name: str, table: Any, columns: tuple[str, ...], finish: Callable[[Any], Any]) -> ArrayInsert | BulkWrite:
@@ -317,10 +319,10 @@ def _do_nothing_on_id(stmt: Any) -> Any:
 
 
 # The columns of a subscription's row (engine.subscription_row): all of the table's.
-SUBSCRIPTION_ROW_COLUMNS = tuple(column.name for column in _subs.columns)
+_SUBSCRIPTION_ROW_COLUMNS = tuple(column.name for column in _subs.columns)
 
 
-def guarded_upsert(stmt: Any) -> Any:
+def _guarded_upsert(stmt: Any) -> Any:
     """``stmt`` (an INSERT into the subscriptions) ON CONFLICT DO UPDATE with the stale-write guard:
     a stored snapshot is only replaced by one of a greater version, whatever the engine decided
     and whoever else writes."""

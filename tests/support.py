@@ -143,3 +143,17 @@ def record_outcome(engine: Any, event_id: str, outcome: Any, detail: str) -> Non
             .where(events_table.c.stripe_event_id == event_id)
             .values(outcome=outcome.to_json() if outcome is not None else null(), detail=detail)
         )
+
+
+def commit_levels(engine: Any) -> list[int]:
+    """The list that, from now on, gets the ``PRAGMA synchronous`` of each transaction of a SQLite
+    ``engine`` that commits (0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA), read as it commits."""
+    from sqlalchemy import event
+
+    levels: list[int] = []
+
+    def read(connection: Any) -> None:
+        levels.append(int(connection.connection.driver_connection.execute("PRAGMA synchronous").fetchone()[0]))
+
+    event.listen(engine, "commit", read, insert=True)
+    return levels

@@ -13,9 +13,14 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from kamiyo.db.engine import WRITE_WAIT_OPTION, make_engine, sqlite_write_lock
+from kamiyo.db.engine import REPLAYABLE_OPTION, WRITE_WAIT_OPTION, make_engine, sqlite_write_lock
 from kamiyo.db.errors import LOCKED, fault_kind, is_database_fault
-from support import make_settings, sqlite_write_locked
+from kamiyo.db.migrate import upgrade
+from kamiyo.processing.worker import Worker
+from kamiyo.webhooks.inbox import insert_new_events
+from support import commit_levels, event_row, make_settings, sqlite_write_locked
+
+NORMAL, FULL, EXTRA = 1, 2, 3
 
 
 def _engine_without_busy_wait(path: Path) -> Engine:
@@ -168,3 +173,45 @@ def test_a_thread_waiting_for_another_process_does_not_hold_up_a_thread_with_a_s
         assert worker_done[0] - released < 1.0
     finally:
         engine.dispose()
+
+
+def test_a_replayable_transaction_commits_at_normal_and_every_other_write_at_the_configured_level(
+    tmp_path: Path,
+) -> None:
+    """One pooled connection, used by both kinds of write in turn: each commits at its own level,
+    whichever ran on the connection before (SQLITE_SYNCHRONOUS=EXTRA here)."""
+    engine = make_engine(make_settings(f"sqlite:///{tmp_path / 'levels.db'}", sqlite_synchronous="EXTRA"))
+    replayable = engine.execution_options(**{REPLAYABLE_OPTION: True})
+    levels = commit_levels(engine)
+    drivers = set()
+    try:
+        for writer in (engine, replayable, replayable, engine, engine, replayable, engine):
+            with writer.begin() as connection:
+                drivers.add(id(connection.connection.driver_connection))
+                connection.execute(text("CREATE TABLE IF NOT EXISTS written (n INTEGER)"))
+                connection.execute(text("INSERT INTO written VALUES (1)"))
+        with engine.connect().execution_options(readonly=True) as connection:
+            assert connection.execute(text("SELECT count(*) FROM written")).scalar() == 7
+    finally:
+        engine.dispose()
+    assert len(drivers) == 1, "the writes did not share a connection: nothing was shown"
+    assert levels == [EXTRA, NORMAL, NORMAL, EXTRA, EXTRA, NORMAL, EXTRA]
+
+
+def test_a_worker_batch_commits_at_normal_and_the_events_it_applies_were_stored_at_full(tmp_path: Path) -> None:
+    """A batch's events stay pending until it commits, so it can be applied again: its commit does
+    not wait for the disk. The events themselves were stored at the service's level (FULL)."""
+    settings = make_settings(f"sqlite:///{tmp_path / 'worker.db'}")
+    assert settings.sqlite_synchronous == "FULL"
+    engine = make_engine(settings)
+    try:
+        upgrade(engine)
+        levels = commit_levels(engine)
+        with engine.begin() as connection:
+            insert_new_events(connection, [event_row("evt_stored_1"), event_row("evt_stored_2")])
+        assert Worker(engine, settings).run_once() == 2
+        with engine.begin() as connection:
+            insert_new_events(connection, [event_row("evt_stored_3")])
+    finally:
+        engine.dispose()
+    assert levels == [FULL, NORMAL, FULL]

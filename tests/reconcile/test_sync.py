@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
 from kamiyo import synthetic
+from kamiyo.db.engine import make_engine
+from kamiyo.db.migrate import upgrade
 from kamiyo.domain.tiers import parse_price_tiers
 from kamiyo.errors import KamiyoError, StripeApiError
 from kamiyo.reconcile import runs
@@ -16,7 +19,7 @@ from kamiyo.reconcile.reader import ProcessReader
 from kamiyo.reconcile.sync import SyncListener, SyncScope, SyncSummary, _refresh_statistics_after, sync_subscriptions
 from reconcile.harness import TEST_RETRY, Db, paying_customer, webhook_for
 from stripe_api import API_KEY, FakeStripe, StripeApiServer
-from support import PRICE_TIERS
+from support import PRICE_TIERS, commit_levels, make_settings
 
 
 def sync(db: Db, gateway: StripeApiGateway, **options: object) -> SyncSummary:
@@ -311,3 +314,27 @@ def test_the_reader_process_continues_after_the_pages_read_while_it_started(
     handoffs = [r.getMessage() for r in caplog.records if "reader process ready" in r.getMessage()]
     assert len(handoffs) == 1, handoffs
     assert " after 0 pages" not in handoffs[0], handoffs  # (a child ready at once would read them all)
+
+
+def test_a_sync_commits_its_pages_at_normal_and_its_run_at_the_configured_level(
+    tmp_path: Path, account: FakeStripe, gateway: StripeApiGateway
+) -> None:
+    """SQLite: a page can be read from Stripe again (and the run's cursor moves with it), so its
+    commit does not wait for the disk; the run's own rows and its audit entry do (FULL)."""
+    for n in range(1, 4):
+        paying_customer(account, n)
+    settings = make_settings(f"sqlite:///{tmp_path / 'sync.db'}")
+    engine = make_engine(settings)
+    try:
+        upgrade(engine)
+        levels = commit_levels(engine)
+        summary = sync_subscriptions(engine, gateway, settings.price_tiers)
+    finally:
+        engine.dispose()
+    assert (summary.status, summary.seen, summary.changed) == (runs.DONE, 3, 3)
+    normal, full = 1, 2
+    page = levels.index(normal)
+    assert levels.count(normal) == 1  # one page of 3
+    assert page > 0  # the run opened before it
+    assert len(levels) > page + 1  # and finished and audited after it
+    assert set(levels[:page] + levels[page + 1 :]) == {full}

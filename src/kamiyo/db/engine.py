@@ -10,7 +10,9 @@ Work that is long by nature (migrations, sync, backfill) raises the statement li
 transactions (``allow_long_statements``).
 
 On SQLite every wait for the write lock is bounded too (``SqliteWriteLock``): a write
-transaction's by ``DEFAULT_WRITE_WAIT`` or its connection's ``WRITE_WAIT_OPTION``.
+transaction's by ``DEFAULT_WRITE_WAIT`` or its connection's ``WRITE_WAIT_OPTION``. A write
+transaction commits at ``SQLITE_SYNCHRONOUS``, unless its connection says it is replayable
+(``REPLAYABLE_OPTION``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ from kamiyo.db.driver import as_sqlalchemy_error, sqlalchemy_errors
 # other statement may spend in SQLite's busy handler.
 DEFAULT_WRITE_WAIT = 30.0
 WRITE_WAIT_OPTION = "kamiyo_write_wait"
+# A write transaction whose every effect can be made again from what is committed before it (a
+# worker's batch: its events stay pending in the inbox until it commits; a page of a sync: it
+# can be read from Stripe again, and the run's cursor moves with it). On SQLite it commits at
+# synchronous=NORMAL, without waiting for the disk: in WAL mode a crash of the process loses
+# nothing, and a power loss may undo the last such transactions, each whole or not at all; their
+# events are then pending again, the sync resumes from the page before. Every other write
+# transaction (the inbox's, an override's) commits at SQLITE_SYNCHRONOUS, and its fsync makes
+# what was written before it durable too.
+REPLAYABLE_OPTION = "kamiyo_replayable"
 # One BEGIN IMMEDIATE attempt's wait in SQLite's busy handler. Between attempts the process's
 # own write lock is let go, so that no thread of this process queues behind one that waits for
 # another process.
@@ -153,6 +164,7 @@ def make_engine(settings: Settings, *, busy_slice: float = BUSY_SLICE, **kwargs:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA synchronous={synchronous}")
+        record.info["kamiyo_synchronous"] = synchronous
         cursor.execute(f"PRAGMA busy_timeout={wait_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
         # Statement journals in memory: a multi-row statement inside a transaction (the inbox
@@ -175,6 +187,7 @@ def make_engine(settings: Settings, *, busy_slice: float = BUSY_SLICE, **kwargs:
             _busy_timeout(connection, wait_ms)
             _driver_send(connection, "BEGIN")
             return
+        _synchronous(connection, "NORMAL" if options.get(REPLAYABLE_OPTION) else synchronous)
         write_lock.begin(connection, float(options.get(WRITE_WAIT_OPTION, DEFAULT_WRITE_WAIT)))
 
     # SQLAlchemy calls these before it asks the driver to commit or roll back. The lock must
@@ -244,6 +257,15 @@ def _busy_timeout(connection: Any, milliseconds: int) -> None:
     if info.get("kamiyo_busy_ms") != milliseconds:
         connection.connection.driver_connection.execute(f"PRAGMA busy_timeout={milliseconds}")
         info["kamiyo_busy_ms"] = milliseconds
+
+
+def _synchronous(connection: Any, level: str) -> None:
+    """Set the level at which the connection's next transaction commits, unless it is so already
+    (one PRAGMA when it changes; SQLite takes it only outside a transaction)."""
+    info = connection.info
+    if info.get("kamiyo_synchronous") != level:
+        connection.connection.driver_connection.execute(f"PRAGMA synchronous={level}")
+        info["kamiyo_synchronous"] = level
 
 
 def _driver_end(connection: Any, sql: str) -> None:

@@ -42,6 +42,7 @@ from sqlalchemy import Connection, Engine, and_, bindparam, select, union_all, u
 from sqlalchemy.exc import DBAPIError
 
 from kamiyo.config import Settings
+from kamiyo.db.engine import REPLAYABLE_OPTION
 from kamiyo.db.errors import describe, is_database_fault
 from kamiyo.db.models import events_table
 from kamiyo.domain.modes import other_mode_detail
@@ -139,6 +140,9 @@ class Worker:
         gateway: StripeGateway | None = None,
     ) -> None:
         self.engine = engine
+        # A batch's transaction: its events stay pending until it commits, so it can always be
+        # applied again (on SQLite it does not wait for the disk; db/engine.py REPLAYABLE_OPTION).
+        self._batches = engine.execution_options(**{REPLAYABLE_OPTION: True})
         self.settings = settings
         # Stripe's API: customer look-ups, STRIPE_VERIFY_EVENTS, the scheduled backfill.
         self.gateway = gateway
@@ -233,7 +237,7 @@ class Worker:
             # more: no need to look first.
             return 0
         logs: list[_LogLine] = []
-        with self.engine.begin() as connection:
+        with self._batches.begin() as connection:
             started = time.perf_counter()
             # Tuples, named once: a SQLAlchemy Row's attribute is a look-up by name at each read.
             rows = list(map(ClaimedEvent._make, connection.execute(claim, {"now": now})))

@@ -20,18 +20,17 @@ Its pages commit one by one, so the entry is written after them, in a transactio
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import OperationalError
 
 from kamiyo.config import DEFAULT_MAINTENANCE_TIMEOUT
-from kamiyo.db.engine import allow_long_statements
+from kamiyo.db.engine import REPLAYABLE_OPTION, allow_long_statements
 from kamiyo.db.errors import describe
 from kamiyo.db.models import customers_table, users_table
 from kamiyo.domain.links import normalize_email
@@ -275,7 +274,7 @@ def _apply(
                         return apply_sync_page(connection, tiers, page.items, seen_at=page.read_at)
                     finally:
                         transaction.rollback()
-            with engine.connect() as connection, _without_fsync(connection), connection.begin():
+            with engine.connect().execution_options(**{REPLAYABLE_OPTION: True}) as connection, connection.begin():
                 allow_long_statements(connection, statement_timeout)
                 result = apply_sync_page(connection, tiers, page.items, seen_at=page.read_at)
                 runs.record_progress(
@@ -309,28 +308,6 @@ def _analyze(engine: Engine, statement_timeout: float) -> None:
     with engine.begin() as connection:
         allow_long_statements(connection, statement_timeout)
         connection.exec_driver_sql("ANALYZE stripe_customers, stripe_subscriptions, users")
-
-
-@contextlib.contextmanager
-def _without_fsync(connection: Connection) -> Iterator[None]:
-    """On SQLite, commit this connection's transactions without an fsync each (``synchronous=NORMAL``).
-
-    A page can always be read from Stripe again, so it need not be durable the moment it commits:
-    in WAL mode NORMAL is crash-safe, and only a power loss could take the last pages back. An
-    fsync per page (1 to 40 ms here) would otherwise cost more than applying it. The run's final
-    commit, at the engine's own level (FULL by default), makes every page before it durable too.
-    The webhook path keeps its own connections' level: an acknowledged event is never at risk.
-    """
-    if connection.dialect.name != "sqlite":
-        yield
-        return
-    raw: Any = connection.connection.driver_connection  # outside any transaction: SQLite's rule for this pragma
-    level = raw.execute("PRAGMA synchronous").fetchone()[0]
-    raw.execute("PRAGMA synchronous=NORMAL")
-    try:
-        yield
-    finally:
-        raw.execute(f"PRAGMA synchronous={int(level)}")
 
 
 def _subscription_pages(engine: Engine, gateway: StripeGateway, scope: SyncScope, cursor: str | None) -> Iterator[Page]:

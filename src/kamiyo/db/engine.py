@@ -53,6 +53,7 @@ REPLAYABLE_OPTION = "kamiyo_replayable"
 # another process.
 BUSY_SLICE = 0.05
 _BUSY_CODES = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
+_PRAGMA_KEY = "kamiyo_pragma_"  # + a PRAGMA's name: its value on the connection, in the pool's info
 
 
 class SqliteWriteLock:
@@ -95,7 +96,7 @@ class SqliteWriteLock:
                     locked.sqlite_errorcode = 5
                     raise as_sqlalchemy_error(connection.dialect, "BEGIN IMMEDIATE", None, locked)
                 try:
-                    _busy_timeout(connection, self._slice_ms)
+                    _pragma(connection, "busy_timeout", self._slice_ms)
                     driver.execute("BEGIN IMMEDIATE")
                 except sqlite3.OperationalError as exc:
                     self._lock.release()
@@ -163,9 +164,10 @@ def make_engine(settings: Settings, *, busy_slice: float = BUSY_SLICE, **kwargs:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA synchronous={synchronous}")
-        record.info["kamiyo_synchronous"] = synchronous
-        cursor.execute(f"PRAGMA busy_timeout={wait_ms}")
+        # The two a transaction may change as it begins (_pragma), and what they are now.
+        for name, value in (("synchronous", synchronous), ("busy_timeout", wait_ms)):
+            cursor.execute(f"PRAGMA {name}={value}")
+            record.info[_PRAGMA_KEY + name] = value
         cursor.execute("PRAGMA foreign_keys=ON")
         # Statement journals in memory: a multi-row statement inside a transaction (the inbox
         # writer's batch insert, the worker's batch updates) journals every page it changes, and
@@ -174,7 +176,6 @@ def make_engine(settings: Settings, *, busy_slice: float = BUSY_SLICE, **kwargs:
         # journal is only ever needed to undo a failed statement.
         cursor.execute("PRAGMA temp_store=MEMORY")
         cursor.close()
-        record.info["kamiyo_busy_ms"] = wait_ms
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
@@ -184,10 +185,10 @@ def make_engine(settings: Settings, *, busy_slice: float = BUSY_SLICE, **kwargs:
         if options.get("readonly"):
             # A reader waits in the busy handler as long as it takes (in WAL mode only a recovery
             # or an exclusive lock makes it wait at all).
-            _busy_timeout(connection, wait_ms)
+            _pragma(connection, "busy_timeout", wait_ms)
             _driver_send(connection, "BEGIN")
             return
-        _synchronous(connection, "NORMAL" if options.get(REPLAYABLE_OPTION) else synchronous)
+        _pragma(connection, "synchronous", "NORMAL" if options.get(REPLAYABLE_OPTION) else synchronous)
         write_lock.begin(connection, float(options.get(WRITE_WAIT_OPTION, DEFAULT_WRITE_WAIT)))
 
     # SQLAlchemy calls these before it asks the driver to commit or roll back. The lock must
@@ -251,21 +252,14 @@ def _milliseconds(seconds: float) -> int:
     return max(1, round(seconds * 1000)) if seconds > 0 else 0
 
 
-def _busy_timeout(connection: Any, milliseconds: int) -> None:
-    """Set the connection's busy timeout, unless it is set so already (one PRAGMA when it changes)."""
+def _pragma(connection: Any, name: str, value: int | str) -> None:
+    """Set the connection's PRAGMA ``name`` (busy_timeout, synchronous) to ``value`` unless it is
+    so already: one statement when it changes. Called outside a transaction (SQLite takes
+    synchronous only there)."""
     info = connection.info
-    if info.get("kamiyo_busy_ms") != milliseconds:
-        connection.connection.driver_connection.execute(f"PRAGMA busy_timeout={milliseconds}")
-        info["kamiyo_busy_ms"] = milliseconds
-
-
-def _synchronous(connection: Any, level: str) -> None:
-    """Set the level at which the connection's next transaction commits, unless it is so already
-    (one PRAGMA when it changes; SQLite takes it only outside a transaction)."""
-    info = connection.info
-    if info.get("kamiyo_synchronous") != level:
-        connection.connection.driver_connection.execute(f"PRAGMA synchronous={level}")
-        info["kamiyo_synchronous"] = level
+    if info.get(_PRAGMA_KEY + name) != value:
+        connection.connection.driver_connection.execute(f"PRAGMA {name}={value}")
+        info[_PRAGMA_KEY + name] = value
 
 
 def _driver_end(connection: Any, sql: str) -> None:
